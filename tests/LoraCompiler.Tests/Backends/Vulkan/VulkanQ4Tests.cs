@@ -7,7 +7,7 @@ using LoraCompiler.Runtime.Weights;
 using LoraCompiler.Tests.Reference;
 using Xunit.Abstractions;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Backends.Vulkan;
 
 /// <summary>
 /// 4-bit base weights on the Vulkan backend, used packed (<see cref="VulkanQ4Tensor"/>): every kernel that

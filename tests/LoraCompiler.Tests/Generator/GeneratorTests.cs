@@ -5,13 +5,13 @@ using System.Text.Json;
 using LoraCompiler.Generator;
 using LoraCompiler.Models;
 using LoraCompiler.Runtime.Training;
-using LoraCompiler.Tests.Snapshots;
+using LoraCompiler.Tests.Generator.Snapshots;
 using Microsoft.CodeAnalysis;
 using Microsoft.CodeAnalysis.CSharp;
 using Microsoft.CodeAnalysis.Text;
 using BufferRole = LoraCompiler.Runtime.Training.BufferRole;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Generator;
 
 /// <summary>
 /// The source generator driven in-process: snapshots of the emitted trainers, one test per diagnostic,

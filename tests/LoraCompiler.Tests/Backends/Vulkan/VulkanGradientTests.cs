@@ -6,7 +6,7 @@ using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 using Xunit.Abstractions;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Backends.Vulkan;
 
 /// <summary>
 /// The whole generated training step (forward, chunked LM head, recompute and MeSP backward) on the

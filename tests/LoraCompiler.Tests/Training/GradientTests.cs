@@ -4,7 +4,7 @@ using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Training;
 
 /// <summary>
 /// The generated trainers' LoRA gradients against an independent TorchSharp autograd implementation

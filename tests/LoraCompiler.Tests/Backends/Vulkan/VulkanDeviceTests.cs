@@ -2,7 +2,7 @@ using LoraCompiler.Runtime.Backends.Vulkan;
 using Silk.NET.Vulkan;
 using VkBuffer = Silk.NET.Vulkan.Buffer;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Backends.Vulkan;
 
 /// <summary>Device choice, its errors, and that the validation layer's errors reach the tests.</summary>
 public sealed class VulkanDeviceTests

@@ -3,7 +3,7 @@ using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 using LoraCompiler.Tests.Reference;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Training;
 
 /// <summary>
 /// Random models for the gradient tests, written to real files: weights large enough that every

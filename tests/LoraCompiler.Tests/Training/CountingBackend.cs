@@ -1,7 +1,7 @@
 using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Training;
 
 /// <summary>An <see cref="IBackend"/> that forwards every call and counts the kernels it ran.</summary>
 public sealed class CountingBackend(IBackend inner) : IBackend

@@ -1,6 +1,6 @@
 using LoraCompiler.Runtime.Backends;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Backends.Cpu;
 
 /// <summary>
 /// Every CPU kernel against an independent double-precision reference written here: forwards

@@ -7,7 +7,7 @@ using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Weights;
 
 /// <summary>
 /// 4-bit weights: the format against hand-computed bits, files assembled byte by byte, the checks

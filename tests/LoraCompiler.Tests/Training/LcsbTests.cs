@@ -3,7 +3,7 @@ using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Training;
 
 /// <summary>
 /// LCSB: at step t only the layers with layer % K == t % K backpropagate; a skipped layer is

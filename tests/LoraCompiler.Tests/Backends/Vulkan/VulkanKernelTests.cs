@@ -3,7 +3,7 @@ using LoraCompiler.Runtime.Backends.Vulkan;
 using LoraCompiler.Runtime.Training;
 using Xunit.Abstractions;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Backends.Vulkan;
 
 /// <summary>
 /// Every kernel of <see cref="VulkanBackend"/> (so every shader) against <see cref="CpuBackend"/> on random

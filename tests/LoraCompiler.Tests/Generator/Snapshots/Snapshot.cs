@@ -1,6 +1,6 @@
 using System.Runtime.CompilerServices;
 
-namespace LoraCompiler.Tests.Snapshots;
+namespace LoraCompiler.Tests.Generator.Snapshots;
 
 /// <summary>
 /// Snapshot testing in Verify's workflow (Verify itself is not served by this registry): the accepted

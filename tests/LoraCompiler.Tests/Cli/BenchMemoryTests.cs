@@ -4,7 +4,7 @@ using LoraCompiler.Models;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Cli;
 
 /// <summary>The process's memory is what these tests read, so nothing else runs beside them.</summary>
 [CollectionDefinition(Name, DisableParallelization = true)]

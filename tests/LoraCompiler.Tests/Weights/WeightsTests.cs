@@ -4,7 +4,7 @@ using LoraCompiler.Runtime.IO;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Weights;
 
 /// <summary>safetensors reading and writing, model folders, PEFT adapters and atomic writes.</summary>
 public sealed class WeightsTests : IDisposable

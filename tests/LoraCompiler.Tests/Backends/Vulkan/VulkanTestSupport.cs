@@ -1,7 +1,7 @@
 using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Backends.Vulkan;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Backends.Vulkan;
 
 /// <summary>
 /// Whether this machine has a Vulkan device, found once. Tests never skip silently in CI: with

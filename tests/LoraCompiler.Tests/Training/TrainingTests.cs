@@ -5,7 +5,7 @@ using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 
-namespace LoraCompiler.Tests;
+namespace LoraCompiler.Tests.Training;
 
 public class TrainingTests
 {
