@@ -141,6 +141,7 @@ public sealed partial class LoraGenerator
             Line($"public const int Vocab = {_s.Vocab};");
             Line($"public const float RmsEps = {FloatLiteral(_s.RmsEps)};");
             Line($"public const double RopeTheta = {Literal(_s.RopeTheta)};");
+            Line($"public const float AttentionScale = {FloatLiteral(1 / System.Math.Sqrt(_s.HeadDim))};");
             Line($"public const int LoraRank = {_s.LoraRank};");
             Line($"public const float LoraAlpha = {FloatLiteral(_s.LoraAlpha)};");
             Line($"public const int LmHeadChunk = {_s.LmHeadChunk};");
@@ -288,7 +289,7 @@ public sealed partial class LoraGenerator
             Line("int T = CheckSequence(tokens, targets);");
             Line("float loss = ForwardAndLoss(tokens, targets, T);");
             Line("B.Zero(_dx, (long)T * Hidden);");
-            Line($"B.RmsNormBackward(_dx, _dxn, {last}, _finalNorm, _rstd1, T, Hidden);");
+            Line($"B.RmsNormBackward(_dx, _dxn, {last}, _finalNorm, _rstd1, T, Hidden, 0f, accumulate: true);");
             Line();
             Line("// Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA");
             Line("// gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual");
@@ -310,8 +311,8 @@ public sealed partial class LoraGenerator
             for (int i = 0; i < _s.Layers; i++)
                 Line($"ForwardLayer{i:D2}(_{CheckpointField(i + 1)}, _{CheckpointField(i)}, T);");
             Line($"// Loss: final norm, then the LM head and cross-entropy in chunks of {_s.LmHeadChunk} vocabulary rows.");
-            Line($"B.RmsNormForward(_xn, _rstd1, {last}, _finalNorm, T, Hidden, RmsEps);");
-            Line($"return B.LmHeadCrossEntropy(_dxn, _logits, _xn, {head}, targets, T, Hidden, Vocab, LmHeadChunk);");
+            Line($"B.RmsNormForward(_xn, _rstd1, {last}, _finalNorm, T, Hidden, RmsEps, 0f);");
+            Line($"return B.LmHeadCrossEntropy(_dxn, _logits, _xn, {head}, targets, T, Hidden, Vocab, LmHeadChunk, 0f);");
             Close();
             Line();
         }
@@ -329,7 +330,7 @@ public sealed partial class LoraGenerator
             Line($"var lora = _lora[{i}];");
             Line();
             Line($"// {L} input_layernorm: xn[T,{_s.Hidden}] = rmsnorm(x)");
-            Line("B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);");
+            Line("B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);");
             ProjectionForward(L, Proj("q_proj"));
             ProjectionForward(L, Proj("k_proj"));
             ProjectionForward(L, Proj("v_proj"));
@@ -337,16 +338,16 @@ public sealed partial class LoraGenerator
             Line("B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);");
             Line("B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);");
             Line($"// {L} attention: att[T,{_s.Heads * _s.HeadDim}] = softmax(q·kᵀ/√{_s.HeadDim}, causal)·v, {_s.Heads} heads over {_s.KvHeads} kv heads");
-            Line("B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);");
+            Line("B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);");
             ProjectionForward(L, Proj("o_proj"));
             Line($"// {L} residual: x2 += x");
             Line("B.AddInPlace(_x2, x, (long)T * Hidden);");
             Line($"// {L} post_attention_layernorm: xn2[T,{_s.Hidden}] = rmsnorm(x2)");
-            Line("B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);");
+            Line("B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);");
             ProjectionForward(L, Proj("gate_proj"));
             ProjectionForward(L, Proj("up_proj"));
             Line($"// {L} swiglu: act[T,{_s.Intermediate}] = silu(gate)·up");
-            Line("B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);");
+            Line("B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);");
             Line("if (output is null)");
             Line("    return; // the layer's weights stay mapped for its backward");
             ProjectionForward(L, Proj("down_proj"));
@@ -381,14 +382,14 @@ public sealed partial class LoraGenerator
             Line();
             ProjectionBackward(L, Proj("down_proj"), accumulate: false);
             Line($"// {L} swiglu backward: dGate, dUp from dAct");
-            Line("B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);");
+            Line("B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);");
             ProjectionBackward(L, Proj("up_proj"), accumulate: false);
             ProjectionBackward(L, Proj("gate_proj"), accumulate: true);
             Line($"// {L} post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2");
-            Line("B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);");
+            Line("B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);");
             ProjectionBackward(L, Proj("o_proj"), accumulate: false);
             Line($"// {L} attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse");
-            Line("B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);");
+            Line("B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);");
             Line($"// {L} rope backward: rotate dq and dk back");
             Line("B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);");
             Line("B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);");
@@ -396,7 +397,7 @@ public sealed partial class LoraGenerator
             ProjectionBackward(L, Proj("k_proj"), accumulate: true);
             ProjectionBackward(L, Proj("q_proj"), accumulate: true);
             Line($"// {L} input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x");
-            Line("B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);");
+            Line("B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);");
             Line("ReleaseLayer();");
             Close();
             Line();

@@ -143,6 +143,12 @@ public sealed class CpuBackend : IBackend
         TensorPrimitives.Add(d, S(src, n), d);
     }
 
+    public void Scale(Tensor x, float factor, long n)
+    {
+        Span<float> d = S(x, n);
+        TensorPrimitives.Multiply(d, factor, d);
+    }
+
     // ---------------------------------------------------------------- kernels
 
     public void EmbeddingForward(Tensor x, ReadOnlySpan<int> tokens, Tensor table, int T, int C)
@@ -153,11 +159,11 @@ public sealed class CpuBackend : IBackend
             CpuKernels.EmbeddingForward(S(x), tokens, S(table), T, C);
     }
 
-    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps)
-        => CpuKernels.RmsNormForward(S(y), S(rstd), S(x), S(w), T, C, eps, _threads);
+    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset)
+        => CpuKernels.RmsNormForward(S(y), S(rstd), S(x), S(w), T, C, eps, _threads + NotYet(weightOffset));
 
-    public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C)
-        => CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, _threads);
+    public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
+        => CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, _threads + NotYet(weightOffset) + NotYet(accumulate));
 
     public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim)
         => CpuKernels.RopeForward(S(x), S(cos), S(sin), T, heads, headDim);
@@ -165,18 +171,20 @@ public sealed class CpuBackend : IBackend
     public void RopeBackward(Tensor dx, Tensor cos, Tensor sin, int T, int heads, int headDim)
         => CpuKernels.RopeBackward(S(dx), S(cos), S(sin), T, heads, headDim);
 
-    public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim)
-        => CpuKernels.AttentionForward(S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim, _threads);
+    public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim,
+                                 float scale, int window)
+        => CpuKernels.AttentionForward(S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim, _threads + NotYet(scale, headDim) + NotYet(window));
 
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-                                  int T, int heads, int kvHeads, int headDim)
-        => CpuKernels.AttentionBackward(S(dq), S(dk), S(dv), S(dOutput), S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim, _threads);
+                                  int T, int heads, int kvHeads, int headDim, float scale, int window)
+        => CpuKernels.AttentionBackward(S(dq), S(dk), S(dv), S(dOutput), S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim,
+            _threads + NotYet(scale, headDim) + NotYet(window));
 
-    public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long n)
-        => CpuKernels.SwiGluForward(S(h), S(gate), S(up), n, _threads);
+    public void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation)
+        => CpuKernels.SwiGluForward(S(h), S(gate), S(up), n, _threads + NotYet(activation));
 
-    public void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n)
-        => CpuKernels.SwiGluBackward(S(dGate), S(dUp), S(dh), S(gate), S(up), n, _threads);
+    public void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation)
+        => CpuKernels.SwiGluBackward(S(dGate), S(dUp), S(dh), S(gate), S(up), n, _threads + NotYet(activation));
 
     public void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout)
     {
@@ -201,10 +209,18 @@ public sealed class CpuBackend : IBackend
                              int T, int din, int dout, int r)
         => CpuKernels.LoraBackward(S(dx), S(da), S(db), S(h), S(dh), S(dy), S(x), S(a), S(b), scale, T, din, dout, r, _threads);
 
-    public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk)
+    public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
+                                    float softcap)
         => w is CpuQ4Tensor q4
-            ? CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, _threads)
-            : CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, _threads);
+            ? CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, _threads + NotYet(softcap))
+            : CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, _threads + NotYet(softcap));
+
+    // TEMPORARY: the new parameters, until the kernels take them.
+    private static int NotYet(float f) => f == 0 ? 0 : throw new NotSupportedException("not yet");
+    private static int NotYet(bool b) => b ? 0 : throw new NotSupportedException("not yet");
+    private static int NotYet(int w) => w == 0 ? 0 : throw new NotSupportedException("not yet");
+    private static int NotYet(GluActivation a) => a == GluActivation.Silu ? 0 : throw new NotSupportedException("not yet");
+    private static int NotYet(float scale, int hd) => Math.Abs(scale * MathF.Sqrt(hd) - 1) < 1e-6 ? 0 : throw new NotSupportedException("not yet");
 
     // ---------------------------------------------------------------- helpers
 

@@ -26,8 +26,7 @@ public abstract class Tensor : IDisposable
 ///
 /// Argument order follows llm.c: outputs, saved statistics, inputs, weights, dimensions.
 /// Accumulation rule: parameter gradients (dA, dB) are always <c>+=</c>; an activation gradient is
-/// <c>=</c> unless the parameter is named <c>accumulate</c>, and the residual-stream gradient of
-/// <see cref="RmsNormBackward"/> is <c>+=</c>.
+/// <c>=</c> unless the parameter is named <c>accumulate</c> (the residual stream's gradient is <c>+=</c>).
 /// </summary>
 public interface IBackend : IDisposable
 {
@@ -67,16 +66,21 @@ public interface IBackend : IDisposable
     /// <summary>dst[0..n) += src[0..n) (the residual connection).</summary>
     void AddInPlace(Tensor dst, Tensor src, long n);
 
+    /// <summary>x[0..n) *= factor (Gemma's embedding scale, √hidden as a float32).</summary>
+    void Scale(Tensor x, float factor, long n);
+
     /// <summary>x[t, :] = table[tokens[t], :] for t &lt; T. table is [vocab, C].</summary>
     void EmbeddingForward(Tensor x, ReadOnlySpan<int> tokens, Tensor table, int T, int C);
 
     /// <summary>
-    /// y[t] = x[t] * rstd[t] * w, rstd[t] = 1 / sqrt(mean(x[t]²) + eps). Saves rstd [T].
+    /// y[t] = x[t] * rstd[t] * (weightOffset + w), rstd[t] = 1 / sqrt(mean(x[t]²) + eps), for T rows of
+    /// C. Saves rstd [T]. weightOffset is 0 for Llama's form (w) and 1 for Gemma's (1 + w). A per-head
+    /// norm (q_norm, k_norm) is T·heads rows of headDim.
     /// </summary>
-    void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps);
+    void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset);
 
-    /// <summary>dx += ∂L/∂x given dy, using x, w and the rstd saved by forward.</summary>
-    void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C);
+    /// <summary>dx (+= with accumulate, else =) ∂L/∂x given dy, using x, w and the rstd saved by forward.</summary>
+    void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate);
 
     /// <summary>
     /// Rotates x [T, heads, headDim] in place as Hugging Face's rotate_half does: for j &lt; headDim/2,
@@ -92,12 +96,16 @@ public interface IBackend : IDisposable
     /// Causal grouped-query attention without any [T, T] buffer (FlashAttention-2: key blocks with an
     /// online softmax). Arguments: the output, the saved statistic lse, the inputs q, k, v, dimensions.
     /// q and output are [T, heads, hd], k and v [T, kvHeads, hd]; head h reads kv head g = h / (heads / kvHeads).
-    /// With the scaled, causally masked scores S[h, t, s] = q[t, h]·k[s, g] / sqrt(hd) for s ≤ t:
-    /// output[t, h] = Σ_{s≤t} softmax_s(S[h, t, :])·v[s, g], and lse [heads, T] holds
-    /// lse[h, t] = log Σ_{s≤t} exp(S[h, t, s]), the log-sum-exp of each row, from which
-    /// <see cref="AttentionBackward"/> recomputes the softmax.
+    /// Query t sees key s iff s ≤ t and, with a sliding window W &gt; 0, t − s &lt; W (window 0: every
+    /// earlier key). With the scores S[h, t, s] = q[t, h]·k[s, g]·scale over the visible keys:
+    /// output[t, h] = Σ_s softmax_s(S[h, t, :])·v[s, g], and lse [heads, T] holds
+    /// lse[h, t] = log Σ_s exp(S[h, t, s]), the log-sum-exp of each row, from which
+    /// <see cref="AttentionBackward"/> recomputes the softmax. scale is 1/√hd for most models
+    /// (Gemma 3: query_pre_attn_scalar^−½). Key blocks outside the window are skipped, so a sliding
+    /// layer costs O(T·W).
     /// </summary>
-    void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim);
+    void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim,
+                          float scale, int window);
 
     /// <summary>
     /// dq [T, heads, hd], dk and dv [T, kvHeads, hd] (=) from dOutput = ∂L/∂output [T, heads, hd].
@@ -105,17 +113,18 @@ public interface IBackend : IDisposable
     /// (its output and lse), forward's inputs (q, k, v), dimensions. The probabilities
     /// P[h, t, s] = exp(S[h, t, s] − lse[h, t]) are recomputed block by block; with
     /// D[h, t] = Σ_d dOutput[t, h, d]·output[t, h, d] and dS = P∘(dOutput·vᵀ − D):
-    /// dq = dS·k / sqrt(hd), dk = dSᵀ·q / sqrt(hd) and dv = Pᵀ·dOutput, dk and dv summed over the query
-    /// heads that share a kv head. A backend's scratch is a few [block, block] tiles per worker plus
-    /// D [heads, T]: nothing grows as T².
+    /// dq = dS·k·scale, dk = dSᵀ·q·scale and dv = Pᵀ·dOutput, dk and dv summed over the query
+    /// heads that share a kv head; scale and window as in <see cref="AttentionForward"/>. A backend's
+    /// scratch is a few [block, block] tiles per worker plus D [heads, T]: nothing grows as T².
     /// </summary>
-    void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim);
+    void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
+                           int T, int heads, int kvHeads, int headDim, float scale, int window);
 
-    /// <summary>h = silu(gate) * up, elementwise over n.</summary>
-    void SwiGluForward(Tensor h, Tensor gate, Tensor up, long n);
+    /// <summary>h = act(gate) * up, elementwise over n: SwiGLU (SiLU) or GeGLU (tanh-approximated GELU).</summary>
+    void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation);
 
     /// <summary>dGate, dUp (=) from dh. dUp may be the same tensor as dh (updated in place).</summary>
-    void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n);
+    void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation);
 
     /// <summary>y [T, dout] = x [T, din] · wᵀ (+ bias [dout] when not null). w is [dout, din].</summary>
     void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout);
@@ -139,8 +148,20 @@ public interface IBackend : IDisposable
     /// <summary>
     /// Fused LM head and cross-entropy over vocabulary chunks: logits = x [T, C] · wᵀ (w is [V, C]) are
     /// never held beyond one [T, chunk] block (the logits scratch). targets[t] is the label of row t,
-    /// or −1 for no label. Returns the mean cross-entropy over labelled rows and writes
-    /// dx (=) ∂(mean loss)/∂x. With no labelled row the loss is 0 and dx is 0.
+    /// or −1 for no label. With softcap c &gt; 0 the logits are capped first, z = c·tanh(logits / c)
+    /// (Gemma's final_logit_softcapping); 0 leaves them as they are. Returns the mean cross-entropy over
+    /// labelled rows and writes dx (=) ∂(mean loss)/∂x. With no labelled row the loss is 0 and dx is 0.
     /// </summary>
-    float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk);
+    float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
+                             float softcap);
+}
+
+/// <summary>The activation of a gated MLP, <c>down(act(gate(x)) · up(x))</c>.</summary>
+public enum GluActivation
+{
+    /// <summary>silu(x) = x·σ(x) (Qwen, Llama: hidden_act "silu").</summary>
+    Silu,
+
+    /// <summary>0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Gemma: hidden_activation "gelu_pytorch_tanh").</summary>
+    GeluTanh,
 }

@@ -299,10 +299,15 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     public void AddInPlace(Tensor dst, Tensor src, long n) => Elementwise(Kernels.Add, n, [Vulkan(dst, n, nameof(dst)), Vulkan(src, n, nameof(src))]);
 
-    public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long n) =>
+    // TEMPORARY: the new parameters, until the shaders take them.
+    private static void NotYet(bool supported) { if (!supported) throw new NotSupportedException("not yet"); }
+
+    public void Scale(Tensor x, float factor, long n) => NotYet(factor == 1);
+
+    public void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation) =>
         Elementwise(Kernels.SwiGlu, n, [Vulkan(h, n, nameof(h)), Vulkan(gate, n, nameof(gate)), Vulkan(up, n, nameof(up))]);
 
-    public void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n) =>
+    public void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation) =>
         Elementwise(Kernels.SwiGluBack, n,
             [Vulkan(dGate, n, nameof(dGate)), Vulkan(dUp, n, nameof(dUp)), Vulkan(dh, n, nameof(dh)), Vulkan(gate, n, nameof(gate)), Vulkan(up, n, nameof(up))]);
 
@@ -360,15 +365,17 @@ public sealed unsafe partial class VulkanBackend : IBackend
         }
     }
 
-    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps)
+    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset)
     {
+        NotYet(weightOffset == 0);
         long n = (long)T * C;
         var push = new RmsNormParameters { TokenCount = (uint)T, Width = (uint)C, Epsilon = eps };
         RunRows(Kernels.RmsNorm, push, T, [Single(y, n, nameof(y)), Single(rstd, T, nameof(rstd)), Single(x, n, nameof(x)), Single(w, C, nameof(w))]);
     }
 
-    public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C)
+    public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
     {
+        NotYet(weightOffset == 0 && accumulate);
         long n = (long)T * C;
         var push = new RmsNormBackParameters { TokenCount = (uint)T, Width = (uint)C };
         RunRows(Kernels.RmsNormBack, push, T,
@@ -401,9 +408,11 @@ public sealed unsafe partial class VulkanBackend : IBackend
     private const long LavapipeLoopLimit = 65535;
 
     /// <summary>FlashAttention forward (attention.comp): one workgroup per (head, block of query rows).</summary>
-    public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim)
+    public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim,
+                                 float scale, int window)
     {
-        var push = Attention(T, heads, kvHeads, headDim, backward: false);
+        NotYet(window == 0);
+        var push = Attention(T, heads, kvHeads, headDim, scale, backward: false);
         long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim;
         VkBuffer o = Single(output, qn, nameof(output)), l = Single(lse, (long)heads * T, nameof(lse));
         VkBuffer qb = Single(q, qn, nameof(q)), kb = Single(k, kn, nameof(k)), vb = Single(v, kn, nameof(v));
@@ -416,9 +425,10 @@ public sealed unsafe partial class VulkanBackend : IBackend
     /// dk and dv per (kv head, key block) (attention_back_dkv.comp).
     /// </summary>
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
-                                  int T, int heads, int kvHeads, int headDim)
+                                  int T, int heads, int kvHeads, int headDim, float scale, int window)
     {
-        var push = Attention(T, heads, kvHeads, headDim, backward: true);
+        NotYet(window == 0);
+        var push = Attention(T, heads, kvHeads, headDim, scale, backward: true);
         long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim, rows = (long)heads * T;
         VkBuffer dqb = Single(dq, qn, nameof(dq)), dkb = Single(dk, kn, nameof(dk)), dvb = Single(dv, kn, nameof(dv));
         VkBuffer dob = Single(dOutput, qn, nameof(dOutput)), ob = Single(output, qn, nameof(output)), lb = Single(lse, rows, nameof(lse));
@@ -430,7 +440,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         RunBlocks(Kernels.AttentionBackDkv, push, kvHeads, T, [dkb, dvb, dob, stats, qb, kb, vb]);
     }
 
-    private AttentionParameters Attention(int T, int heads, int kvHeads, int headDim, bool backward)
+    private AttentionParameters Attention(int T, int heads, int kvHeads, int headDim, float scale, bool backward)
     {
         if (kvHeads <= 0 || heads % kvHeads != 0)
             throw new ArgumentException($"heads {heads} is not a multiple of kvHeads {kvHeads}.", nameof(kvHeads));
@@ -454,7 +464,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         return new AttentionParameters
         {
             TokenCount = (uint)T, Heads = (uint)heads, KvHeads = (uint)kvHeads, HeadDim = (uint)headDim,
-            Scale = 1f / MathF.Sqrt(headDim), TileRows = tileRows,
+            Scale = scale, TileRows = tileRows,
         };
     }
 
@@ -549,8 +559,10 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     // ---------------------------------------------------------------- LM head + cross-entropy
 
-    public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk)
+    public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
+                                    float softcap)
     {
+        NotYet(softcap == 0);
         if (chunk <= 0)
             throw new ArgumentOutOfRangeException(nameof(chunk), chunk, "chunk must be positive.");
         chunk = Math.Min(chunk, V);

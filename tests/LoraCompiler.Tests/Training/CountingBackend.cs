@@ -20,19 +20,20 @@ public sealed class CountingBackend(IBackend inner) : IBackend
     public void Zero(Tensor t, long n) { Count(); inner.Zero(t, n); }
     public void Copy(Tensor dst, Tensor src, long n) { Count(); inner.Copy(dst, src, n); }
     public void AddInPlace(Tensor dst, Tensor src, long n) { Count(); inner.AddInPlace(dst, src, n); }
+    public void Scale(Tensor x, float factor, long n) { Count(); inner.Scale(x, factor, n); }
     public void EmbeddingForward(Tensor x, ReadOnlySpan<int> tokens, Tensor table, int T, int C) { Count(); inner.EmbeddingForward(x, tokens, table, T, C); }
-    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps) { Count(); inner.RmsNormForward(y, rstd, x, w, T, C, eps); }
-    public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C) { Count(); inner.RmsNormBackward(dx, dy, x, w, rstd, T, C); }
+    public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset) { Count(); inner.RmsNormForward(y, rstd, x, w, T, C, eps, weightOffset); }
+    public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate) { Count(); inner.RmsNormBackward(dx, dy, x, w, rstd, T, C, weightOffset, accumulate); }
     public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim) { Count(); inner.RopeForward(x, cos, sin, T, heads, headDim); }
     public void RopeBackward(Tensor dx, Tensor cos, Tensor sin, int T, int heads, int headDim) { Count(); inner.RopeBackward(dx, cos, sin, T, heads, headDim); }
-    public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim) { Count(); inner.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, headDim); }
-    public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim) { Count(); inner.AttentionBackward(dq, dk, dv, dOutput, output, lse, q, k, v, T, heads, kvHeads, headDim); }
-    public void SwiGluForward(Tensor h, Tensor gate, Tensor up, long n) { Count(); inner.SwiGluForward(h, gate, up, n); }
-    public void SwiGluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n) { Count(); inner.SwiGluBackward(dGate, dUp, dh, gate, up, n); }
+    public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim, float scale, int window) { Count(); inner.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, headDim, scale, window); }
+    public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim, float scale, int window) { Count(); inner.AttentionBackward(dq, dk, dv, dOutput, output, lse, q, k, v, T, heads, kvHeads, headDim, scale, window); }
+    public void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation) { Count(); inner.GluForward(h, gate, up, n, activation); }
+    public void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation) { Count(); inner.GluBackward(dGate, dUp, dh, gate, up, n, activation); }
     public void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout) { Count(); inner.LinearForward(y, x, w, bias, T, din, dout); }
     public void LinearBackwardInput(Tensor dx, Tensor dy, Tensor w, int T, int din, int dout, bool accumulate) { Count(); inner.LinearBackwardInput(dx, dy, w, T, din, dout, accumulate); }
     public void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r) { Count(); inner.LoraForward(y, h, x, a, b, scale, T, din, dout, r); }
     public void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r) { Count(); inner.LoraBackward(dx, da, db, h, dh, dy, x, a, b, scale, T, din, dout, r); }
-    public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk) { Count(); return inner.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, chunk); }
+    public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk, float softcap) { Count(); return inner.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, chunk, softcap); }
     public void Dispose() => inner.Dispose();
 }

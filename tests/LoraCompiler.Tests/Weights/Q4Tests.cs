@@ -373,7 +373,7 @@ public sealed class Q4Tests : IDisposable
         backend.Download(y, result);
         Assert.Equal(HandMadeValues[3], result[0]);
 
-        var e = Assert.Throws<ArgumentException>(() => backend.RmsNormForward(y, y, input, weight, 1, 16, 1e-6f));
+        var e = Assert.Throws<ArgumentException>(() => backend.RmsNormForward(y, y, input, weight, 1, 16, 1e-6f, 0f));
         Assert.Contains("4-bit weight", e.Message);
     }
 

@@ -79,8 +79,8 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     public void SwiGlu()
     {
         const int n = 1003;
-        Parity(Forward, (b, t) => b.SwiGluForward(t("h"), t("gate"), t("up"), n), Out("h", n), In("gate", n, 2), In("up", n));
-        Parity(Backward, (b, t) => b.SwiGluBackward(t("dGate"), t("dUp"), t("dh"), t("gate"), t("up"), n),
+        Parity(Forward, (b, t) => b.GluForward(t("h"), t("gate"), t("up"), n, GluActivation.Silu), Out("h", n), In("gate", n, 2), In("up", n));
+        Parity(Backward, (b, t) => b.GluBackward(t("dGate"), t("dUp"), t("dh"), t("gate"), t("up"), n, GluActivation.Silu),
             Out("dGate", n), Out("dUp", n), In("dh", n), In("gate", n, 2), In("up", n));
     }
 
@@ -99,12 +99,12 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     [InlineData(3, 533)]  // wider than a workgroup: the strided loops and the reduction
     public void RmsNorm(int T, int C)
     {
-        Parity(Forward, (b, t) => b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-5f),
+        Parity(Forward, (b, t) => b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-5f, 0f),
             Out("y", T * C), Out("rstd", T), In("x", T * C), In("w", C));
         Parity(Backward, (b, t) =>
         {
-            b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-6f);
-            b.RmsNormBackward(t("dx"), t("dy"), t("x"), t("w"), t("rstd"), T, C);
+            b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-6f, 0f);
+            b.RmsNormBackward(t("dx"), t("dy"), t("x"), t("w"), t("rstd"), T, C, 0f, accumulate: true);
         }, Out("dx", T * C), In("dy", T * C), In("x", T * C), In("w", C), In("y", T * C), In("rstd", T));
     }
 
@@ -132,12 +132,12 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     public void Attention(int T, int heads, int kvHeads, int headDim)
     {
         long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim, rows = (long)heads * T;
-        Parity(Forward, (b, t) => b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim),
+        Parity(Forward, (b, t) => b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, 1f / MathF.Sqrt(headDim), 0),
             Out("out", qn), Out("lse", rows), In("q", qn), In("k", kn), In("v", kn));
         Parity(Backward, (b, t) =>
         {
-            b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim);
-            b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim);
+            b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, 1f / MathF.Sqrt(headDim), 0);
+            b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, 1f / MathF.Sqrt(headDim), 0);
         }, Out("dq", qn), Out("dk", kn), Out("dv", kn), In("dOut", qn), In("out", qn), In("lse", rows),
            In("q", qn), In("k", kn), In("v", kn));
     }
@@ -148,7 +148,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         var vk = fixture.Backend;
         using (Tensor o = vk.Allocate("o", 4 * 260), l = vk.Allocate("lse", 4), q = vk.Allocate("q", 4 * 260))
         {
-            var e = Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionForward(o, l, q, q, q, 4, 1, 1, 260));
+            var e = Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionForward(o, l, q, q, q, 4, 1, 1, 260, 1f / 16, 0));
             Assert.Contains("256", e.Message);
         }
 
@@ -160,7 +160,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             return;
         const int T = 4096, heads = 8, headDim = 64;
         using Tensor big = vk.Allocate("q", (long)T * heads * headDim), kv = vk.Allocate("kv", (long)T * headDim), lse = vk.Allocate("lse", heads * T);
-        var refused = Assert.Throws<VulkanException>(() => vk.AttentionBackward(big, kv, kv, big, big, lse, big, kv, kv, T, heads, 1, headDim));
+        var refused = Assert.Throws<VulkanException>(() => vk.AttentionBackward(big, kv, kv, big, big, lse, big, kv, kv, T, heads, 1, headDim, 1f / MathF.Sqrt(headDim), 0));
         Assert.Contains("shorter --seq", refused.Message);
         VulkanTestDevice.AssertNoValidationErrors(vk);
     }
@@ -206,7 +206,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         float cpuLoss = 0, vkLoss = 0;
         Parity(Backward, (b, t) =>
         {
-            float loss = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, chunk);
+            float loss = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, chunk, 0f);
             if (b is CpuBackend) cpuLoss = loss; else vkLoss = loss;
         }, Out("dx", T * C), In("logits", T * Math.Min(chunk, V)), In("x", T * C), In("w", V * C, 0.5f));
         output.WriteLine($"loss cpu {cpuLoss} vulkan {vkLoss}");
@@ -217,7 +217,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     public void LmHeadWithoutLabelsIsZero()
     {
         int[] targets = [-1, -1, -1];
-        var r = Parity(Forward, (b, t) => Assert.Equal(0f, b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, 3, 8, 20, 8)),
+        var r = Parity(Forward, (b, t) => Assert.Equal(0f, b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, 3, 8, 20, 8, 0f)),
             In("dx", 24), In("logits", 24), In("x", 24), In("w", 160));
         Assert.All(r["dx"], v => Assert.Equal(0f, v));
     }
@@ -281,7 +281,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             Out("y", T * dout), In("x", T * C), In("w", dout * C), In("bias", dout));
         Parity(vk, Backward, (b, t) => b.LinearBackwardInput(t("dx"), t("dy"), t("w"), T, C, dout, accumulate: true),
             Out("dx", T * C), In("dy", T * dout), In("w", dout * C));
-        Parity(vk, Backward, (b, t) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, 16),
+        Parity(vk, Backward, (b, t) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, 16, 0f),
             Out("dx", T * C), In("logits", T * 16), In("x", T * C), In("w", V * C));
         const int n = 333;
         Parity(vk, Forward, (b, t) =>
@@ -289,7 +289,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             b.AddInPlace(t("a"), t("src"), n);
             b.Copy(t("c"), t("src"), n - 7);
             b.Zero(t("z"), n - 50);
-            b.SwiGluForward(t("h"), t("a"), t("src"), n);
+            b.GluForward(t("h"), t("a"), t("src"), n, GluActivation.Silu);
         }, Out("a", n), Out("c", n), Out("z", n), Out("h", n), In("src", n));
 
         // Upload, Write and Download across parts.
@@ -303,7 +303,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         // An activation that does not fit one buffer is an error that says what to do.
         using var big = vk.Allocate("big", 200);
         using var w = vk.Allocate("w", 100);
-        var e = Assert.Throws<VulkanException>(() => vk.RmsNormForward(big, w, big, w, 20, 10, 1e-5f));
+        var e = Assert.Throws<VulkanException>(() => vk.RmsNormForward(big, w, big, w, 20, 10, 1e-5f, 0f));
         Assert.Contains("shorter --seq", e.Message);
         VulkanTestDevice.AssertNoValidationErrors(vk);
     }
@@ -337,14 +337,14 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         Parity(vk, Forward, (b, t) => b.LinearForward(t("y"), t("x"), t("w"), t("bias"), T, din, dout),
             Out("y", T * dout), In("x", T * din), In("w", dout * din), In("bias", dout));
         const int n = 2000; // 8 workgroups of 256: 3 × 3 after folding
-        Parity(vk, Forward, (b, t) => b.SwiGluForward(t("h"), t("gate"), t("up"), n), Out("h", n), In("gate", n), In("up", n));
+        Parity(vk, Forward, (b, t) => b.GluForward(t("h"), t("gate"), t("up"), n, GluActivation.Silu), Out("h", n), In("gate", n), In("up", n));
         // Attention: 3 heads × 3 blocks of query rows = 9 workgroups, 3 × 3 after folding.
         const int aT = 130, heads = 3, headDim = 8;
         long qn = aT * heads * headDim, kn = aT * headDim;
         Parity(vk, Backward, (b, t) =>
         {
-            b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), aT, heads, 1, headDim);
-            b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), aT, heads, 1, headDim);
+            b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), aT, heads, 1, headDim, 1f / MathF.Sqrt(headDim), 0);
+            b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), aT, heads, 1, headDim, 1f / MathF.Sqrt(headDim), 0);
         }, Out("out", qn), Out("lse", heads * aT), Out("dq", qn), Out("dk", kn), Out("dv", kn), In("dOut", qn), In("q", qn), In("k", kn), In("v", kn));
         Assert.Throws<VulkanException>(() =>
         {

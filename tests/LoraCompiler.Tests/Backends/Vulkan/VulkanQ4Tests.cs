@@ -118,7 +118,7 @@ public sealed class VulkanQ4Tests(VulkanBackendFixture fixture, ITestOutputHelpe
         targets[0] = V - 1;
         var losses = new Dictionary<string, float>();
         var w = RandomQ4("lm_head", V, C, groupSize, 0.5f);
-        Parity(fixture.Backend, w, (b, t, wt) => losses[b.Name] = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, chunk),
+        Parity(fixture.Backend, w, (b, t, wt) => losses[b.Name] = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, chunk, 0f),
             ["dx"], ("dx", Random(T * C)), ("logits", Random(T * Math.Min(chunk, V))), ("x", Random(T * C)));
         float cpu = losses.Single(l => l.Key.StartsWith("cpu")).Value, vk = losses.Single(l => l.Key.StartsWith("vulkan")).Value;
         output.WriteLine($"loss cpu {cpu} vulkan {vk}");
@@ -151,7 +151,7 @@ public sealed class VulkanQ4Tests(VulkanBackendFixture fixture, ITestOutputHelpe
             ["y"], ("y", Random(T * dout)), ("x", Random(T * C)), ("bias", Random(dout)));
         Parity(vk, w, (b, t, wt) => b.LinearBackwardInput(t("dx"), t("dy"), wt, T, C, dout, accumulate: false),
             ["dx"], ("dx", Random(T * C)), ("dy", Random(T * dout)));
-        Parity(vk, table, (b, t, wt) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, 12),
+        Parity(vk, table, (b, t, wt) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, 12, 0f),
             ["dx"], ("dx", Random(T * C)), ("logits", Random(T * 12)), ("x", Random(T * C)));
 
         // A row that does not fit one buffer is an error that says so.
@@ -238,7 +238,7 @@ public sealed class VulkanQ4Tests(VulkanBackendFixture fixture, ITestOutputHelpe
 
             // A packed weight is read only by the kernels that take weights.
             var again = vk.MapWeight(weights, q.Name);
-            var e = Assert.Throws<ArgumentException>(() => vk.RmsNormForward(y, y, xt, again, 1, columns, 1e-5f));
+            var e = Assert.Throws<ArgumentException>(() => vk.RmsNormForward(y, y, xt, again, 1, columns, 1e-5f, 0f));
             Assert.Contains("4-bit", e.Message);
             vk.ReleaseWeight(again);
             VulkanTestDevice.AssertNoValidationErrors(vk);

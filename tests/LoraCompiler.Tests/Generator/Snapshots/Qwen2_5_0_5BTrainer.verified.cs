@@ -37,6 +37,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
     public const int Vocab = 151936;
     public const float RmsEps = 1E-06f;
     public const double RopeTheta = 1000000;
+    public const float AttentionScale = 0.125f;
     public const int LoraRank = 8;
     public const float LoraAlpha = 16f;
     public const int LmHeadChunk = 4096;
@@ -331,7 +332,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         int T = CheckSequence(tokens, targets);
         float loss = ForwardAndLoss(tokens, targets, T);
         B.Zero(_dx, (long)T * Hidden);
-        B.RmsNormBackward(_dx, _dxn, _x24, _finalNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(_dx, _dxn, _x24, _finalNorm, _rstd1, T, Hidden, 0f, accumulate: true);
 
         // Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA
         // gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual
@@ -441,8 +442,8 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         ForwardLayer22(_x23, _x22, T);
         ForwardLayer23(_x24, _x23, T);
         // Loss: final norm, then the LM head and cross-entropy in chunks of 4096 vocabulary rows.
-        B.RmsNormForward(_xn, _rstd1, _x24, _finalNorm, T, Hidden, RmsEps);
-        return B.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk);
+        B.RmsNormForward(_xn, _rstd1, _x24, _finalNorm, T, Hidden, RmsEps, 0f);
+        return B.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, 0f);
     }
 
     /// <summary>
@@ -455,7 +456,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[0];
 
         // L00 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L00 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -469,14 +470,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L00 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L00 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L00 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L00 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L00 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -484,7 +485,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L00 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L00 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -507,7 +508,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L00 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L00 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -515,12 +516,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L00 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L00 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L00 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L00 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -534,7 +535,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L00 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -548,7 +549,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[1];
 
         // L01 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L01 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -562,14 +563,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L01 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L01 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L01 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L01 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L01 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -577,7 +578,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L01 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L01 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -600,7 +601,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L01 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L01 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -608,12 +609,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L01 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L01 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L01 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L01 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -627,7 +628,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L01 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -641,7 +642,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[2];
 
         // L02 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L02 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -655,14 +656,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L02 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L02 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L02 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L02 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L02 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -670,7 +671,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L02 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L02 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -693,7 +694,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L02 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L02 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -701,12 +702,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L02 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L02 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L02 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L02 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -720,7 +721,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L02 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -734,7 +735,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[3];
 
         // L03 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L03 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -748,14 +749,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L03 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L03 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L03 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L03 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L03 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -763,7 +764,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L03 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L03 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -786,7 +787,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L03 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L03 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -794,12 +795,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L03 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L03 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L03 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L03 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -813,7 +814,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L03 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -827,7 +828,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[4];
 
         // L04 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L04 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -841,14 +842,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L04 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L04 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L04 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L04 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L04 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -856,7 +857,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L04 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L04 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -879,7 +880,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L04 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L04 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -887,12 +888,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L04 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L04 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L04 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L04 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -906,7 +907,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L04 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -920,7 +921,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[5];
 
         // L05 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L05 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -934,14 +935,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L05 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L05 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L05 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L05 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L05 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -949,7 +950,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L05 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L05 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -972,7 +973,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L05 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L05 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -980,12 +981,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L05 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L05 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L05 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L05 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -999,7 +1000,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L05 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1013,7 +1014,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[6];
 
         // L06 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L06 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1027,14 +1028,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L06 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L06 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L06 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L06 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L06 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1042,7 +1043,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L06 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L06 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1065,7 +1066,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L06 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L06 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1073,12 +1074,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L06 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L06 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L06 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L06 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1092,7 +1093,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L06 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1106,7 +1107,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[7];
 
         // L07 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L07 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1120,14 +1121,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L07 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L07 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L07 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L07 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L07 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1135,7 +1136,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L07 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L07 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1158,7 +1159,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L07 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L07 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1166,12 +1167,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L07 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L07 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L07 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L07 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1185,7 +1186,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L07 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1199,7 +1200,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[8];
 
         // L08 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L08 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1213,14 +1214,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L08 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L08 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L08 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L08 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L08 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1228,7 +1229,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L08 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L08 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1251,7 +1252,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L08 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L08 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1259,12 +1260,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L08 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L08 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L08 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L08 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1278,7 +1279,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L08 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1292,7 +1293,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[9];
 
         // L09 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L09 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1306,14 +1307,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L09 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L09 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L09 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L09 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L09 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1321,7 +1322,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L09 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L09 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1344,7 +1345,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L09 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L09 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1352,12 +1353,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L09 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L09 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L09 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L09 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1371,7 +1372,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L09 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1385,7 +1386,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[10];
 
         // L10 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L10 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1399,14 +1400,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L10 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L10 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L10 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L10 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L10 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1414,7 +1415,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L10 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L10 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1437,7 +1438,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L10 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L10 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1445,12 +1446,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L10 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L10 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L10 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L10 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1464,7 +1465,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L10 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1478,7 +1479,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[11];
 
         // L11 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L11 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1492,14 +1493,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L11 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L11 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L11 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L11 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L11 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1507,7 +1508,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L11 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L11 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1530,7 +1531,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L11 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L11 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1538,12 +1539,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L11 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L11 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L11 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L11 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1557,7 +1558,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L11 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1571,7 +1572,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[12];
 
         // L12 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L12 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1585,14 +1586,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L12 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L12 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L12 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L12 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L12 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1600,7 +1601,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L12 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L12 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1623,7 +1624,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L12 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L12 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1631,12 +1632,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L12 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L12 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L12 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L12 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1650,7 +1651,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L12 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1664,7 +1665,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[13];
 
         // L13 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L13 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1678,14 +1679,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L13 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L13 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L13 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L13 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L13 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1693,7 +1694,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L13 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L13 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1716,7 +1717,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L13 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L13 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1724,12 +1725,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L13 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L13 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L13 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L13 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1743,7 +1744,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L13 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1757,7 +1758,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[14];
 
         // L14 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L14 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1771,14 +1772,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L14 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L14 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L14 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L14 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L14 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1786,7 +1787,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L14 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L14 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1809,7 +1810,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L14 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L14 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1817,12 +1818,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L14 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L14 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L14 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L14 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1836,7 +1837,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L14 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1850,7 +1851,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[15];
 
         // L15 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L15 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1864,14 +1865,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L15 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L15 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L15 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L15 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L15 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1879,7 +1880,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L15 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L15 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1902,7 +1903,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L15 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L15 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1910,12 +1911,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L15 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L15 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L15 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L15 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -1929,7 +1930,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L15 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -1943,7 +1944,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[16];
 
         // L16 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L16 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -1957,14 +1958,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L16 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L16 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L16 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L16 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L16 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -1972,7 +1973,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L16 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L16 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -1995,7 +1996,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L16 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L16 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2003,12 +2004,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L16 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L16 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L16 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L16 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2022,7 +2023,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L16 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2036,7 +2037,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[17];
 
         // L17 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L17 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2050,14 +2051,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L17 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L17 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L17 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L17 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L17 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2065,7 +2066,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L17 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L17 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2088,7 +2089,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L17 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L17 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2096,12 +2097,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L17 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L17 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L17 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L17 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2115,7 +2116,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L17 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2129,7 +2130,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[18];
 
         // L18 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L18 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2143,14 +2144,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L18 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L18 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L18 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L18 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L18 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2158,7 +2159,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L18 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L18 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2181,7 +2182,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L18 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L18 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2189,12 +2190,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L18 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L18 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L18 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L18 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2208,7 +2209,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L18 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2222,7 +2223,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[19];
 
         // L19 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L19 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2236,14 +2237,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L19 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L19 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L19 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L19 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L19 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2251,7 +2252,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L19 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L19 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2274,7 +2275,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L19 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L19 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2282,12 +2283,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L19 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L19 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L19 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L19 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2301,7 +2302,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L19 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2315,7 +2316,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[20];
 
         // L20 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L20 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2329,14 +2330,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L20 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L20 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L20 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L20 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L20 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2344,7 +2345,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L20 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L20 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2367,7 +2368,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L20 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L20 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2375,12 +2376,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L20 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L20 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L20 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L20 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2394,7 +2395,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L20 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2408,7 +2409,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[21];
 
         // L21 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L21 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2422,14 +2423,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L21 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L21 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L21 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L21 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L21 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2437,7 +2438,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L21 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L21 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2460,7 +2461,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L21 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L21 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2468,12 +2469,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L21 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L21 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L21 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L21 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2487,7 +2488,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L21 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2501,7 +2502,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[22];
 
         // L22 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L22 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2515,14 +2516,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L22 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L22 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L22 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L22 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L22 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2530,7 +2531,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L22 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L22 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2553,7 +2554,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L22 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L22 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2561,12 +2562,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L22 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L22 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L22 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L22 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2580,7 +2581,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L22 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -2594,7 +2595,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         var lora = _lora[23];
 
         // L23 input_layernorm: xn[T,896] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L23 q_proj: q[T,896] = xn[T,896]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -2608,14 +2609,14 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L23 attention: att[T,896] = softmax(q·kᵀ/√64, causal)·v, 14 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L23 o_proj: x2[T,896] = att[T,896]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L23 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L23 post_attention_layernorm: xn2[T,896] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L23 gate_proj: gate[T,4864] = xn2[T,896]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2623,7 +2624,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L23 swiglu: act[T,4864] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L23 down_proj: output[T,896] = act[T,4864]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -2646,7 +2647,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L23 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L23 up_proj backward: dxn[T,896] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -2654,12 +2655,12 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L23 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L23 o_proj backward: dAtt[T,896] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L23 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L23 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -2673,7 +2674,7 @@ public sealed class Qwen2_5_0_5BTrainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L23 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 

@@ -37,6 +37,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
     public const int Vocab = 320;
     public const float RmsEps = 1E-06f;
     public const double RopeTheta = 1000000;
+    public const float AttentionScale = 0.25f;
     public const int LoraRank = 8;
     public const float LoraAlpha = 16f;
     public const int LmHeadChunk = 128;
@@ -271,7 +272,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         int T = CheckSequence(tokens, targets);
         float loss = ForwardAndLoss(tokens, targets, T);
         B.Zero(_dx, (long)T * Hidden);
-        B.RmsNormBackward(_dx, _dxn, _x04, _finalNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(_dx, _dxn, _x04, _finalNorm, _rstd1, T, Hidden, 0f, accumulate: true);
 
         // Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA
         // gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual
@@ -301,8 +302,8 @@ public sealed class TinyQwen2Trainer : TrainerBase
         ForwardLayer02(_x03, _x02, T);
         ForwardLayer03(_x04, _x03, T);
         // Loss: final norm, then the LM head and cross-entropy in chunks of 128 vocabulary rows.
-        B.RmsNormForward(_xn, _rstd1, _x04, _finalNorm, T, Hidden, RmsEps);
-        return B.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk);
+        B.RmsNormForward(_xn, _rstd1, _x04, _finalNorm, T, Hidden, RmsEps, 0f);
+        return B.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, 0f);
     }
 
     /// <summary>
@@ -315,7 +316,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         var lora = _lora[0];
 
         // L00 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L00 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -329,14 +330,14 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L00 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L00 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L00 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L00 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L00 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -344,7 +345,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L00 swiglu: act[T,176] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L00 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -367,7 +368,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L00 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L00 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -375,12 +376,12 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L00 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L00 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L00 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L00 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -394,7 +395,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L00 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -408,7 +409,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         var lora = _lora[1];
 
         // L01 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L01 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -422,14 +423,14 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L01 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L01 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L01 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L01 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L01 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -437,7 +438,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L01 swiglu: act[T,176] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L01 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -460,7 +461,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L01 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L01 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -468,12 +469,12 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L01 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L01 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L01 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L01 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -487,7 +488,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L01 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -501,7 +502,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         var lora = _lora[2];
 
         // L02 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L02 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -515,14 +516,14 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L02 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L02 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L02 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L02 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L02 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -530,7 +531,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L02 swiglu: act[T,176] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L02 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -553,7 +554,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L02 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L02 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -561,12 +562,12 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L02 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L02 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L02 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L02 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -580,7 +581,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L02 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
@@ -594,7 +595,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         var lora = _lora[3];
 
         // L03 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
         // L03 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
         B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
@@ -608,14 +609,14 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
         // L03 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L03 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
         B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L03 residual: x2 += x
         B.AddInPlace(_x2, x, (long)T * Hidden);
         // L03 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps);
+        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
         // L03 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
         B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
         B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -623,7 +624,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
         B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L03 swiglu: act[T,176] = silu(gate)·up
-        B.SwiGluForward(_act, _gate, _up, (long)T * Intermediate);
+        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         if (output is null)
             return; // the layer's weights stay mapped for its backward
         // L03 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
@@ -646,7 +647,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
         B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
         // L03 swiglu backward: dGate, dUp from dAct
-        B.SwiGluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate);
+        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
         // L03 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
         B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
         B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
@@ -654,12 +655,12 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
         B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
         // L03 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
         // L03 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
         B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
         B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
         // L03 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim);
+        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
         // L03 rope backward: rotate dq and dk back
         B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
         B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
@@ -673,7 +674,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
         B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // L03 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden);
+        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
         ReleaseLayer();
     }
 
