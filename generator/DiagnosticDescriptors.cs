@@ -17,6 +17,8 @@ internal static class DiagnosticDescriptors
     public static readonly DiagnosticDescriptor WrongType = Error("LORA0008", "Model field has the wrong type", "{0}");
     public static readonly DiagnosticDescriptor Unsupported = Error("LORA0009", "Unsupported model feature", "{0}");
     public static readonly DiagnosticDescriptor DuplicateClassName = Error("LORA0010", "Two model files give the same trainer class", "{0}");
+    public static readonly DiagnosticDescriptor IgnoredField = new("LORA0011", "Model field has no effect", "{0}", Category,
+        DiagnosticSeverity.Warning, isEnabledByDefault: true);
 
     public static DiagnosticDescriptor ById(string id) => id switch
     {
@@ -29,6 +31,7 @@ internal static class DiagnosticDescriptors
         "LORA0007" => InvalidLora,
         "LORA0008" => WrongType,
         "LORA0010" => DuplicateClassName,
+        "LORA0011" => IgnoredField,
         _ => Unsupported,
     };
 

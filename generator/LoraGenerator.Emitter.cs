@@ -1,3 +1,4 @@
+using System;
 using System.CodeDom.Compiler;
 using System.Collections.Generic;
 using System.Globalization;
@@ -67,20 +68,21 @@ public sealed partial class LoraGenerator
 
     private sealed class TrainerEmitter
     {
-        private readonly TrainerPlan plan;
+        private readonly TrainerPlan _plan;
         private readonly ModelSpec _s;
         private readonly IndentedTextWriter _w;
         private readonly StringWriter _text;
 
         public TrainerEmitter(TrainerPlan plan)
         {
-            this.plan = plan;
+            _plan = plan;
             _s = plan.Spec;
             _w = NewWriter(out _text);
         }
 
-        private IEnumerable<Projection> Targeted => plan.Projections.Where(p => p.Targeted);
-        private Projection Proj(string name) => plan.Projections.First(p => p.Name == name);
+        private IEnumerable<Projection> Targeted => _plan.Projections.Where(p => p.Targeted);
+        private bool OneKind => _plan.Kinds.Count == 1;
+        private bool HasSliding => _s.LayerWindows.Any(w => w > 0);
 
         public string Emit()
         {
@@ -95,10 +97,11 @@ public sealed partial class LoraGenerator
             Fields();
             Constructor();
             ForwardBackward();
-            for (int i = 0; i < _s.Layers; i++)
+            Schedule();
+            foreach (var kind in _plan.Kinds)
             {
-                ForwardLayer(i);
-                BackwardLayer(i);
+                ForwardLayer(kind);
+                BackwardLayer(kind);
             }
             MapLayer();
             Close();
@@ -108,8 +111,8 @@ public sealed partial class LoraGenerator
         private void ClassSummary()
         {
             string tied = _s.TiedEmbeddings ? "tied embeddings" : "separate lm_head";
-            string bias = _s.AttentionBias ? ", q/k/v bias" : "";
-            string rope = _s.RopeScaling is null ? "" : $", llama3 rope_scaling x{Literal(_s.RopeScaling.Factor)}";
+            string bias = _s.QkvBias ? (_s.OutputBias ? ", q/k/v/o bias" : ", q/k/v bias") : "";
+            string rope = _s.Rope.Scaling is { } sc ? $", {sc.Type} rope_scaling x{Literal(sc.Factor)}" : "";
             Line("/// <summary>");
             Line($"/// LoRA trainer for <c>{_s.ModelName}</c> ({_s.Architecture}), generated from <c>{Path.GetFileName(_s.FilePath)}</c>.");
             Line("/// </summary>");
@@ -117,14 +120,24 @@ public sealed partial class LoraGenerator
             Line($"/// Model: {_s.Layers} layers, hidden {_s.Hidden}, intermediate {_s.Intermediate}, {_s.Heads} heads of {_s.HeadDim} " +
                  $"({_s.KvHeads} kv heads), vocab {_s.Vocab}, {tied}{bias}{rope}.");
             Line($"/// LoRA: r = {_s.LoraRank}, alpha = {Literal(_s.LoraAlpha)} on {string.Join(", ", _s.TargetModules)}.");
+            foreach (var kind in _plan.Kinds)
+            {
+                string which = OneKind ? $"Layer (all {_s.Layers})" : $"{kind.Name} layer ({LayerList(kind)})";
+                var modules = kind.Ops.Select(o => o.Module).Where((m, i) => i == 0 || kind.Ops[i - 1].Module != m);
+                Line($"/// {which}, {kind.Description}: {string.Join(" → ", modules)}.");
+            }
             Line("/// Step: forward keeps only each layer's input (the MeBP checkpoints x00..x" + $"{_s.Layers:D2}); the loss runs the");
             Line($"/// LM head in chunks of {_s.LmHeadChunk} vocabulary rows and never holds [T, {_s.Vocab}] logits; backward");
             Line("/// recomputes each layer from its checkpoint, then runs the MeSP LoRA backward, which recomputes");
-            Line("/// H = X·Aᵀ instead of keeping it.");
-            Line(_s.LcsbGroups == 1
-                ? "/// Backward schedule: every layer, every step (LCSB off; set trainer.lcsb.groups to enable)."
-                : $"/// Backward schedule (LCSB): {_s.LcsbGroups} groups; at step t only the layers with layer % {_s.LcsbGroups} == t % {_s.LcsbGroups} backpropagate.");
+            Line("/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice.");
             Line("/// </remarks>");
+        }
+
+        private string LayerList(LayerKind kind)
+        {
+            int index = _plan.Kinds.ToList().IndexOf(kind);
+            var layers = Enumerable.Range(0, _s.Layers).Where(i => _plan.Schedule[i] == index).ToList();
+            return (layers.Count == 1 ? "layer " : "layers ") + string.Join(", ", layers);
         }
 
         private void Constants()
@@ -140,12 +153,25 @@ public sealed partial class LoraGenerator
             Line("public const int KvDim = KvHeads * HeadDim;");
             Line($"public const int Vocab = {_s.Vocab};");
             Line($"public const float RmsEps = {FloatLiteral(_s.RmsEps)};");
-            Line($"public const double RopeTheta = {Literal(_s.RopeTheta)};");
-            Line($"public const float AttentionScale = {FloatLiteral(1 / System.Math.Sqrt(_s.HeadDim))};");
+            Line($"/// <summary>Every RMSNorm multiplies by (NormWeightOffset + w).</summary>");
+            Line($"public const float NormWeightOffset = {FloatLiteral(_s.Traits.NormWeightOffset)};");
+            Line($"/// <summary>The attention scores' scale: {(_s.Family == Family.Gemma3 ? "query_pre_attn_scalar" : "head_dim")}^-1/2.</summary>");
+            Line($"public const float AttentionScale = {FloatLiteral(_s.AttentionScale)};");
+            if (HasSliding)
+                Line($"public const int SlidingWindow = {_s.LayerWindows.First(w => w > 0)};");
+            Line($"public const double RopeTheta = {Literal(_s.Rope.Theta)};");
+            if (_s.LocalRope is { } local)
+                Line($"public const double LocalRopeTheta = {Literal(local.Theta)};");
+            if (_s.Traits.ScaledEmbedding)
+            {
+                Line("/// <summary>The embedding's output is multiplied by √hidden, rounded to a float32 as Hugging Face holds it.</summary>");
+                Line($"public const float EmbeddingScale = {FloatLiteral(Math.Sqrt(_s.Hidden))};");
+            }
+            if (_s.FinalLogitSoftcap > 0)
+                Line($"public const float FinalLogitSoftcap = {FloatLiteral(_s.FinalLogitSoftcap)};");
             Line($"public const int LoraRank = {_s.LoraRank};");
             Line($"public const float LoraAlpha = {FloatLiteral(_s.LoraAlpha)};");
             Line($"public const int LmHeadChunk = {_s.LmHeadChunk};");
-            Line($"public const int DefaultLcsbGroups = {_s.LcsbGroups};");
             Line();
         }
 
@@ -153,23 +179,31 @@ public sealed partial class LoraGenerator
         {
             Line("/// <summary>");
             Line("/// The static memory plan: every buffer of a step, all allocated once. Size in floats =");
-            Line("/// fixed + perToken·T + perTokenSquared·T² for sequences of up to T tokens.");
+            Line("/// fixed + perToken·T for sequences of up to T tokens.");
             Line("/// </summary>");
             Line("private static readonly BufferPlan[] MemoryPlanBuffers =");
             Line("[");
             _w.Indent++;
-            Line($"//  {"name",-17} {"role",-27} {"fixed",12}  {"perToken",9}  {"T²",5}");
-            foreach (var b in plan.Buffers)
-                Line($"new({Str(b.Field) + ",",-17} BufferRole.{b.Role + ",",-16} {b.Fixed,12}, {b.PerToken,9}, {b.PerTokenSquared,5}, {Str(b.Purpose)}" +
+            Line($"//  {"name",-22} {"role",-27} {"fixed",12}  {"perToken",9}");
+            foreach (var b in _plan.Buffers)
+                Line($"new({Str(b.Field) + ",",-22} BufferRole.{b.Role + ",",-16} {b.Fixed,12}, {b.PerToken,9}, {Str(b.Purpose)}" +
                      (b.SharesWith is null ? "" : $", SharesWith: {Str(b.SharesWith)}") + "),");
             _w.Indent--;
             Line("];");
             Line();
         }
 
+        private static string Bool(bool value) => value ? "true" : "false";
+
+        private static string RopeScalingExpression(RopeScalingSpec? sc) => sc switch
+        {
+            null => "null",
+            { Type: "linear" } => $"new LinearRopeScaling({Literal(sc.Factor)})",
+            _ => $"new Llama3RopeScaling({Literal(sc.Factor)}, {Literal(sc.LowFreqFactor)}, {Literal(sc.HighFreqFactor)}, {sc.OriginalMaxPositionEmbeddings})",
+        };
+
         private void InfoProperty()
         {
-            var sc = _s.RopeScaling;
             Line("public static ModelInfo Info { get; } = new()");
             Open();
             Line("Name = ModelName,");
@@ -178,13 +212,24 @@ public sealed partial class LoraGenerator
             Line($"SourceFile = {Str("models/" + Path.GetFileName(_s.FilePath))},");
             Line("Hidden = Hidden, Intermediate = Intermediate, Layers = Layers,");
             Line("Heads = Heads, KvHeads = KvHeads, HeadDim = HeadDim, Vocab = Vocab,");
-            Line("RmsEps = RmsEps, RopeTheta = RopeTheta,");
-            Line(sc is null
-                ? "RopeScaling = null,"
-                : $"RopeScaling = new Llama3RopeScaling({Literal(sc.Factor)}, {Literal(sc.LowFreqFactor)}, {Literal(sc.HighFreqFactor)}, {sc.OriginalMaxPositionEmbeddings}),");
-            Line($"TiedEmbeddings = {(_s.TiedEmbeddings ? "true" : "false")}, AttentionBias = {(_s.AttentionBias ? "true" : "false")}, LmHeadChunk = LmHeadChunk,");
-            Line("DefaultLcsbGroups = DefaultLcsbGroups,");
-            Line($"ActivationsInFile = {(_s.ActivationsInFile ? "true" : "false")}, OptimizerStateInFile = {(_s.OptimizerStateInFile ? "true" : "false")},");
+            Line("RmsEps = RmsEps, NormWeightOffset = NormWeightOffset,");
+            Line($"RopeTheta = RopeTheta, RopeScaling = {RopeScalingExpression(_s.Rope.Scaling)},{(_s.LocalRope is null ? "" : " LocalRopeTheta = LocalRopeTheta,")}");
+            Line($"TiedEmbeddings = {Bool(_s.TiedEmbeddings)}, AttentionBias = {Bool(_s.QkvBias)}, OutputBias = {Bool(_s.OutputBias)},");
+            Line($"QkNorm = {Bool(_s.Traits.QkNorm)}, SandwichNorms = {Bool(_s.Traits.SandwichNorms)}, Activation = GluActivation.{_s.Activation},");
+            Line($"EmbeddingScale = {(_s.Traits.ScaledEmbedding ? "EmbeddingScale" : "1f")}, AttentionScale = AttentionScale, " +
+                 $"FinalLogitSoftcap = {(_s.FinalLogitSoftcap > 0 ? "FinalLogitSoftcap" : "0f")},");
+            Line(HasSliding ? $"LayerWindows = [{string.Join(", ", _s.LayerWindows)}],"
+                            : "LayerWindows = new int[Layers],");
+            Line("LmHeadChunk = LmHeadChunk,");
+            var defaults = new List<string>();
+            if (_s.ActivationsInFile)
+                defaults.Add("ActivationsInFile: true");
+            if (_s.OptimizerStateInFile)
+                defaults.Add("OptimizerStateInFile: true");
+            if (_s.LcsbGroups != 1)
+                defaults.Add($"LcsbGroups: {_s.LcsbGroups}");
+            if (defaults.Count > 0)
+                Line($"Defaults = new TrainerOptions({string.Join(", ", defaults)}), // the JSON's trainer section");
             Line($"Lora = new LoraSettings(LoraRank, LoraAlpha, [{string.Join(", ", _s.TargetModules.Select(Str))}]),");
             Line("BaseTensors = BaseTensorList().ToArray(),");
             Line("LoraModules = LoraModuleList().ToArray(),");
@@ -204,15 +249,8 @@ public sealed partial class LoraGenerator
             Line("for (int i = 0; i < Layers; i++)");
             Open();
             Line("string layer = $\"model.layers.{i}.\";");
-            Line("yield return new(layer + \"input_layernorm.weight\", [Hidden]);");
-            foreach (var p in plan.Projections)
-            {
-                Line($"yield return new(layer + \"{p.Path}.weight\", [{p.Out}, {p.In}]);");
-                if (p.HasBias)
-                    Line($"yield return new(layer + \"{p.Path}.bias\", [{p.Out}]);");
-                if (p.Name == "o_proj")
-                    Line("yield return new(layer + \"post_attention_layernorm.weight\", [Hidden]);");
-            }
+            foreach (var (_, name, _, shape) in LayerWeights(_plan.Kinds[0].Ops))
+                Line($"yield return new(layer + \"{name}\", [{shape}]);");
             Close();
             Line("yield return new(\"model.norm.weight\", [Hidden]);");
             if (!_s.TiedEmbeddings)
@@ -234,38 +272,45 @@ public sealed partial class LoraGenerator
             Line();
         }
 
+        private static bool IsField(PlannedBuffer b) =>
+            b.Role is not (BufferRole.LoraParameters or BufferRole.LoraGradients or BufferRole.Checkpoint or BufferRole.Weights);
+
         private void Fields()
         {
-            Line("// Buffers of the memory plan.");
-            foreach (var b in plan.Buffers.Where(b => IsField(b) && b.Role != BufferRole.Weights))
+            Line("// Buffers of the memory plan: the checkpoints x00..x" + $"{_s.Layers:D2}, then one layer's activations, gradients and scratch.");
+            Line("private readonly Tensor[] _x = new Tensor[Layers + 1];");
+            foreach (var b in _plan.Buffers.Where(IsField))
                 Line($"private readonly Tensor _{b.Field};");
             Line("// Weights mapped from the model files: the embedding, head and final norm for the trainer's");
-            Line("// lifetime, the w* fields for the running layer only (MapLayer, ReleaseLayer).");
-            foreach (var b in plan.Buffers.Where(b => b.Role == BufferRole.Weights))
-                Line(b.Field.StartsWith("w") && char.IsUpper(b.Field[1])
-                    ? $"private Tensor _{b.Field} = null!;"
-                    : $"private readonly Tensor _{b.Field};");
+            Line("// lifetime, the others for the running layer only (MapLayer, ReleaseLayer).");
+            foreach (var b in _plan.Buffers.Where(b => b.Role == BufferRole.Weights))
+                Line(IsLayerWeight(b.Field) ? $"private Tensor _{b.Field} = null!;" : $"private readonly Tensor _{b.Field};");
             Line("private readonly LayerLora[] _lora = new LayerLora[Layers];");
             Line();
         }
 
-        private static bool IsField(PlannedBuffer b) => b.Role is not (BufferRole.LoraParameters or BufferRole.LoraGradients);
+        private bool IsLayerWeight(string field) => LayerWeights(_plan.Kinds[0].Ops).Any(w => w.Field == field);
 
         private void Constructor()
         {
             Line($"public {_s.ClassName}(IBackend backend, ModelWeights weights, LoraAdapter adapter, int maxSequence, TrainerOptions? options = null)");
             Line("    : base(Info, backend, weights, adapter, maxSequence, options)");
             Open();
-            foreach (var b in plan.Buffers.Where(b => IsField(b) && b.Role != BufferRole.Weights))
-                Line(b.SharesWith is null
-                    ? $"_{b.Field} = Allocate({Str(b.Field)});"
-                    : $"_{b.Field} = _{b.SharesWith}; // shares memory: their lifetimes do not overlap");
+            Line("for (int i = 0; i <= Layers; i++)");
+            Line("    _x[i] = Allocate($\"x{i:D2}\");");
+            foreach (var b in _plan.Buffers.Where(b => IsField(b) && b.SharesWith is null))
+                Line($"_{b.Field} = Allocate({Str(b.Field)});");
+            foreach (var b in _plan.Buffers.Where(b => IsField(b) && b.SharesWith is not null))
+                Line($"_{b.Field} = _{b.SharesWith}; // shares memory: their lifetimes do not overlap");
             Line();
             Line("_embedTokens = MapWeight(\"model.embed_tokens.weight\");");
             if (!_s.TiedEmbeddings)
                 Line("_lmHead = MapWeight(\"lm_head.weight\");");
             Line("_finalNorm = MapWeight(\"model.norm.weight\");");
-            Line("InitRope(_ropeCos, _ropeSin);");
+            foreach (var table in _plan.RopeTables)
+                Line(table.Prefix == "rope"
+                    ? $"InitRope(_ropeCos, _ropeSin, RopeTheta, Info.RopeScaling);"
+                    : $"InitRope(_{table.Prefix}Cos, _{table.Prefix}Sin, LocalRopeTheta, scaling: null);");
             Line("for (int i = 0; i < Layers; i++)");
             Line("    _lora[i] = new LayerLora(");
             var targeted = Targeted.ToList();
@@ -278,7 +323,6 @@ public sealed partial class LoraGenerator
         private void ForwardBackward()
         {
             string head = _s.TiedEmbeddings ? "_embedTokens" : "_lmHead";
-            string last = "_" + CheckpointField(_s.Layers);
             Line("/// <inheritdoc/>");
             Line("public override float Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets) =>");
             Line("    ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets));");
@@ -288,159 +332,228 @@ public sealed partial class LoraGenerator
             Open();
             Line("int T = CheckSequence(tokens, targets);");
             Line("float loss = ForwardAndLoss(tokens, targets, T);");
-            Line("B.Zero(_dx, (long)T * Hidden);");
-            Line($"B.RmsNormBackward(_dx, _dxn, {last}, _finalNorm, _rstd1, T, Hidden, 0f, accumulate: true);");
+            Line("// final norm backward: dx[T,Hidden] = rmsnorm'(dxn), the gradient of the last layer's output");
+            Line("Backend.RmsNormBackward(_dx, _dxn, _x[Layers], _finalNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: false);");
             Line();
             Line("// Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA");
             Line("// gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual");
             Line("// stream (dx passes through, nothing is loaded or computed); its gradients are zero and the");
             Line("// optimizer still steps it.");
-            for (int i = _s.Layers - 1; i >= 0; i--)
-            {
-                Line($"if (Selected({i}, step))");
-                Line($"    BackwardLayer{i:D2}(_dx, _{CheckpointField(i)}, T);");
-                Line($"GradientsReady({i}, step);");
-            }
+            Line("for (int i = Layers - 1; i >= 0; i--)");
+            Open();
+            Line("bool selected = Selected(i, step);");
+            Line("if (selected)");
+            Line("    BackwardLayer(i, _dx, _x[i], _x[i + 1], T);");
+            Line("GradientsReady(i, skipped: !selected);");
+            Close();
             Line("return loss;");
             Close();
             Line();
             Line("/// <summary>Forward through every layer, keeping only the checkpoints, then the loss; leaves ∂loss/∂(final norm output) in dxn.</summary>");
             Line("private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T)");
             Open();
-            Line("B.EmbeddingForward(_x00, tokens, _embedTokens, T, Hidden);");
-            for (int i = 0; i < _s.Layers; i++)
-                Line($"ForwardLayer{i:D2}(_{CheckpointField(i + 1)}, _{CheckpointField(i)}, T);");
-            Line($"// Loss: final norm, then the LM head and cross-entropy in chunks of {_s.LmHeadChunk} vocabulary rows.");
-            Line($"B.RmsNormForward(_xn, _rstd1, {last}, _finalNorm, T, Hidden, RmsEps, 0f);");
-            Line($"return B.LmHeadCrossEntropy(_dxn, _logits, _xn, {head}, targets, T, Hidden, Vocab, LmHeadChunk, 0f);");
+            Line($"// embedding: x00[T,{_s.Hidden}] = embed_tokens[tokens]{(_s.Traits.ScaledEmbedding ? "·√hidden" : "")}");
+            Line("Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);");
+            if (_s.Traits.ScaledEmbedding)
+                Line("Backend.Scale(_x[0], EmbeddingScale, (long)T * Hidden);");
+            Line("for (int i = 0; i < Layers; i++)");
+            Line("    ForwardLayer(i, _x[i + 1], _x[i], T, recompute: false);");
+            string cap = _s.FinalLogitSoftcap > 0 ? $", capped at {Literal(_s.FinalLogitSoftcap)}·tanh(logits / {Literal(_s.FinalLogitSoftcap)})" : "";
+            Line($"// loss: final norm, then the LM head and cross-entropy in chunks of {_s.LmHeadChunk} vocabulary rows{cap}");
+            Line("Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);");
+            Line($"return Backend.LmHeadCrossEntropy(_dxn, _logits, _xn, {head}, targets, T, Hidden, Vocab, LmHeadChunk, " +
+                 $"softcap: {(_s.FinalLogitSoftcap > 0 ? "FinalLogitSoftcap" : "0f")});");
             Close();
             Line();
         }
 
-        private void ForwardLayer(int i)
+        /// <summary>With several kinds, the per-layer schedule as data and the two dispatching methods.</summary>
+        private void Schedule()
         {
-            string L = $"L{i:D2}";
-            Line($"/// <summary>");
-            Line($"/// Layer {i}: x2 = x + attention(norm(x)); output = x2 + mlp(norm(x2)). With output null (the");
-            Line("/// recompute in backward) it stops once down_proj's input is known: backward needs nothing after.");
-            Line("/// </summary>");
-            Line($"private void ForwardLayer{i:D2}(Tensor? output, Tensor x, int T)");
+            if (OneKind)
+                return;
+            Line("/// <summary>The kinds of layer this model has: one forward and backward pair each.</summary>");
+            Line($"private enum LayerKind {{ {string.Join(", ", _plan.Kinds.Select(k => k.Name))} }}");
+            Line();
+            Line("/// <summary>Which kind each layer is (the config's layer_types).</summary>");
+            Line("private static readonly LayerKind[] Schedule =");
+            Line("[");
+            _w.Indent++;
+            for (int i = 0; i < _s.Layers; i += 6)
+                Line(string.Join(" ", Enumerable.Range(i, Math.Min(6, _s.Layers - i))
+                    .Select(l => $"LayerKind.{_plan.Kinds[_plan.Schedule[l]].Name},")) + $" // {i}..{Math.Min(i + 6, _s.Layers) - 1}");
+            _w.Indent--;
+            Line("];");
+            Line();
+            Dispatch("ForwardLayer", "int layer, Tensor output, Tensor x, int T, bool recompute", "layer, output, x, T, recompute");
+            Dispatch("BackwardLayer", "int layer, Tensor dx, Tensor x, Tensor output, int T", "layer, dx, x, output, T");
+        }
+
+        private void Dispatch(string method, string parameters, string arguments)
+        {
+            Line($"private void {method}({parameters})");
             Open();
-            Line($"MapLayer({i});");
-            Line($"var lora = _lora[{i}];");
-            Line();
-            Line($"// {L} input_layernorm: xn[T,{_s.Hidden}] = rmsnorm(x)");
-            Line("B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);");
-            ProjectionForward(L, Proj("q_proj"));
-            ProjectionForward(L, Proj("k_proj"));
-            ProjectionForward(L, Proj("v_proj"));
-            Line($"// {L} rope: rotate q and k by position");
-            Line("B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);");
-            Line("B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);");
-            Line($"// {L} attention: att[T,{_s.Heads * _s.HeadDim}] = softmax(q·kᵀ/√{_s.HeadDim}, causal)·v, {_s.Heads} heads over {_s.KvHeads} kv heads");
-            Line("B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);");
-            ProjectionForward(L, Proj("o_proj"));
-            Line($"// {L} residual: x2 += x");
-            Line("B.AddInPlace(_x2, x, (long)T * Hidden);");
-            Line($"// {L} post_attention_layernorm: xn2[T,{_s.Hidden}] = rmsnorm(x2)");
-            Line("B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);");
-            ProjectionForward(L, Proj("gate_proj"));
-            ProjectionForward(L, Proj("up_proj"));
-            Line($"// {L} swiglu: act[T,{_s.Intermediate}] = silu(gate)·up");
-            Line("B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);");
-            Line("if (output is null)");
-            Line("    return; // the layer's weights stay mapped for its backward");
-            ProjectionForward(L, Proj("down_proj"));
-            Line($"// {L} residual: output += x2");
-            Line("B.AddInPlace(output, _x2, (long)T * Hidden);");
-            Line("ReleaseLayer();");
+            Line("switch (Schedule[layer])");
+            Open();
+            foreach (var kind in _plan.Kinds)
+                Line($"case LayerKind.{kind.Name}: {Name(method, kind)}({arguments}); break;");
+            Close();
             Close();
             Line();
         }
 
-        private void ProjectionForward(string L, Projection p)
+        /// <summary>ForwardLayer for a model of one kind, ForwardSlidingLayer and ForwardFullLayer for Gemma 3.</summary>
+        private string Name(string method, LayerKind kind) => OneKind ? method : method.Replace("Layer", kind.Name + "Layer");
+
+        private void ForwardLayer(LayerKind kind)
         {
-            string bias = p.HasBias ? " + b" : "";
-            string lora = p.Targeted ? $" + s·({p.Input}·Aᵀ)·Bᵀ, r={_s.LoraRank}" : "";
-            Line($"// {L} {p.Name}: {p.Output}[T,{p.OutSize}] = {p.Input}[T,{p.InSize}]·Wᵀ{bias}{lora}");
-            string biasArg = p.HasBias ? "_w" + p.Field.Replace("Proj", "Bias") : "null";
-            Line($"B.LinearForward({Ref(p.Output)}, _{p.Input}, _w{p.Field}, {biasArg}, T, {p.In}, {p.Out});");
-            if (p.Targeted)
-                Line($"B.LoraForward({Ref(p.Output)}, _loraH, _{p.Input}, lora.{p.Field}.A, lora.{p.Field}.B, LoraScale, T, {p.In}, {p.Out}, LoraRank);");
+            string until = kind.Ops[kind.RecomputeUntil].Module;
+            bool stopsEarly = kind.RecomputeUntil < kind.Ops.Count - 1;
+            Line("/// <summary>");
+            Line($"/// {(OneKind ? "A layer" : $"A {kind.Name.ToLowerInvariant()} layer ({LayerList(kind)})")} forward, {kind.Description}: " +
+                 "x2 = x + attention(x); output = x2 + mlp(x2).");
+            Line($"/// With recompute (backward's) it stops after {until}: backward reads nothing computed later{(stopsEarly ? ", and the layer's weights stay mapped for it" : "; the layer's weights stay mapped for it")}.");
+            Line("/// </summary>");
+            Line($"private void {Name("ForwardLayer", kind)}(int layer, Tensor output, Tensor x, int T, bool recompute)");
+            Open();
+            Line("MapLayer(layer);");
+            Line("var lora = _lora[layer];");
+            Line();
+            for (int i = 0; i < kind.Ops.Count; i++)
+            {
+                EmitForward(kind, kind.Ops[i]);
+                if (i == kind.RecomputeUntil && stopsEarly)
+                {
+                    Line("if (recompute)");
+                    Line("    return;");
+                }
+            }
+            Line(stopsEarly ? "ReleaseLayer();" : "if (!recompute)");
+            if (!stopsEarly)
+                Line("    ReleaseLayer();");
+            Close();
+            Line();
         }
 
-        private void BackwardLayer(int i)
+        private void BackwardLayer(LayerKind kind)
         {
-            string L = $"L{i:D2}";
-            Line($"/// <summary>Layer {i} backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>");
-            Line($"private void BackwardLayer{i:D2}(Tensor dx, Tensor x, int T)");
+            Line($"/// <summary>{(OneKind ? "A layer" : $"A {kind.Name.ToLowerInvariant()} layer")} backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>");
+            Line($"private void {Name("BackwardLayer", kind)}(int layer, Tensor dx, Tensor x, Tensor output, int T)");
             Open();
             Line("// Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.");
-            Line($"ForwardLayer{i:D2}(null, x, T);");
-            Line($"ClearGradients({i});");
-            Line($"var lora = _lora[{i}];");
+            Line($"{Name("ForwardLayer", kind)}(layer, output, x, T, recompute: true);");
+            Line("ClearGradients(layer);");
+            Line("var lora = _lora[layer];");
             Line();
-            ProjectionBackward(L, Proj("down_proj"), accumulate: false);
-            Line($"// {L} swiglu backward: dGate, dUp from dAct");
-            Line("B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);");
-            ProjectionBackward(L, Proj("up_proj"), accumulate: false);
-            ProjectionBackward(L, Proj("gate_proj"), accumulate: true);
-            Line($"// {L} post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2");
-            Line("B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);");
-            ProjectionBackward(L, Proj("o_proj"), accumulate: false);
-            Line($"// {L} attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse");
-            Line("B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);");
-            Line($"// {L} rope backward: rotate dq and dk back");
-            Line("B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);");
-            Line("B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);");
-            ProjectionBackward(L, Proj("v_proj"), accumulate: false);
-            ProjectionBackward(L, Proj("k_proj"), accumulate: true);
-            ProjectionBackward(L, Proj("q_proj"), accumulate: true);
-            Line($"// {L} input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x");
-            Line("B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);");
+            for (int i = kind.Ops.Count - 1; i >= 0; i--)
+                EmitBackward(kind, kind.Ops[i]);
             Line("ReleaseLayer();");
             Close();
             Line();
         }
 
-        private void ProjectionBackward(string L, Projection p, bool accumulate)
+        private static string Assign(bool accumulate) => accumulate ? "+=" : "=";
+        private static string Shape(string value, long width) => $"{value}[T,{width}]";
+
+        /// <summary>One op of forward: a shape comment, then its kernel calls.</summary>
+        private void EmitForward(LayerKind kind, LayerOp op)
         {
-            string dy = Ref(p.OutputGrad);
-            string op = accumulate ? "+=" : "=";
-            string lora = p.Targeted ? $" + s·({p.OutputGrad}·B)·A; dA, dB += with H = {p.Input}·Aᵀ recomputed" : "";
-            Line($"// {L} {p.Name} backward: {p.InputGrad}[T,{p.InSize}] {op} {p.OutputGrad}·W{lora}");
-            Line($"B.LinearBackwardInput(_{p.InputGrad}, {dy}, _w{p.Field}, T, {p.In}, {p.Out}, accumulate: {(accumulate ? "true" : "false")});");
-            if (p.Targeted)
-                Line($"B.LoraBackward(_{p.InputGrad}, lora.{p.Field}.DA, lora.{p.Field}.DB, _loraH, _loraDH, {dy}, _{p.Input}, " +
-                     $"lora.{p.Field}.A, lora.{p.Field}.B, LoraScale, T, {p.In}, {p.Out}, LoraRank);");
+            switch (op)
+            {
+                case NormOp n:
+                    string form = _s.Traits.NormWeightOffset == 0 ? "w" : $"({Literal(_s.Traits.NormWeightOffset)} + w)";
+                    string rows = n.Heads is null ? "T" : $"T * {n.Heads}";
+                    string per = n.Heads is null ? "" : $" over each head's {_s.HeadDim}";
+                    Line($"// {n.Module}: {n.Output} = rmsnorm({n.Input}){per}·{form}");
+                    Line($"Backend.RmsNormForward({Ref(n.Output)}, _{n.Rstd}, {Ref(n.Input)}, _{n.WeightField}, {rows}, {n.Width}, RmsEps, NormWeightOffset);");
+                    break;
+                case LinearOp { Projection: var p }:
+                    string bias = p.HasBias ? " + b" : "";
+                    string lora = p.Targeted ? $" + s·({p.Input}·Aᵀ)·Bᵀ, r={_s.LoraRank}" : "";
+                    Line($"// {p.Name}: {Shape(p.Output, p.OutSize)} = {Shape(p.Input, p.InSize)}·Wᵀ{bias}{lora}");
+                    Line($"Backend.LinearForward({Ref(p.Output)}, {Ref(p.Input)}, _w{p.Field}, {(p.HasBias ? "_b" + p.Field : "null")}, T, {p.In}, {p.Out});");
+                    if (p.Targeted)
+                        Line($"Backend.LoraForward({Ref(p.Output)}, _loraH, {Ref(p.Input)}, lora.{p.Field}.A, lora.{p.Field}.B, LoraScale, T, {p.In}, {p.Out}, LoraRank);");
+                    break;
+                case RopeOp r:
+                    Line($"// rope: rotate {r.Target} by position ({(r.Table == "rope" ? "base RopeTheta" : "base LocalRopeTheta")})");
+                    Line($"Backend.RopeForward(_{r.Target}, _{r.Table}Cos, _{r.Table}Sin, T, {r.Heads}, HeadDim);");
+                    break;
+                case AttentionOp a:
+                    string mask = a.Window > 0 ? $"causal, the last {a.Window} keys" : "causal";
+                    Line($"// attention: {Shape(a.Output, (long)_s.Heads * _s.HeadDim)} = softmax({a.Q}·{a.K}ᵀ·scale, {mask})·{a.V}, {_s.Heads} heads over {_s.KvHeads} kv heads");
+                    Line($"Backend.AttentionForward(_{a.Output}, _{a.Lse}, _{a.Q}, _{a.K}, _{a.V}, T, Heads, KvHeads, HeadDim, AttentionScale, {Window(a)});");
+                    break;
+                case GluOp g:
+                    string act = g.Activation == Activation.Silu ? "silu" : "gelu_tanh";
+                    Line($"// {g.Module}: {Shape(g.Output, _s.Intermediate)} = {act}({g.Gate})·{g.Up}");
+                    Line($"Backend.GluForward(_{g.Output}, _{g.Gate}, _{g.Up}, (long)T * Intermediate, GluActivation.{g.Activation});");
+                    break;
+                case ResidualOp r:
+                    Line($"// residual: {r.Target} += {r.Source}");
+                    Line($"Backend.AddInPlace({Ref(r.Target)}, {Ref(r.Source)}, (long)T * Hidden);");
+                    break;
+            }
         }
+
+        /// <summary>One op of backward, the reverse of <see cref="EmitForward"/>.</summary>
+        private void EmitBackward(LayerKind kind, LayerOp op)
+        {
+            switch (op)
+            {
+                case NormOp n:
+                    string rows = n.Heads is null ? "T" : $"T * {n.Heads}";
+                    Line($"// {n.Module} backward: {n.InputGrad} {Assign(n.Accumulate)} rmsnorm'({n.OutputGrad})");
+                    Line($"Backend.RmsNormBackward({Ref(n.InputGrad)}, {Ref(n.OutputGrad)}, {Ref(n.Input)}, _{n.WeightField}, _{n.Rstd}, {rows}, {n.Width}, " +
+                         $"NormWeightOffset, accumulate: {Bool(n.Accumulate)});");
+                    break;
+                case LinearOp { Projection: var p } l:
+                    string lora = p.Targeted ? $" + s·({p.OutputGrad}·B)·A; dA, dB += with H = {p.Input}·Aᵀ recomputed" : "";
+                    Line($"// {p.Name} backward: {Shape(p.InputGrad, p.InSize)} {Assign(l.Accumulate)} {p.OutputGrad}·W{lora}");
+                    Line($"Backend.LinearBackwardInput({Ref(p.InputGrad)}, {Ref(p.OutputGrad)}, _w{p.Field}, T, {p.In}, {p.Out}, accumulate: {Bool(l.Accumulate)});");
+                    if (p.Targeted)
+                        Line($"Backend.LoraBackward({Ref(p.InputGrad)}, lora.{p.Field}.DA, lora.{p.Field}.DB, _loraH, _loraDH, {Ref(p.OutputGrad)}, {Ref(p.Input)}, " +
+                             $"lora.{p.Field}.A, lora.{p.Field}.B, LoraScale, T, {p.In}, {p.Out}, LoraRank);");
+                    break;
+                case RopeOp r:
+                    Line($"// rope backward: rotate {r.TargetGrad} back");
+                    Line($"Backend.RopeBackward(_{r.TargetGrad}, _{r.Table}Cos, _{r.Table}Sin, T, {r.Heads}, HeadDim);");
+                    break;
+                case AttentionOp a:
+                    Line($"// attention backward: {a.QGrad}, {a.KGrad}, {a.VGrad} from {a.OutputGrad}, the softmax recomputed from {a.Output} and {a.Lse}");
+                    Line($"Backend.AttentionBackward(_{a.QGrad}, _{a.KGrad}, _{a.VGrad}, _{a.OutputGrad}, _{a.Output}, _{a.Lse}, _{a.Q}, _{a.K}, _{a.V}, " +
+                         $"T, Heads, KvHeads, HeadDim, AttentionScale, {Window(a)});");
+                    break;
+                case GluOp g:
+                    Line($"// {g.Module} backward: {g.GateGrad}, {g.UpGrad} from {g.OutputGrad}");
+                    Line($"Backend.GluBackward(_{g.GateGrad}, _{g.UpGrad}, _{g.OutputGrad}, _{g.Gate}, _{g.Up}, (long)T * Intermediate, GluActivation.{g.Activation});");
+                    break;
+                case ResidualOp r:
+                    Line($"// residual backward: {r.Target} += {r.Source} passes dx on to {r.Source} unchanged");
+                    break;
+            }
+        }
+
+        private static string Window(AttentionOp a) => a.Window > 0 ? "window: SlidingWindow" : "window: 0";
 
         /// <summary>A buffer in layer code: the layer's parameters (x, output, dx) or a field.</summary>
         private static string Ref(string buffer) => buffer is "x" or "output" or "dx" ? buffer : "_" + buffer;
 
         private void MapLayer()
         {
-            var weights = new List<(string Field, string Name)> { ("wInputNorm", "input_layernorm.weight") };
-            foreach (var proj in plan.Projections)
-            {
-                weights.Add(("w" + proj.Field, proj.Path + ".weight"));
-                if (proj.HasBias)
-                    weights.Add(("w" + proj.Field.Replace("Proj", "Bias"), proj.Path + ".bias"));
-            }
-            weights.Add(("wPostNorm", "post_attention_layernorm.weight"));
-
-            Line("/// <summary>Maps one layer's base weights from the model files into the w* fields.</summary>");
+            var weights = LayerWeights(_plan.Kinds[0].Ops).ToList();
+            Line("/// <summary>Maps one layer's base weights from the model files into their fields.</summary>");
             Line("private void MapLayer(int layer)");
             Open();
             Line("string p = $\"model.layers.{layer}.\";");
-            foreach (var (field, name) in weights)
+            foreach (var (field, name, _, _) in weights)
                 Line($"_{field} = MapWeight(p + \"{name}\");");
             Close();
             Line();
             Line("/// <summary>Gives the running layer's weights back: their pages leave memory until the layer runs again.</summary>");
             Line("private void ReleaseLayer()");
             Open();
-            foreach (var (field, _) in weights)
+            foreach (var (field, _, _, _) in weights)
                 Line($"ReleaseWeight(_{field});");
             Close();
         }

@@ -12,6 +12,19 @@ public sealed partial class LoraGenerator
     internal static readonly string[] KnownTargetModules =
         { "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj" };
 
+    /// <summary>
+    /// The architectures the trainer implements, as Hugging Face's modeling code computes them; the
+    /// planner builds each one's layer from its row.
+    /// </summary>
+    internal static readonly ArchitectureTraits[] Architectures =
+    {
+        //  architecture          family         qkvBias  attention_bias  qkNorm  w offset  sandwich  √hidden  activation field        default               sliding layers                 tied   head_dim
+        new("Qwen2ForCausalLM",   Family.Qwen2,  true,    false,          false,  0,        false,    false,   "hidden_act",           "silu",               SlidingSource.UseSlidingWindow, false, null),
+        new("LlamaForCausalLM",   Family.Llama,  false,   true,           false,  0,        false,    false,   "hidden_act",           "silu",               SlidingSource.None,             false, null),
+        new("Qwen3ForCausalLM",   Family.Qwen3,  false,   true,           true,   0,        false,    false,   "hidden_act",           "silu",               SlidingSource.UseSlidingWindow, false, 128),
+        new("Gemma3ForCausalLM",  Family.Gemma3, false,   true,           true,   1,        true,     true,    "hidden_activation",    "gelu_pytorch_tanh",  SlidingSource.Pattern,          true,  256),
+    };
+
     private const int DefaultLoraRank = 8;
     private const double DefaultLoraAlpha = 16;
     private const int DefaultLmHeadChunk = 4096;
@@ -78,18 +91,21 @@ public sealed partial class LoraGenerator
             if (root is not JsonObject config)
                 throw Fail("LORA0008", root, $"{fileName}: the top level must be a JSON object, found {root.Kind}");
 
-            var (architecture, family) = ReadArchitecture(config);
+            var traits = ReadArchitecture(config);
+            string architecture = traits.Architecture;
 
             int hidden = PositiveInt(config, "hidden_size");
             int intermediate = PositiveInt(config, "intermediate_size");
             int layers = PositiveInt(config, "num_hidden_layers");
             int heads = PositiveInt(config, "num_attention_heads");
-            int kvHeads = config["num_key_value_heads"] is null ? heads : PositiveInt(config, "num_key_value_heads");
+            int kvHeads = config["num_key_value_heads"] is null or JsonNull ? heads : PositiveInt(config, "num_key_value_heads");
             int vocab = PositiveInt(config, "vocab_size");
 
             int headDim;
             if (config["head_dim"] is { } headDimValue and not JsonNull)
                 headDim = PositiveInt(config, "head_dim");
+            else if (traits.DefaultHeadDim is int familyDefault)
+                headDim = familyDefault;
             else if (hidden % heads != 0)
                 throw Fail("LORA0004", config["num_attention_heads"]!,
                     $"{fileName}: num_attention_heads ({heads}) does not divide hidden_size ({hidden}) and no head_dim is given");
@@ -103,17 +119,25 @@ public sealed partial class LoraGenerator
                     $"{fileName}: num_key_value_heads ({kvHeads}) does not divide num_attention_heads ({heads})");
 
             double rmsEps = PositiveNumber(config, "rms_norm_eps", 1e-6);
-            double ropeTheta = PositiveNumber(config, "rope_theta", 10000);
-            var ropeScaling = ReadRopeScaling(config);
-            bool tied = Bool(config, "tie_word_embeddings", false);
+            var (rope, localRope) = ReadRope(config, traits);
+            bool tied = Bool(config, "tie_word_embeddings", traits.TiedByDefault);
 
-            if (config["hidden_act"] is { } act && (act is not JsonString s || s.Value != "silu"))
-                throw Fail("LORA0009", act, $"{fileName}: hidden_act {Describe(act)} is not supported (supported: \"silu\")");
+            var activation = ReadActivation(config, traits);
             if (Bool(config, "mlp_bias", false))
                 throw Fail("LORA0009", config["mlp_bias"]!, $"{fileName}: mlp_bias = true is not supported");
-            // Qwen2 always has q/k/v biases; Llama's attention_bias would add them to o_proj too.
-            if (family == Family.Llama && Bool(config, "attention_bias", false))
-                throw Fail("LORA0009", config["attention_bias"]!, $"{fileName}: attention_bias = true is not supported for {architecture}");
+            bool attentionBias = traits.AttentionBiasField && Bool(config, "attention_bias", false);
+            bool qkvBias = traits.QkvBias || attentionBias;
+
+            // Gemma 3 scales the scores by query_pre_attn_scalar^-1/2; everyone else by head_dim^-1/2.
+            double attentionScale = 1 / Math.Sqrt(traits.Family == Family.Gemma3
+                ? PositiveNumber(config, "query_pre_attn_scalar", headDim)
+                : headDim);
+            var windows = ReadLayerWindows(config, traits, layers);
+            double softcap = traits.Family == Family.Gemma3 ? PositiveNumber(config, "final_logit_softcapping", 0) : 0;
+            var warnings = new List<DiagnosticInfo>();
+            if (traits.Family == Family.Gemma3 && config["attn_logit_softcapping"] is { } attnCap and not JsonNull)
+                warnings.Add(new DiagnosticInfo("LORA0011", path, attnCap.Line, attnCap.Column,
+                    $"{fileName}: attn_logit_softcapping is set, but Hugging Face's Gemma 3 does not apply it, and neither does this trainer"));
 
             var (rank, alpha, targets) = ReadLora(config);
             int chunk = Math.Min(vocab, DefaultLmHeadChunk);
@@ -131,10 +155,76 @@ public sealed partial class LoraGenerator
             }
 
             string modelName = Path.GetFileNameWithoutExtension(path);
-            return new ModelSpec(path, modelName, ClassNameFor(modelName), architecture, family,
-                hidden, intermediate, layers, heads, kvHeads, headDim, vocab, rmsEps, ropeTheta, ropeScaling,
-                tied, AttentionBias: family == Family.Qwen2, rank, alpha, targets, chunk, lcsbGroups,
-                activationsInFile, optimizerStateInFile);
+            return new ModelSpec(path, modelName, ClassNameFor(modelName), traits,
+                hidden, intermediate, layers, heads, kvHeads, headDim, vocab, rmsEps, rope, localRope,
+                tied, qkvBias, OutputBias: attentionBias, activation, attentionScale, windows, softcap,
+                rank, alpha, targets, chunk, lcsbGroups, activationsInFile, optimizerStateInFile, warnings.ToEquatableArray());
+        }
+
+        /// <summary>The MLP's activation from the family's field (hidden_act, or Gemma's hidden_activation).</summary>
+        private Activation ReadActivation(JsonObject config, ArchitectureTraits traits)
+        {
+            var value = config[traits.ActivationField];
+            string name = value switch
+            {
+                null or JsonNull => traits.DefaultActivation,
+                JsonString s => s.Value,
+                _ => throw WrongType(value, traits.ActivationField, "a string"),
+            };
+            if (name != traits.DefaultActivation)
+                throw Fail("LORA0009", value!,
+                    $"{fileName}: {traits.ActivationField} \"{name}\" is not supported for {traits.Architecture} (supported: \"{traits.DefaultActivation}\")");
+            return name == "silu" ? Activation.Silu : Activation.GeluTanh;
+        }
+
+        /// <summary>
+        /// Each layer's attention window (0: full). Gemma 3: layer_types, else sliding_window_pattern
+        /// (layer i slides unless (i + 1) is a multiple of it, 6 by default). Qwen2/Qwen3: with
+        /// use_sliding_window, layer_types, else the layers from max_window_layers on.
+        /// </summary>
+        private EquatableArray<int> ReadLayerWindows(JsonObject config, ArchitectureTraits traits, int layers)
+        {
+            var windows = new int[layers];
+            if (traits.Sliding == SlidingSource.None)
+            {
+                if (Bool(config, "use_sliding_window", false))
+                    throw Fail("LORA0009", config["use_sliding_window"]!, $"{fileName}: use_sliding_window = true is not supported for {traits.Architecture}");
+                return windows.ToEquatableArray();
+            }
+            bool? explicitSliding = traits.Sliding == SlidingSource.UseSlidingWindow ? Bool(config, "use_sliding_window", false) : null;
+            if (explicitSliding == false)
+                return windows.ToEquatableArray();
+
+            int window = config["sliding_window"] is null or JsonNull
+                ? (traits.Family == Family.Gemma3 ? 4096 : throw Missing(config, "sliding_window"))
+                : PositiveInt(config, "sliding_window");
+            bool[] sliding;
+            if (config["layer_types"] is { } typesValue and not JsonNull)
+            {
+                if (typesValue is not JsonArray types || types.Items.Count != layers)
+                    throw Fail("LORA0008", typesValue, $"{fileName}: 'layer_types' must be an array of {layers} strings, one per layer");
+                sliding = types.Items.Select(item => item switch
+                {
+                    JsonString { Value: "sliding_attention" } => true,
+                    JsonString { Value: "full_attention" } => false,
+                    _ => throw Fail("LORA0009", item,
+                        $"{fileName}: layer_types entry {Describe(item)} is not supported (supported: \"sliding_attention\", \"full_attention\")"),
+                }).ToArray();
+            }
+            else if (traits.Sliding == SlidingSource.Pattern)
+            {
+                string key = config["sliding_window_pattern"] is not null ? "sliding_window_pattern" : "_sliding_window_pattern";
+                int pattern = config[key] is null or JsonNull ? 6 : PositiveInt(config, key);
+                sliding = Enumerable.Range(0, layers).Select(i => (i + 1) % pattern != 0).ToArray();
+            }
+            else
+            {
+                int from = config["max_window_layers"] is null or JsonNull ? 28 : Integer(config["max_window_layers"]!, "max_window_layers");
+                sliding = Enumerable.Range(0, layers).Select(i => i >= from).ToArray();
+            }
+            for (int i = 0; i < layers; i++)
+                windows[i] = sliding[i] ? window : 0;
+            return windows.ToEquatableArray();
         }
 
         /// <summary><c>"memory"</c> (the default) or <c>"mmap"</c>: whether a kind of state lives in a memory-mapped file.</summary>
@@ -158,35 +248,74 @@ public sealed partial class LoraGenerator
             return groups;
         }
 
-        private (string, Family) ReadArchitecture(JsonObject config)
+        private ArchitectureTraits ReadArchitecture(JsonObject config)
         {
             var value = config["architectures"] ?? throw Missing(config, "architectures");
             if (value is not JsonArray { Items.Count: > 0 } array || array.Items[0] is not JsonString name)
                 throw Fail("LORA0008", value, $"{fileName}: 'architectures' must be a non-empty array of strings");
-            return name.Value switch
-            {
-                "Qwen2ForCausalLM" => (name.Value, Family.Qwen2),
-                "LlamaForCausalLM" => (name.Value, Family.Llama),
-                _ => throw Fail("LORA0005", name,
-                    $"{fileName}: architecture '{name.Value}' is not supported (supported: Qwen2ForCausalLM, LlamaForCausalLM)"),
-            };
+            return Architectures.FirstOrDefault(a => a.Architecture == name.Value) ?? throw Fail("LORA0005", name,
+                $"{fileName}: architecture '{name.Value}' is not supported (supported: {string.Join(", ", Architectures.Select(a => a.Architecture))})");
         }
 
-        private RopeScalingSpec? ReadRopeScaling(JsonObject config)
+        /// <summary>
+        /// RoPE of the full-attention layers and, where the family gives them their own (Gemma 3's
+        /// rope_local_base_freq, unscaled), of the sliding ones. Reads the published fields (rope_theta,
+        /// rope_scaling) or transformers' newer rope_parameters, flat or per layer type.
+        /// </summary>
+        private (RopeSpec Full, RopeSpec? Local) ReadRope(JsonObject config, ArchitectureTraits traits)
         {
-            var value = config["rope_scaling"];
+            double defaultTheta = traits.Family == Family.Gemma3 ? 1_000_000 : 10_000;
+            RopeSpec full, local;
+            if (config["rope_parameters"] is JsonObject parameters)
+            {
+                bool perType = parameters["full_attention"] is not null || parameters["sliding_attention"] is not null;
+                full = ReadRopeParameters(perType ? parameters["full_attention"] : parameters, "rope_parameters" + (perType ? ".full_attention" : ""), defaultTheta, traits);
+                local = perType && parameters["sliding_attention"] is { } slidingParameters
+                    ? ReadRopeParameters(slidingParameters, "rope_parameters.sliding_attention", 10_000, traits)
+                    : traits.Family == Family.Gemma3 ? new RopeSpec(10_000, null) : full;
+            }
+            else
+            {
+                full = new RopeSpec(PositiveNumber(config, "rope_theta", defaultTheta), ReadRopeScaling(config["rope_scaling"], "rope_scaling", traits));
+                local = traits.Family == Family.Gemma3 ? new RopeSpec(PositiveNumber(config, "rope_local_base_freq", 10_000), null) : full;
+            }
+            return (full, local == full ? null : local);
+        }
+
+        private RopeSpec ReadRopeParameters(JsonValue? value, string name, double defaultTheta, ArchitectureTraits traits)
+        {
+            if (value is null or JsonNull)
+                return new RopeSpec(defaultTheta, null);
+            var parameters = AsObject(value, name);
+            return new RopeSpec(PositiveNumber(parameters, "rope_theta", defaultTheta, name + ".rope_theta"), ReadRopeScaling(parameters, name, traits));
+        }
+
+        /// <summary>A rope_scaling object: Llama 3's ("llama3", Llama only), linear ("linear", Gemma 3), or none ("default").</summary>
+        private RopeScalingSpec? ReadRopeScaling(JsonValue? value, string name, ArchitectureTraits traits)
+        {
             if (value is null or JsonNull)
                 return null;
-            var scaling = AsObject(value, "rope_scaling");
+            var scaling = AsObject(value, name);
             var type = scaling["rope_type"] ?? scaling["type"];
-            if (type is not JsonString { Value: "llama3" })
-                throw Fail("LORA0009", type ?? value,
-                    $"{fileName}: rope_scaling of type {Describe(type)} is not supported (supported: \"llama3\")");
-            return new RopeScalingSpec(
-                PositiveNumber(scaling, "factor", null, "rope_scaling.factor"),
-                PositiveNumber(scaling, "low_freq_factor", null, "rope_scaling.low_freq_factor"),
-                PositiveNumber(scaling, "high_freq_factor", null, "rope_scaling.high_freq_factor"),
-                PositiveInt(scaling, "original_max_position_embeddings", "rope_scaling.original_max_position_embeddings"));
+            string supported = traits.Family switch
+            {
+                Family.Llama => "llama3",
+                Family.Gemma3 => "linear",
+                _ => "",
+            };
+            if (type is null or JsonNull or JsonString { Value: "default" })
+                return null;
+            if (type is not JsonString typeName || typeName.Value != supported)
+                throw Fail("LORA0009", type,
+                    $"{fileName}: {name} of type {Describe(type)} is not supported for {traits.Architecture}" +
+                    (supported.Length == 0 ? "" : $" (supported: \"{supported}\")"));
+            if (supported == "linear")
+                return new RopeScalingSpec("linear", PositiveNumber(scaling, "factor", null, name + ".factor"));
+            return new RopeScalingSpec("llama3",
+                PositiveNumber(scaling, "factor", null, name + ".factor"),
+                PositiveNumber(scaling, "low_freq_factor", null, name + ".low_freq_factor"),
+                PositiveNumber(scaling, "high_freq_factor", null, name + ".high_freq_factor"),
+                PositiveInt(scaling, "original_max_position_embeddings", name + ".original_max_position_embeddings"));
         }
 
         private (int, double, EquatableArray<string>) ReadLora(JsonObject config)

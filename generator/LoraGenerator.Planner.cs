@@ -1,3 +1,4 @@
+using System;
 using System.Collections.Generic;
 using System.Linq;
 
@@ -9,27 +10,56 @@ public sealed partial class LoraGenerator
     internal static TrainerPlan Plan(ModelSpec spec)
     {
         var projections = PlanProjections(spec);
-        return new TrainerPlan(spec, PlanBuffers(spec, projections).ToEquatableArray(), projections.ToEquatableArray());
+        var ropeTables = new List<RopeTable> { new("rope", spec.Rope, spec.LocalRope is null ? "RoPE cos/sin table" : "RoPE table of the full-attention layers") };
+        if (spec.LocalRope is { } local)
+            ropeTables.Add(new RopeTable("ropeLocal", local, "RoPE table of the sliding-window layers"));
+
+        // One kind per distinct attention window (and its RoPE table): Qwen2 has one, Gemma 3 two.
+        var windows = spec.LayerWindows.Distinct().OrderByDescending(w => w).ToList();
+        var kinds = windows.Select(window =>
+        {
+            string table = window > 0 && spec.LocalRope is not null ? "ropeLocal" : "rope";
+            var ops = PlanGradients(PlanLayerOps(spec, projections, window, table));
+            string name = windows.Count == 1 ? "" : window > 0 ? "Sliding" : "Full";
+            string description = window > 0 ? $"sliding-window attention over the last {window} keys" : "full causal attention";
+            return new LayerKind(name, description, window, table, ops.ToEquatableArray(), RecomputeUntil(ops));
+        }).ToList();
+        var schedule = spec.LayerWindows.Select(w => windows.IndexOf(w)).ToEquatableArray();
+
+        return new TrainerPlan(spec, PlanBuffers(spec, projections, kinds[0], ropeTables).ToEquatableArray(),
+            projections.ToEquatableArray(), kinds.ToEquatableArray(), schedule, ropeTables.ToEquatableArray());
     }
+
+    /// <summary>The residual stream's values: the layer's input, the stream after attention, the layer's output. Their gradient is dx.</summary>
+    private static bool IsResidual(string value) => value is "x" or "x2" or "output";
+
+    /// <summary>
+    /// The gradient buffer of a value: dx for the residual stream, dxn for every token norm's output
+    /// (they are consumed one after the other), d + Name otherwise.
+    /// </summary>
+    private static string Grad(string value) =>
+        IsResidual(value) ? "dx"
+        : value is "xn" or "xn2" ? "dxn"
+        : "d" + char.ToUpperInvariant(value[0]) + value.Substring(1);
 
     private static List<Projection> PlanProjections(ModelSpec s)
     {
         int qDim = s.Heads * s.HeadDim, kvDim = s.KvHeads * s.HeadDim;
-        bool bias = s.AttentionBias;
+        bool qkNorm = s.Traits.QkNorm, sandwich = s.Traits.SandwichNorms;
         Projection P(string name, string block, string inName, int inSize, string outName, int outSize,
-                     string input, string output, string inputGrad, string outputGrad, bool hasBias) =>
+                     string input, string output, bool hasBias) =>
             new(name, $"{block}.{name}", FieldName(name), inName, inSize, outName, outSize,
-                input, output, inputGrad, outputGrad, hasBias, s.TargetModules.Contains(name));
+                input, output, Grad(input), Grad(output), hasBias, s.TargetModules.Contains(name));
 
         return new List<Projection>
         {
-            P("q_proj", "self_attn", "Hidden", s.Hidden, "QDim", qDim, "xn", "q", "dxn", "dq", bias),
-            P("k_proj", "self_attn", "Hidden", s.Hidden, "KvDim", kvDim, "xn", "k", "dxn", "dk", bias),
-            P("v_proj", "self_attn", "Hidden", s.Hidden, "KvDim", kvDim, "xn", "v", "dxn", "dv", bias),
-            P("o_proj", "self_attn", "QDim", qDim, "Hidden", s.Hidden, "att", "x2", "dAtt", "dx", false),
-            P("gate_proj", "mlp", "Hidden", s.Hidden, "Intermediate", s.Intermediate, "xn2", "gate", "dxn", "dGate", false),
-            P("up_proj", "mlp", "Hidden", s.Hidden, "Intermediate", s.Intermediate, "xn2", "up", "dxn", "dUp", false),
-            P("down_proj", "mlp", "Intermediate", s.Intermediate, "Hidden", s.Hidden, "act", "output", "dAct", "dx", false),
+            P("q_proj", "self_attn", "Hidden", s.Hidden, "QDim", qDim, "xn", qkNorm ? "qRaw" : "q", s.QkvBias),
+            P("k_proj", "self_attn", "Hidden", s.Hidden, "KvDim", kvDim, "xn", qkNorm ? "kRaw" : "k", s.QkvBias),
+            P("v_proj", "self_attn", "Hidden", s.Hidden, "KvDim", kvDim, "xn", "v", s.QkvBias),
+            P("o_proj", "self_attn", "QDim", qDim, "Hidden", s.Hidden, "att", sandwich ? "attnOut" : "x2", s.OutputBias),
+            P("gate_proj", "mlp", "Hidden", s.Hidden, "Intermediate", s.Intermediate, "xn2", "gate", false),
+            P("up_proj", "mlp", "Hidden", s.Hidden, "Intermediate", s.Intermediate, "xn2", "up", false),
+            P("down_proj", "mlp", "Intermediate", s.Intermediate, "Hidden", s.Hidden, "act", sandwich ? "mlpOut" : "output", false),
         };
     }
 
@@ -38,76 +68,349 @@ public sealed partial class LoraGenerator
         string.Concat(module.Split('_').Select(part => char.ToUpperInvariant(part[0]) + part.Substring(1)));
 
     /// <summary>
-    /// Every buffer one step needs. Sizes are linear in the sequence length T (attention keeps only a
-    /// log-sum-exp per row, never a [T, T] matrix); weights and LoRA tensors do not depend on T.
+    /// A layer as an ordered list of ops, from the architecture's traits: the attention block, then the
+    /// MLP block, each a residual branch. Gemma 3 norms each branch's output before its residual add
+    /// (the sandwich) and norms q and k per head, as Qwen3 does.
     /// </summary>
-    private static IEnumerable<PlannedBuffer> PlanBuffers(ModelSpec s, List<Projection> projections)
+    private static List<LayerOp> PlanLayerOps(ModelSpec s, List<Projection> projections, int window, string ropeTable)
     {
-        long c = s.Hidden, inter = s.Intermediate, qDim = s.Heads * s.HeadDim, kvDim = s.KvHeads * s.HeadDim;
+        var t = s.Traits;
+        Projection Proj(string name) => projections.First(p => p.Name == name);
+        NormOp Norm(string module, string path, string field, string input, string output, string rstd, string? heads = null) =>
+            new(module, path, field, input, output, rstd, heads is null ? "Hidden" : "HeadDim", heads is null ? s.Hidden : s.HeadDim,
+                heads, Grad(input), Grad(output), Accumulate: false);
+        LinearOp Linear(string name) => new(Proj(name), Accumulate: false);
 
-        PlannedBuffer PerToken(string field, BufferRole role, long size, string purpose) => new(field, role, 0, size, 0, purpose);
-        PlannedBuffer Fixed(string field, BufferRole role, long size, string purpose) => new(field, role, size, 0, 0, purpose);
+        var ops = new List<LayerOp>
+        {
+            Norm("input_layernorm", "input_layernorm", "wInputNorm", "x", "xn", "rstd1"),
+            Linear("q_proj"),
+            Linear("k_proj"),
+            Linear("v_proj"),
+        };
+        if (t.QkNorm)
+        {
+            ops.Add(Norm("q_norm", "self_attn.q_norm", "wQNorm", "qRaw", "q", "rstdQ", "Heads"));
+            ops.Add(Norm("k_norm", "self_attn.k_norm", "wKNorm", "kRaw", "k", "rstdK", "KvHeads"));
+        }
+        ops.Add(new RopeOp("q", "Heads", ropeTable, Grad("q")));
+        ops.Add(new RopeOp("k", "KvHeads", ropeTable, Grad("k")));
+        ops.Add(new AttentionOp("q", "k", "v", "att", "lse", window, Grad("q"), Grad("k"), Grad("v"), Grad("att")));
+        ops.Add(Linear("o_proj"));
+        if (t.SandwichNorms)
+            ops.Add(Norm("post_attention_layernorm", "post_attention_layernorm", "wPostAttentionNorm", "attnOut", "x2", "rstd2"));
+        ops.Add(new ResidualOp("x2", "x"));
 
+        ops.Add(t.SandwichNorms
+            ? Norm("pre_feedforward_layernorm", "pre_feedforward_layernorm", "wPreFeedforwardNorm", "x2", "xn2", "rstd3")
+            : Norm("post_attention_layernorm", "post_attention_layernorm", "wPostAttentionNorm", "x2", "xn2", "rstd2"));
+        ops.Add(Linear("gate_proj"));
+        ops.Add(Linear("up_proj"));
+        ops.Add(new GluOp("gate", "up", "act", s.Activation, Grad("gate"), Grad("up"), Grad("act")));
+        ops.Add(Linear("down_proj"));
+        if (t.SandwichNorms)
+            ops.Add(Norm("post_feedforward_layernorm", "post_feedforward_layernorm", "wPostFeedforwardNorm", "mlpOut", "output", "rstd4"));
+        ops.Add(new ResidualOp("output", "x2"));
+        return ops;
+    }
+
+    /// <summary>
+    /// Decides, walking the ops in reverse as backward does, whether each op's input gradient is the
+    /// first write to its buffer (=) or adds to one already holding a gradient (+=). A gradient buffer
+    /// holds a gradient from its first write until the op that produced its value in forward has read
+    /// it; the residual stream's dx always does.
+    /// </summary>
+    private static List<LayerOp> PlanGradients(List<LayerOp> ops)
+    {
+        var live = new HashSet<string> { "dx" };
+        bool Write(string grad)
+        {
+            bool accumulate = live.Contains(grad);
+            live.Add(grad);
+            return accumulate;
+        }
+        void Consume(string grad)
+        {
+            if (grad != "dx")
+                live.Remove(grad);
+        }
+        void Fresh(string grad)
+        {
+            if (Write(grad))
+                throw new InvalidOperationException($"the plan writes {grad} with a kernel that cannot add to it");
+        }
+
+        var planned = new LayerOp[ops.Count];
+        for (int i = ops.Count - 1; i >= 0; i--)
+        {
+            switch (ops[i])
+            {
+                case NormOp n:
+                    Consume(n.OutputGrad);
+                    planned[i] = n with { Accumulate = Write(n.InputGrad) };
+                    break;
+                case LinearOp l:
+                    Consume(l.Projection.OutputGrad);
+                    planned[i] = l with { Accumulate = Write(l.Projection.InputGrad) };
+                    break;
+                case AttentionOp a:
+                    Consume(a.OutputGrad);
+                    Fresh(a.QGrad);
+                    Fresh(a.KGrad);
+                    Fresh(a.VGrad);
+                    planned[i] = a;
+                    break;
+                case GluOp g:
+                    Consume(g.OutputGrad);
+                    Fresh(g.GateGrad);
+                    Fresh(g.UpGrad);
+                    planned[i] = g;
+                    break;
+                default:
+                    planned[i] = ops[i]; // RoPE works in place, a residual add passes dx on
+                    break;
+            }
+        }
+        return planned.ToList();
+    }
+
+    /// <summary>What an op's backward reads of what forward computed (beyond the incoming gradient).</summary>
+    private static IEnumerable<string> SavedFor(LayerOp op) => op switch
+    {
+        NormOp n => new[] { n.Input, n.Rstd },
+        LinearOp l => l.Projection.Targeted ? new[] { l.Projection.Input } : Array.Empty<string>(),
+        AttentionOp a => new[] { a.Q, a.K, a.V, a.Output, a.Lse },
+        GluOp g => new[] { g.Gate, g.Up },
+        _ => Array.Empty<string>(),
+    };
+
+    /// <summary>What an op writes in forward.</summary>
+    private static IEnumerable<string> Written(LayerOp op) => op switch
+    {
+        NormOp n => new[] { n.Output, n.Rstd },
+        LinearOp l => new[] { l.Projection.Output },
+        RopeOp r => new[] { r.Target },
+        AttentionOp a => new[] { a.Output, a.Lse },
+        GluOp g => new[] { g.Output },
+        ResidualOp r => new[] { r.Target },
+        _ => Array.Empty<string>(),
+    };
+
+    /// <summary>What an op reads in forward.</summary>
+    private static IEnumerable<string> Read(LayerOp op) => op switch
+    {
+        NormOp n => new[] { n.Input },
+        LinearOp l => new[] { l.Projection.Input },
+        RopeOp r => new[] { r.Target },
+        AttentionOp a => new[] { a.Q, a.K, a.V },
+        GluOp g => new[] { g.Gate, g.Up },
+        ResidualOp r => new[] { r.Target, r.Source },
+        _ => Array.Empty<string>(),
+    };
+
+    /// <summary>The gradients an op's backward reads and writes.</summary>
+    private static (string[] Reads, string[] Writes) GradientsOf(LayerOp op) => op switch
+    {
+        NormOp n => (new[] { n.OutputGrad }, new[] { n.InputGrad }),
+        LinearOp l => (new[] { l.Projection.OutputGrad }, new[] { l.Projection.InputGrad }),
+        RopeOp r => (new[] { r.TargetGrad }, new[] { r.TargetGrad }),
+        AttentionOp a => (new[] { a.OutputGrad }, new[] { a.QGrad, a.KGrad, a.VGrad }),
+        GluOp g => (new[] { g.OutputGrad }, new[] { g.GateGrad, g.UpGrad }),
+        _ => (Array.Empty<string>(), Array.Empty<string>()),
+    };
+
+    /// <summary>
+    /// The index of the last op backward's recompute must run: the latest op whose result some op's
+    /// backward reads (a norm's backward reads its own rstd). Nothing after it is recomputed.
+    /// </summary>
+    private static int RecomputeUntil(List<LayerOp> ops)
+    {
+        int until = -1;
+        for (int c = 0; c < ops.Count; c++)
+            foreach (var value in SavedFor(ops[c]))
+            {
+                // The last writer of the value before the consumer runs (or the consumer itself, for its rstd or lse).
+                for (int w = c; w >= 0; w--)
+                    if (Written(ops[w]).Contains(value) && (w < c || !Read(ops[c]).Contains(value)))
+                    {
+                        until = Math.Max(until, w);
+                        break;
+                    }
+            }
+        return until;
+    }
+
+    /// <summary>
+    /// Every buffer one step needs, derived from the layer's ops: the checkpoints, the activations the
+    /// ops write, the gradients backward writes, the scratch, the weights the ops read. Sizes are linear
+    /// in the sequence length T (attention keeps only a log-sum-exp per row); weights and LoRA tensors do
+    /// not depend on T. A gradient buffer lives in the memory of an earlier buffer of its size whose
+    /// lifetime in the layer's forward and backward does not overlap its own.
+    /// </summary>
+    private static IEnumerable<PlannedBuffer> PlanBuffers(ModelSpec s, List<Projection> projections, LayerKind layer, List<RopeTable> ropeTables)
+    {
+        long c = s.Hidden;
+        var ops = layer.Ops;
+        long Width(string value) => value switch
+        {
+            "q" or "qRaw" or "att" => s.Heads * s.HeadDim,
+            "k" or "kRaw" or "v" => s.KvHeads * s.HeadDim,
+            "gate" or "up" or "act" => s.Intermediate,
+            "rstdQ" or "lse" => s.Heads,
+            "rstdK" => s.KvHeads,
+            _ when value.StartsWith("rstd", StringComparison.Ordinal) => 1,
+            _ => c,
+        };
+        long WidthOfGrad(string grad) => Width(ops.SelectMany(Written).First(v => Grad(v) == grad));
+
+        var result = new List<PlannedBuffer>();
         for (int i = 0; i <= s.Layers; i++)
-            yield return PerToken(CheckpointField(i), BufferRole.Checkpoint, c,
-                i < s.Layers ? $"input of layer {i} (MeBP checkpoint)" : "output of the last layer");
+            result.Add(new(CheckpointField(i), BufferRole.Checkpoint, 0, c,
+                i < s.Layers ? $"input of layer {i} (MeBP checkpoint)" : "output of the last layer"));
 
         // One layer's activations: written by forward (or its recompute), read by that layer's backward.
-        yield return PerToken("xn", BufferRole.Activation, c, "input_layernorm output; the final norm's output");
-        yield return PerToken("rstd1", BufferRole.Activation, 1, "input_layernorm 1/rms per token");
-        yield return PerToken("q", BufferRole.Activation, qDim, "queries after RoPE");
-        yield return PerToken("k", BufferRole.Activation, kvDim, "keys after RoPE");
-        yield return PerToken("v", BufferRole.Activation, kvDim, "values");
-        yield return PerToken("lse", BufferRole.Activation, s.Heads, "log-sum-exp of each attention row (the softmax is recomputed from it in backward)");
-        yield return PerToken("att", BufferRole.Activation, qDim, "attention output, input of o_proj");
-        yield return PerToken("x2", BufferRole.Activation, c, "o_proj output, then the residual stream after attention");
-        yield return PerToken("xn2", BufferRole.Activation, c, "post_attention_layernorm output");
-        yield return PerToken("rstd2", BufferRole.Activation, 1, "post_attention_layernorm 1/rms per token");
-        yield return PerToken("gate", BufferRole.Activation, inter, "gate_proj output");
-        yield return PerToken("up", BufferRole.Activation, inter, "up_proj output");
-        yield return PerToken("act", BufferRole.Activation, inter, "silu(gate)·up, input of down_proj");
+        foreach (var op in ops)
+            foreach (var value in Written(op))
+                if (value is not ("x" or "output") && !result.Any(b => b.Field == value))
+                    result.Add(new(value, BufferRole.Activation, 0, Width(value), Purpose(s, op, value)));
 
-        yield return PerToken("dx", BufferRole.Gradient, c, "gradient of the residual stream");
-        yield return PerToken("dxn", BufferRole.Gradient, c, "gradient of a norm's output");
-        yield return PerToken("dq", BufferRole.Gradient, qDim, "gradient of q");
-        yield return PerToken("dk", BufferRole.Gradient, kvDim, "gradient of k");
-        yield return PerToken("dv", BufferRole.Gradient, kvDim, "gradient of v");
-        yield return PerToken("dAtt", BufferRole.Gradient, qDim, "gradient of the attention output");
-        yield return PerToken("dAct", BufferRole.Gradient, inter, "gradient of silu(gate)·up");
-        // Buffers whose lifetimes do not overlap share memory: act is dead once down_proj's backward
-        // has read it, and SwiGLU's backward turns dAct into dUp element by element.
-        yield return new PlannedBuffer("dGate", BufferRole.Gradient, 0, inter, 0, "gradient of gate", SharesWith: "act");
-        yield return new PlannedBuffer("dUp", BufferRole.Gradient, 0, inter, 0, "gradient of up", SharesWith: "dAct");
+        // Gradients, in the order backward first writes them.
+        foreach (var op in ops.Reverse())
+            foreach (var grad in GradientsOf(op).Writes)
+                if (!result.Any(b => b.Field == grad))
+                    result.Add(new(grad, BufferRole.Gradient, 0, WidthOfGrad(grad), grad switch
+                    {
+                        "dx" => "gradient of the residual stream",
+                        "dxn" => "gradient of a norm's output",
+                        _ => $"gradient of {ops.SelectMany(Written).First(v => Grad(v) == grad)}",
+                    }));
+        result = ShareMemory(result, ops).ToList();
 
-        yield return PerToken("loraH", BufferRole.Scratch, s.LoraRank, "H = X·Aᵀ, recomputed for each projection (MeSP)");
-        yield return PerToken("loraDH", BufferRole.Scratch, s.LoraRank, "dH = s·G·B");
-        yield return PerToken("logits", BufferRole.Scratch, s.LmHeadChunk, $"one LM-head chunk of {s.LmHeadChunk} vocabulary rows");
-        yield return PerToken("ropeCos", BufferRole.Scratch, s.HeadDim / 2, "RoPE cos table");
-        yield return PerToken("ropeSin", BufferRole.Scratch, s.HeadDim / 2, "RoPE sin table");
+        result.Add(new("loraH", BufferRole.Scratch, 0, s.LoraRank, "H = X·Aᵀ, recomputed for each projection (MeSP)"));
+        result.Add(new("loraDH", BufferRole.Scratch, 0, s.LoraRank, "dH = s·G·B"));
+        result.Add(new("logits", BufferRole.Scratch, 0, s.LmHeadChunk, $"one LM-head chunk of {s.LmHeadChunk} vocabulary rows"));
+        foreach (var table in ropeTables)
+        {
+            result.Add(new(table.Prefix + "Cos", BufferRole.Scratch, 0, s.HeadDim / 2, table.Purpose.Replace("cos/sin", "cos").Replace("table", "cos table")));
+            result.Add(new(table.Prefix + "Sin", BufferRole.Scratch, 0, s.HeadDim / 2, table.Purpose.Replace("cos/sin", "sin").Replace("table", "sin table")));
+        }
 
         // Weights are mapped from the model files (IBackend.MapWeight), not allocated: on the CPU an F32
         // or 4-bit file is used in place, so they are file pages rather than the trainer's own memory.
         // The sizes here are their float32 element counts.
         long vocabTable = (long)s.Vocab * c;
-        yield return Fixed("embedTokens", BufferRole.Weights, vocabTable,
-            s.TiedEmbeddings ? "model.embed_tokens.weight, also the LM head (tied)" : "model.embed_tokens.weight");
+        result.Add(new("embedTokens", BufferRole.Weights, vocabTable, 0,
+            s.TiedEmbeddings ? "model.embed_tokens.weight, also the LM head (tied)" : "model.embed_tokens.weight"));
         if (!s.TiedEmbeddings)
-            yield return Fixed("lmHead", BufferRole.Weights, vocabTable, "lm_head.weight");
-        yield return Fixed("finalNorm", BufferRole.Weights, c, "model.norm.weight");
-        yield return Fixed("wInputNorm", BufferRole.Weights, c, "input_layernorm.weight of the running layer");
-        yield return Fixed("wPostNorm", BufferRole.Weights, c, "post_attention_layernorm.weight of the running layer");
-        foreach (var p in projections)
-        {
-            yield return Fixed("w" + p.Field, BufferRole.Weights, (long)p.InSize * p.OutSize, $"{p.Name}.weight of the running layer");
-            if (p.HasBias)
-                yield return Fixed("w" + p.Field.Replace("Proj", "Bias"), BufferRole.Weights, p.OutSize, $"{p.Name}.bias of the running layer");
-        }
+            result.Add(new("lmHead", BufferRole.Weights, vocabTable, 0, "lm_head.weight"));
+        result.Add(new("finalNorm", BufferRole.Weights, c, 0, "model.norm.weight"));
+        foreach (var (field, name, size, _) in LayerWeights(ops))
+            result.Add(new(field, BufferRole.Weights, size, 0, $"{name} of the running layer"));
 
         long loraPerLayer = projections.Where(p => p.Targeted).Sum(p => (long)s.LoraRank * (p.InSize + p.OutSize));
         int modules = projections.Count(p => p.Targeted) * s.Layers;
-        yield return Fixed("loraParameters", BufferRole.LoraParameters, loraPerLayer * s.Layers, $"A and B of {modules} LoRA modules");
-        yield return Fixed("loraGradients", BufferRole.LoraGradients, loraPerLayer,
-            "dA and dB of one layer's modules, reused layer after layer: a layer's gradients are final (and handed on) when its backward ends");
+        result.Add(new("loraParameters", BufferRole.LoraParameters, loraPerLayer * s.Layers, 0, $"A and B of {modules} LoRA modules"));
+        result.Add(new("loraGradients", BufferRole.LoraGradients, loraPerLayer, 0,
+            "dA and dB of one layer's modules, reused layer after layer: a layer's gradients are final (and handed on) when its backward ends"));
+        return result;
+    }
+
+    /// <summary>
+    /// A layer's base weights, in the order its ops read them: the field, the Hugging Face name after
+    /// the layer prefix, the floats, and the shape in the trainer's dimension constants.
+    /// </summary>
+    internal static IEnumerable<(string Field, string Name, long Size, string Shape)> LayerWeights(IEnumerable<LayerOp> ops)
+    {
+        foreach (var op in ops)
+        {
+            if (op is NormOp n)
+                yield return (n.WeightField, n.WeightPath + ".weight", n.WidthSize, n.Width);
+            else if (op is LinearOp { Projection: var p })
+            {
+                yield return ("w" + p.Field, p.Path + ".weight", (long)p.InSize * p.OutSize, $"{p.Out}, {p.In}");
+                if (p.HasBias)
+                    yield return ("b" + p.Field, p.Path + ".bias", p.OutSize, p.Out);
+            }
+        }
+    }
+
+    private static string Purpose(ModelSpec s, LayerOp op, string value) => (op, value) switch
+    {
+        (NormOp { Module: "input_layernorm" }, "xn") => "input_layernorm output; the final norm's output",
+        (NormOp n, _) when value == n.Rstd => $"{n.Module} 1/rms per {(n.Heads is null ? "token" : "token and head")}",
+        (NormOp n, _) => $"{n.Module} output",
+        (LinearOp { Projection.Name: "o_proj" }, "x2") => "o_proj output, then the residual stream after attention",
+        (LinearOp l, _) => $"{l.Projection.Name} output",
+        (RopeOp, "q") => s.Traits.QkNorm ? "queries after q_norm and RoPE" : "queries after RoPE",
+        (RopeOp, "k") => s.Traits.QkNorm ? "keys after k_norm and RoPE" : "keys after RoPE",
+        (AttentionOp, "lse") => "log-sum-exp of each attention row (the softmax is recomputed from it in backward)",
+        (AttentionOp, _) => "attention output, input of o_proj",
+        (GluOp g, _) => $"{(g.Activation == Activation.Silu ? "silu" : "gelu_tanh")}(gate)·up, input of down_proj",
+        (ResidualOp, "x2") => "the residual stream after attention",
+        _ => value,
+    };
+
+    /// <summary>Buffers the head (final norm, LM head) or every layer uses beside a layer's ops: never shared.</summary>
+    private static readonly string[] Unshared = { "dx", "xn", "rstd1", "dxn" };
+
+    /// <summary>
+    /// Lets gradient buffers live in the memory of earlier buffers of the same size whose lifetimes do
+    /// not overlap theirs. A lifetime is the span of the layer's timeline (forward's ops, then backward's
+    /// in reverse) from a buffer's first use to its last. A GLU backward may write its up gradient over
+    /// its incoming gradient (the kernel allows it), so those two may touch at that op.
+    /// </summary>
+    private static IEnumerable<PlannedBuffer> ShareMemory(List<PlannedBuffer> buffers, EquatableArray<LayerOp> ops)
+    {
+        int n = ops.Count;
+        var spans = new Dictionary<string, (int First, int Last)>();
+        void Use(string buffer, int time) =>
+            spans[buffer] = spans.TryGetValue(buffer, out var span) ? (Math.Min(span.First, time), Math.Max(span.Last, time)) : (time, time);
+        var inPlace = new List<(string Guest, string Host, int Time)>();
+        for (int i = 0; i < n; i++)
+        {
+            foreach (var v in Read(ops[i]).Concat(Written(ops[i])))
+                Use(v, i);
+            int back = 2 * n - 1 - i;
+            var (reads, writes) = GradientsOf(ops[i]);
+            foreach (var v in SavedFor(ops[i]).Concat(reads).Concat(writes))
+                Use(v, back);
+            if (ops[i] is GluOp g)
+                inPlace.Add((g.UpGrad, g.OutputGrad, back));
+        }
+
+        bool Overlap(string a, string b)
+        {
+            var (x, y) = (spans[a], spans[b]);
+            if (x.First > y.Last || y.First > x.Last)
+                return false;
+            // The allowed in-place write: a starts exactly where b ends, at that op.
+            return !inPlace.Any(p => (p.Guest, p.Host) == (a, b) && x.First == p.Time && y.Last == p.Time);
+        }
+
+        var homes = new Dictionary<string, List<string>>(); // host → the buffers living in its memory, host first
+        var result = new List<PlannedBuffer>();
+        foreach (var b in buffers)
+        {
+            string? host = null;
+            if (b.Role == BufferRole.Gradient && !Unshared.Contains(b.Field) && spans.ContainsKey(b.Field))
+                host = homes.Keys.FirstOrDefault(h =>
+                {
+                    var home = buffers.First(x => x.Field == h);
+                    return home.PerToken == b.PerToken && home.Fixed == b.Fixed && homes[h].All(o => !Overlap(b.Field, o));
+                });
+            if (host is null)
+            {
+                if (!Unshared.Contains(b.Field) && spans.ContainsKey(b.Field))
+                    homes[b.Field] = new List<string> { b.Field };
+                result.Add(b);
+            }
+            else
+            {
+                homes[host].Add(b.Field);
+                result.Add(b with { SharesWith = host });
+            }
+        }
+        return result;
     }
 
     internal static string CheckpointField(int layer) => $"x{layer:D2}";

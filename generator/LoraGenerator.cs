@@ -31,6 +31,8 @@ public sealed partial class LoraGenerator : IIncrementalGenerator
         {
             foreach (var error in result.Errors)
                 spc.ReportDiagnostic(ToDiagnostic(error));
+            foreach (var warning in result.Value?.Warnings ?? EquatableArray<DiagnosticInfo>.Empty)
+                spc.ReportDiagnostic(ToDiagnostic(warning));
         });
 
         var plans = specs

@@ -163,7 +163,11 @@ public sealed class CpuBackend : IBackend
         => CpuKernels.RmsNormForward(S(y), S(rstd), S(x), S(w), T, C, eps, _threads + NotYet(weightOffset));
 
     public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
-        => CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, _threads + NotYet(weightOffset) + NotYet(accumulate));
+    {
+        if (!accumulate)
+            S(dx, (long)T * C).Clear();
+        CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, _threads + NotYet(weightOffset));
+    }
 
     public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim)
         => CpuKernels.RopeForward(S(x), S(cos), S(sin), T, heads, headDim);

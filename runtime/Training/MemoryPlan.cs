@@ -1,19 +1,15 @@
 namespace LoraCompiler.Runtime.Training;
 
-/// <summary>What a planned buffer holds, which decides its lifetime within a step.</summary>
-public enum BufferRole { Checkpoint, Activation, Gradient, Scratch, Weights, LoraParameters, LoraGradients }
-
 /// <summary>
 /// One buffer of a trainer's static memory plan, written by the generator. Its size in floats is
-/// Fixed + PerToken·T + PerTokenSquared·T² for a sequence of T tokens. A buffer that
+/// Fixed + PerToken·T for a sequence of T tokens (nothing grows as T²: attention keeps one
+/// log-sum-exp per row). A buffer that
 /// <paramref name="SharesWith"/> another lives in that one's memory (their lifetimes do not
 /// overlap) and adds nothing to the total.
 /// </summary>
-public sealed record BufferPlan(string Name, BufferRole Role, long Fixed, long PerToken, long PerTokenSquared, string Purpose,
-    string? SharesWith = null)
+public sealed record BufferPlan(string Name, BufferRole Role, long Fixed, long PerToken, string Purpose, string? SharesWith = null)
 {
-    public long Elements(int sequence) =>
-        SharesWith is null ? Fixed + PerToken * sequence + PerTokenSquared * sequence * sequence : 0;
+    public long Elements(int sequence) => SharesWith is null ? Fixed + PerToken * sequence : 0;
     public long Bytes(int sequence) => Elements(sequence) * sizeof(float);
 }
 

@@ -8,10 +8,12 @@ public delegate TrainerBase TrainerFactory(IBackend backend, ModelWeights weight
     TrainerOptions? options = null);
 
 /// <summary>
-/// Run-time choices that override the model JSON's <c>trainer</c> section for one trainer (null keeps
-/// the JSON's): where the checkpoints and the optimizer state live.
+/// The run's settings that the model JSON's <c>trainer</c> section may give defaults for (null keeps
+/// the default): the LCSB schedule and where the checkpoints and the optimizer state live. They are
+/// choices of a run, not of the generated code: <see cref="ModelInfo.Defaults"/> holds the JSON's,
+/// the command line's options override them.
 /// </summary>
-public sealed record TrainerOptions(bool? ActivationsInFile = null, bool? OptimizerStateInFile = null)
+public sealed record TrainerOptions(bool? ActivationsInFile = null, bool? OptimizerStateInFile = null, int? LcsbGroups = null)
 {
     /// <summary>"memory" or "mmap" from the command line; null for an absent option.</summary>
     public static bool? ParsePlacement(string? value, string option) => value switch
@@ -21,6 +23,12 @@ public sealed record TrainerOptions(bool? ActivationsInFile = null, bool? Optimi
         "mmap" => true,
         _ => throw new ArgumentException($"{option} takes memory or mmap, not '{value}'."),
     };
+
+    /// <summary>These options where they are set, <paramref name="fallback"/>'s where they are not.</summary>
+    public TrainerOptions Or(TrainerOptions? fallback) => new(
+        ActivationsInFile ?? fallback?.ActivationsInFile,
+        OptimizerStateInFile ?? fallback?.OptimizerStateInFile,
+        LcsbGroups ?? fallback?.LcsbGroups);
 }
 
 /// <summary>Everything a generated trainer states about itself: its config, tensors, memory plan and factory.</summary>
@@ -40,20 +48,53 @@ public sealed record ModelInfo
     public required int HeadDim { get; init; }
     public required int Vocab { get; init; }
     public required float RmsEps { get; init; }
+
+    /// <summary>RoPE base and scaling of the full-attention layers (every layer, for most models).</summary>
     public required double RopeTheta { get; init; }
-    public required Llama3RopeScaling? RopeScaling { get; init; }
+    public required RopeScaling? RopeScaling { get; init; }
+
+    /// <summary>RoPE base of the sliding-window layers where it differs (Gemma 3's rope_local_base_freq, unscaled); else null.</summary>
+    public double? LocalRopeTheta { get; init; }
+
     public required bool TiedEmbeddings { get; init; }
+
+    /// <summary>q_proj, k_proj and v_proj have a bias (Qwen2; attention_bias elsewhere).</summary>
     public required bool AttentionBias { get; init; }
+
+    /// <summary>o_proj has a bias (attention_bias on Llama, Qwen3, Gemma 3).</summary>
+    public bool OutputBias { get; init; }
+
+    /// <summary>q_norm and k_norm: an RMSNorm over head_dim on each head of q and k, before RoPE (Qwen3, Gemma 3).</summary>
+    public bool QkNorm { get; init; }
+
+    /// <summary>Every RMSNorm multiplies by (offset + w): 0 for Llama's form, 1 for Gemma's (1 + w).</summary>
+    public float NormWeightOffset { get; init; }
+
+    /// <summary>
+    /// Gemma 3's sandwich norms: post_attention_layernorm on the attention output, pre_feedforward_layernorm
+    /// before the MLP and post_feedforward_layernorm on its output, each branch normed before its residual add.
+    /// </summary>
+    public bool SandwichNorms { get; init; }
+
+    /// <summary>The embedding's output is multiplied by this (Gemma: √hidden as a float32); 1 elsewhere.</summary>
+    public float EmbeddingScale { get; init; } = 1f;
+
+    /// <summary>The attention scores' scale: 1/√head_dim, or Gemma 3's query_pre_attn_scalar^−½.</summary>
+    public required float AttentionScale { get; init; }
+
+    /// <summary>The gated MLP's activation.</summary>
+    public GluActivation Activation { get; init; } = GluActivation.Silu;
+
+    /// <summary>Each layer's attention window: 0 for full causal attention, W for a sliding window of W keys.</summary>
+    public required IReadOnlyList<int> LayerWindows { get; init; }
+
+    /// <summary>final_logit_softcapping (logits = c·tanh(logits / c)), or 0 for none.</summary>
+    public float FinalLogitSoftcap { get; init; }
+
     public required int LmHeadChunk { get; init; }
 
-    /// <summary>LCSB groups from the model JSON (<c>trainer.lcsb.groups</c>); 1 is full backprop.</summary>
-    public required int DefaultLcsbGroups { get; init; }
-
-    /// <summary><c>trainer.activations: "mmap"</c>: the checkpoints live in a memory-mapped temporary file (CPU backend).</summary>
-    public bool ActivationsInFile { get; init; }
-
-    /// <summary><c>trainer.optimizer_state: "mmap"</c>: AdamW's moments live in a memory-mapped temporary file.</summary>
-    public bool OptimizerStateInFile { get; init; }
+    /// <summary>The run settings the model JSON's <c>trainer</c> section gives (LCSB groups, mmap placement).</summary>
+    public TrainerOptions Defaults { get; init; } = new();
 
     public required LoraSettings Lora { get; init; }
     public required IReadOnlyList<TensorSpec> BaseTensors { get; init; }

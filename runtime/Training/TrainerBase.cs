@@ -5,6 +5,9 @@ using LoraCompiler.Runtime.Weights;
 
 namespace LoraCompiler.Runtime.Training;
 
+/// <summary>A layer whose LoRA gradients are final (<see cref="TrainerBase.LayerGradientsReady"/>); a layer LCSB skipped has zero gradients.</summary>
+public readonly record struct LayerGradients(int Layer, bool Skipped);
+
 /// <summary>
 /// What every generated trainer shares: buffers allocated from its memory plan, weight loading,
 /// LoRA tensors on the backend, and input checks. The generated subclass holds the unrolled
@@ -29,16 +32,17 @@ public abstract class TrainerBase : IDisposable
         weights.Validate(info.BaseTensors);
 
         Model = info;
-        B = backend;
+        Backend = backend;
         Weights = weights;
         Adapter = adapter;
         MaxSequence = maxSequence;
         LoraScale = adapter.Settings.Scale;
         _plan = info.Buffers.ToDictionary(b => b.Name);
         _adapterModules = adapter.Modules.ToDictionary(m => m.Spec.Module);
-        _lcsbGroups = info.DefaultLcsbGroups;
-        ActivationsInFile = options?.ActivationsInFile ?? info.ActivationsInFile;
-        OptimizerStateInFile = options?.OptimizerStateInFile ?? info.OptimizerStateInFile;
+        var settings = (options ?? new TrainerOptions()).Or(info.Defaults);
+        ActivationsInFile = settings.ActivationsInFile ?? false;
+        OptimizerStateInFile = settings.OptimizerStateInFile ?? false;
+        LcsbGroups = settings.LcsbGroups ?? 1;
     }
 
     /// <summary>Whether the checkpoints live in a memory-mapped file (the JSON's trainer.activations, or the options').</summary>
@@ -52,7 +56,7 @@ public abstract class TrainerBase : IDisposable
     /// <summary>
     /// LCSB (layer-cyclic selective backprop): at step t only the layers with layer % K == t % K
     /// backpropagate; the others are the identity on the residual stream. K = 1 is full backprop.
-    /// Starts at the model JSON's <c>trainer.lcsb.groups</c>.
+    /// Starts at the options' or the model JSON's <c>trainer.lcsb.groups</c>.
     /// </summary>
     public int LcsbGroups
     {
@@ -64,9 +68,11 @@ public abstract class TrainerBase : IDisposable
     /// <summary>
     /// Raised during backward as soon as a layer's LoRA gradients are final (also for a layer LCSB
     /// skipped, whose gradients are zero), last layer first: an optimizer can step that layer's
-    /// modules then, instead of holding every gradient until the end.
+    /// modules then (<see cref="VisitGradients(LayerGradients, GradientVisitor)"/>,
+    /// <see cref="UpdateParameters(LayerGradients, ParameterUpdate)"/>), instead of holding every
+    /// gradient until the end.
     /// </summary>
-    public event Action<int>? LayerGradientsReady;
+    public event Action<LayerGradients>? LayerGradientsReady;
 
     /// <summary>The modules of one layer, in <see cref="LoraModules"/> order.</summary>
     public IEnumerable<LoraTensors> LayerModules(int layer)
@@ -81,7 +87,7 @@ public abstract class TrainerBase : IDisposable
     public ModelWeights Weights { get; }
 
     /// <summary>The backend every kernel runs on.</summary>
-    protected IBackend B { get; }
+    protected IBackend Backend { get; }
 
     /// <summary>alpha / r of the adapter this trainer was created with.</summary>
     protected float LoraScale { get; }
@@ -136,42 +142,29 @@ public abstract class TrainerBase : IDisposable
     {
         foreach (var m in LayerModules(layer))
         {
-            B.Zero(m.DA, m.DA.Length);
-            B.Zero(m.DB, m.DB.Length);
+            Backend.Zero(m.DA, m.DA.Length);
+            Backend.Zero(m.DB, m.DB.Length);
         }
     }
-
-    private int _skippedLayer = -1;
 
     /// <summary>
     /// Called by the generated backward once a layer's gradients are final, also for a layer LCSB
     /// skipped: hands them on (the event, then the capture). A skipped layer's gradients are zero and
     /// are handed on as zeros without touching the backend.
     /// </summary>
-    protected void GradientsReady(int layer, int step)
+    protected void GradientsReady(int layer, bool skipped)
     {
-        _skippedLayer = Selected(layer, step) ? -1 : layer;
-        try
-        {
-            LayerGradientsReady?.Invoke(layer);
-            if (CaptureGradients)
-                VisitGradients(LayerModules(layer), (spec, da, db) =>
-                {
-                    if (!_captured.TryGetValue(spec.Module, out var sum))
-                        _captured[spec.Module] = sum = (new float[da.Length], new float[db.Length]);
-                    System.Numerics.Tensors.TensorPrimitives.Add(sum.DA, da, sum.DA);
-                    System.Numerics.Tensors.TensorPrimitives.Add(sum.DB, db, sum.DB);
-                });
-        }
-        finally
-        {
-            _skippedLayer = -1;
-        }
+        var ready = new LayerGradients(layer, skipped);
+        LayerGradientsReady?.Invoke(ready);
+        if (CaptureGradients)
+            VisitGradients(ready, (spec, da, db) =>
+            {
+                if (!_captured.TryGetValue(spec.Module, out var sum))
+                    _captured[spec.Module] = sum = (new float[da.Length], new float[db.Length]);
+                System.Numerics.Tensors.TensorPrimitives.Add(sum.DA, da, sum.DA);
+                System.Numerics.Tensors.TensorPrimitives.Add(sum.DB, db, sum.DB);
+            });
     }
-
-    /// <summary>Whether a module belongs to the layer being handed on as skipped (its gradients are zero).</summary>
-    private bool IsSkipped(LoraTensors m) =>
-        _skippedLayer >= 0 && m.Spec.Module.StartsWith($"model.layers.{_skippedLayer}.", StringComparison.Ordinal);
 
     /// <summary>
     /// When true (the default), every layer's gradients are copied to the host as they become final,
@@ -187,8 +180,8 @@ public abstract class TrainerBase : IDisposable
         _captured.Clear();
         foreach (var (da, db) in _sharedGradients.Values)
         {
-            B.Zero(da, da.Length);
-            B.Zero(db, db.Length);
+            Backend.Zero(da, da.Length);
+            Backend.Zero(db, db.Length);
         }
     }
 
@@ -203,12 +196,15 @@ public abstract class TrainerBase : IDisposable
                 : (m.Spec, new float[m.DA.Length], new float[m.DB.Length]);
     }
 
-    /// <summary>Calls <paramref name="visit"/> with each module's gradients, read from the backend.</summary>
-    public void VisitGradients(IEnumerable<LoraTensors> modules, Action<LoraModuleSpec, ReadOnlySpan<float>, ReadOnlySpan<float>> visit)
+    /// <summary>A module's gradients, as <see cref="VisitGradients(LayerGradients, GradientVisitor)"/> hands them on.</summary>
+    public delegate void GradientVisitor(LoraModuleSpec module, ReadOnlySpan<float> da, ReadOnlySpan<float> db);
+
+    /// <summary>Calls <paramref name="visit"/> with the gradients of each module of a layer, read from the backend (zeros for a skipped layer).</summary>
+    public void VisitGradients(LayerGradients layer, GradientVisitor visit)
     {
-        foreach (var m in modules)
+        foreach (var m in LayerModules(layer.Layer))
         {
-            if (IsSkipped(m))
+            if (layer.Skipped)
             {
                 visit(m.Spec, new float[m.DA.Length], new float[m.DB.Length]);
                 continue;
@@ -219,8 +215,8 @@ public abstract class TrainerBase : IDisposable
                 continue;
             }
             var (hostDa, hostDb) = (new float[m.DA.Length], new float[m.DB.Length]);
-            B.Download(m.DA, hostDa);
-            B.Download(m.DB, hostDb);
+            Backend.Download(m.DA, hostDa);
+            Backend.Download(m.DB, hostDb);
             visit(m.Spec, hostDa, hostDb);
         }
     }
@@ -231,8 +227,8 @@ public abstract class TrainerBase : IDisposable
         foreach (var m in _lora)
         {
             var module = _adapterModules[m.Spec.Module];
-            B.Download(m.A, module.A);
-            B.Download(m.B, module.B);
+            Backend.Download(m.A, module.A);
+            Backend.Download(m.B, module.B);
         }
     }
 
@@ -242,8 +238,8 @@ public abstract class TrainerBase : IDisposable
         foreach (var m in _lora)
         {
             var module = _adapterModules[m.Spec.Module];
-            B.Write(m.A, module.A);
-            B.Write(m.B, module.B);
+            Backend.Write(m.A, module.A);
+            Backend.Write(m.B, module.B);
         }
     }
 
@@ -251,17 +247,23 @@ public abstract class TrainerBase : IDisposable
     public delegate void ParameterUpdate(LoraTensors module, Span<float> a, Span<float> b, ReadOnlySpan<float> da, ReadOnlySpan<float> db);
 
     /// <summary>
-    /// Runs <paramref name="update"/> on each module's A and B (with its current gradients). On the CPU backend the spans are the trainer's own buffers; on another backend they
-    /// are host copies, uploaded again afterwards. <see cref="Adapter"/> is not touched: call
-    /// <see cref="DownloadAdapter"/> before saving.
+    /// Runs <paramref name="update"/> on each module of a layer, with its A and B and the gradients
+    /// just handed on (zeros for a skipped layer). On the CPU backend the spans are the trainer's own
+    /// buffers; on another backend they are host copies, uploaded again afterwards. <see cref="Adapter"/>
+    /// is not touched: call <see cref="DownloadAdapter"/> before saving.
     /// </summary>
-    public void UpdateParameters(IEnumerable<LoraTensors> modules, ParameterUpdate update)
+    public void UpdateParameters(LayerGradients layer, ParameterUpdate update) => UpdateParameters(LayerModules(layer.Layer), layer.Skipped, update);
+
+    /// <summary>As <see cref="UpdateParameters(LayerGradients, ParameterUpdate)"/> for any modules, with the gradients the backend holds.</summary>
+    public void UpdateParameters(IEnumerable<LoraTensors> modules, ParameterUpdate update) => UpdateParameters(modules, skipped: false, update);
+
+    private void UpdateParameters(IEnumerable<LoraTensors> modules, bool skipped, ParameterUpdate update)
     {
         foreach (var m in modules)
         {
             if (m.A is CpuTensor a && m.B is CpuTensor b && m.DA is CpuTensor da && m.DB is CpuTensor db)
             {
-                if (IsSkipped(m))
+                if (skipped)
                     update(m, a.Span, b.Span, new float[m.DA.Length], new float[m.DB.Length]);
                 else
                     update(m, a.Span, b.Span, da.Span, db.Span);
@@ -270,16 +272,16 @@ public abstract class TrainerBase : IDisposable
             {
                 var host = _adapterModules[m.Spec.Module];
                 var (hostDa, hostDb) = (new float[m.DA.Length], new float[m.DB.Length]);
-                B.Download(m.A, host.A);
-                B.Download(m.B, host.B);
-                if (!IsSkipped(m))
+                Backend.Download(m.A, host.A);
+                Backend.Download(m.B, host.B);
+                if (!skipped)
                 {
-                    B.Download(m.DA, hostDa);
-                    B.Download(m.DB, hostDb);
+                    Backend.Download(m.DA, hostDa);
+                    Backend.Download(m.DB, hostDb);
                 }
                 update(m, host.A, host.B, hostDa, hostDb);
-                B.Write(m.A, host.A);
-                B.Write(m.B, host.B);
+                Backend.Write(m.A, host.A);
+                Backend.Write(m.B, host.B);
             }
         }
     }
@@ -291,25 +293,25 @@ public abstract class TrainerBase : IDisposable
         if (plan.Role == BufferRole.Weights)
             throw new ArgumentException($"'{name}' is a weight: map it with MapWeight, it is not allocated.");
         long length = plan.Elements(MaxSequence);
-        if (plan.Role == BufferRole.Checkpoint && ActivationsInFile && B is CpuBackend)
+        if (plan.Role == BufferRole.Checkpoint && ActivationsInFile && Backend is CpuBackend)
         {
             // trainer.activations = "mmap": file pages the kernel can write back and drop, not private memory.
             var file = new MappedBuffer(TemporaryFolder, name, length);
             FileBackedBytes += length * sizeof(float);
             return Track(new CpuTensor(name, file.Memory, owner: file));
         }
-        return Track(B.Allocate(name, length));
+        return Track(Backend.Allocate(name, length));
     }
 
     /// <summary>A base weight from the model files, as the backend reads it (see <see cref="IBackend.MapWeight"/>).</summary>
     protected Tensor MapWeight(string name)
     {
         WeightReads++;
-        return B.MapWeight(Weights, name);
+        return Backend.MapWeight(Weights, name);
     }
 
     /// <summary>Gives a weight of <see cref="MapWeight"/> back.</summary>
-    protected void ReleaseWeight(Tensor weight) => B.ReleaseWeight(weight);
+    protected void ReleaseWeight(Tensor weight) => Backend.ReleaseWeight(weight);
 
     /// <summary>Uploads the adapter's A and B of one module and allocates zeroed gradients for them.</summary>
     protected LoraTensors Lora(string module)
@@ -321,23 +323,23 @@ public abstract class TrainerBase : IDisposable
         string projection = module[(module.IndexOf('.', "model.layers.".Length) + 1)..];
         if (!_sharedGradients.TryGetValue(projection, out var gradients))
             _sharedGradients[projection] = gradients = (
-                Track(B.Allocate("d:" + projection + ".lora_A", m.A.Length)),
-                Track(B.Allocate("d:" + projection + ".lora_B", m.B.Length)));
+                Track(Backend.Allocate("d:" + projection + ".lora_A", m.A.Length)),
+                Track(Backend.Allocate("d:" + projection + ".lora_B", m.B.Length)));
         // On the CPU the adapter's own arrays are the parameters (no second copy); elsewhere they are uploaded.
         var tensors = new LoraTensors(m.Spec,
-            Track(B is CpuBackend ? new CpuTensor(m.Spec.AName, m.A) : B.Upload(m.Spec.AName, m.A)),
-            Track(B is CpuBackend ? new CpuTensor(m.Spec.BName, m.B) : B.Upload(m.Spec.BName, m.B)),
+            Track(Backend is CpuBackend ? new CpuTensor(m.Spec.AName, m.A) : Backend.Upload(m.Spec.AName, m.A)),
+            Track(Backend is CpuBackend ? new CpuTensor(m.Spec.BName, m.B) : Backend.Upload(m.Spec.BName, m.B)),
             gradients.DA, gradients.DB);
         _lora.Add(tensors);
         return tensors;
     }
 
-    /// <summary>Fills the RoPE tables for positions 0..MaxSequence−1.</summary>
-    protected void InitRope(Tensor cos, Tensor sin)
+    /// <summary>Fills a pair of RoPE tables for positions 0..MaxSequence−1.</summary>
+    protected void InitRope(Tensor cos, Tensor sin, double theta, RopeScaling? scaling)
     {
-        var (c, s) = Rope.Tables(MaxSequence, Model.HeadDim, Model.RopeTheta, Model.RopeScaling);
-        B.Write(cos, c);
-        B.Write(sin, s);
+        var (c, s) = Rope.Tables(MaxSequence, Model.HeadDim, theta, scaling);
+        Backend.Write(cos, c);
+        Backend.Write(sin, s);
     }
 
     /// <summary>Checks a sequence against the trainer's limits and returns its length T.</summary>

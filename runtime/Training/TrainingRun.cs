@@ -162,12 +162,12 @@ public sealed class TrainingRun
         float gradScale = 1f / micro;
         _optimizer.BeginStep();
 
-        void Accumulate(int layer) => _trainer.VisitGradients(_trainer.LayerModules(layer), (spec, da, db) =>
+        void Accumulate(LayerGradients layer) => _trainer.VisitGradients(layer, (spec, da, db) =>
         {
             TensorPrimitives.Add(Accumulator(spec.AName, da.Length), da, Accumulator(spec.AName, da.Length));
             TensorPrimitives.Add(Accumulator(spec.BName, db.Length), db, Accumulator(spec.BName, db.Length));
         });
-        void StepLayer(int layer) => _trainer.UpdateParameters(_trainer.LayerModules(layer), (m, a, b, da, db) =>
+        void StepLayer(LayerGradients layer) => _trainer.UpdateParameters(layer, (m, a, b, da, db) =>
         {
             _optimizer.Update(m.Spec.AName, a, Total(m.Spec.AName, da), lr, gradScale);
             _optimizer.Update(m.Spec.BName, b, Total(m.Spec.BName, db), lr, gradScale);
@@ -177,7 +177,7 @@ public sealed class TrainingRun
         for (int i = 0; i < micro; i++)
         {
             var (x, y) = _data.Next();
-            Action<int> handler = i == micro - 1 ? StepLayer : Accumulate;
+            Action<LayerGradients> handler = i == micro - 1 ? StepLayer : Accumulate;
             _trainer.LayerGradientsReady += handler;
             try
             {

@@ -73,7 +73,7 @@ public static class BenchMemory
             var adapter = LoraAdapter.CreateNew(model.Lora, model.LoraModules, seed: 1);
             using var trainer = model.Create(backend, weights, adapter, seq,
                 new TrainerOptions(ActivationsInFile: TrainerOptions.ParsePlacement(options.Activations, "--activations")));
-            trainer.LayerGradientsReady += layer => sampler.Sample($"layer {layer} backward");
+            trainer.LayerGradientsReady += ready => sampler.Sample($"layer {ready.Layer} backward");
             long created = ProcessMemory.PrivateBytes();
 
             var training = new TrainingOptions

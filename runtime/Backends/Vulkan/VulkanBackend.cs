@@ -375,7 +375,9 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
     {
-        NotYet(weightOffset == 0 && accumulate);
+        NotYet(weightOffset == 0);
+        if (!accumulate)
+            Zero(dx, (long)T * C);
         long n = (long)T * C;
         var push = new RmsNormBackParameters { TokenCount = (uint)T, Width = (uint)C };
         RunRows(Kernels.RmsNormBack, push, T,

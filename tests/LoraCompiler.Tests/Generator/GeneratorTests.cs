@@ -127,7 +127,7 @@ public sealed class GeneratorTests
 
     [Theory]
     [InlineData("tiny-qwen2", "TinyQwen2Trainer")]
-    [InlineData("qwen2.5-0.5b", "Qwen2_5_0_5BTrainer")]
+    [InlineData("tiny-llama", "TinyLlamaTrainer")]
     public void Trainer_matches_its_snapshot_and_compiles(string model, string className)
     {
         var run = Run(ModelFile(model));
@@ -575,8 +575,11 @@ public sealed class GeneratorTests
         Assert.Equal(Math.Min(151936, 4096), spec.LmHeadChunk);
         Assert.Equal(896 / 14, spec.HeadDim);
         Assert.True(spec.TiedEmbeddings);
-        Assert.True(spec.AttentionBias);
-        Assert.Null(spec.RopeScaling);
+        Assert.True(spec.QkvBias);
+        Assert.False(spec.OutputBias);
+        Assert.Null(spec.Rope.Scaling);
+        Assert.Null(spec.LocalRope);
+        Assert.All(spec.LayerWindows, w => Assert.Equal(0, w)); // use_sliding_window is false
     }
 
     [Fact]
@@ -648,8 +651,9 @@ public sealed class GeneratorTests
         // Attention keeps one log-sum-exp per head and token, never a [H, T, T] matrix.
         long activations = T * (C /*xn*/ + 1 /*rstd1*/ + Q /*q*/ + K /*k*/ + K /*v*/ + H /*lse*/ + Q /*att*/ + C /*x2*/
                                 + C /*xn2*/ + 1 /*rstd2*/ + 3 * I /*gate, up, act*/);
-        // dGate lives in act's memory and dUp in dAct's: only dAct is counted.
-        long gradients = T * (2 * C /*dx, dxn*/ + 2 * Q /*dq, dAtt*/ + 2 * K /*dk, dv*/ + I /*dAct*/);
+        // dGate lives in act's memory and dUp in dAct's: only dAct is counted. x2 and xn2 are dead once
+        // the MLP's backward is done, so where QDim = Hidden dAtt and dQ live in their memory.
+        long gradients = T * (2 * C /*dx, dxn*/ + (Q == C ? 0 : 2 * Q) /*dQ, dAtt*/ + 2 * K /*dK, dV*/ + I /*dAct*/);
         long scratch = T * (2 * r /*loraH, loraDH*/ + chunk /*logits*/ + D /*rope cos and sin, D/2 each*/);
         // Fixed: embeddings (and lm_head unless tied), three norms, one layer's projections with q/k/v bias.
         long weights = V * C * (tied ? 1 : 2) + 3 * C
@@ -675,15 +679,14 @@ public sealed class GeneratorTests
         Assert.Equal(4 * loraGradients, plan.BytesOf(BufferRole.LoraGradients));
         Assert.Equal(4 * totalFloats, plan.TotalBytes);
         // Every buffer is linear in T: doubling the sequence at most doubles the plan.
-        Assert.All(plan.Buffers, b => Assert.Equal(0, b.PerTokenSquared));
         Assert.True(TinyQwen2Trainer.Info.Plan(2 * T).TotalBytes - plan.TotalBytes == plan.TotalBytes - TinyQwen2Trainer.Info.Plan(0).TotalBytes);
 
         // The in-process planner agrees with the shipped table buffer by buffer.
         var (path, json) = ModelFile("tiny-qwen2");
         var planned = LoraGenerator.Plan(LoraGenerator.Parse(path, json).Value!).Buffers;
         Assert.Equal(
-            planned.Select(b => (b.Field, b.Role.ToString(), b.Fixed, b.PerToken, b.PerTokenSquared, b.SharesWith)),
-            TinyQwen2Trainer.Info.Buffers.Select(b => (b.Name, b.Role.ToString(), b.Fixed, b.PerToken, b.PerTokenSquared, b.SharesWith)));
+            planned.Select(b => (b.Field, b.Role.ToString(), b.Fixed, b.PerToken, b.SharesWith)),
+            TinyQwen2Trainer.Info.Buffers.Select(b => (b.Name, b.Role.ToString(), b.Fixed, b.PerToken, b.SharesWith)));
         Assert.Equal(TinyQwen2Trainer.Info.LoraParameterCount, loraParameters);
     }
 }

@@ -48,7 +48,7 @@ public sealed class ModelFixture : IDisposable
     public ReferenceConfig ReferenceConfig => new(
         Model.Hidden, Model.Intermediate, Model.Layers, Model.Heads, Model.KvHeads, Model.HeadDim, Model.Vocab,
         Model.RmsEps, Model.RopeTheta,
-        Model.RopeScaling is { } s ? (s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null,
+        Model.RopeScaling is Llama3RopeScaling s ? (s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null,
         Model.TiedEmbeddings, Model.AttentionBias, Model.Lora.R, Model.Lora.Alpha, Model.Lora.TargetModules);
 
     /// <summary>The TorchSharp autograd loss and LoRA gradients on the same weights, adapter and tokens.</summary>

@@ -173,7 +173,7 @@ public class MappedStateTests
     {
         // tiny-llama.json says "activations": "mmap" and "optimizer_state": "mmap".
         var model = TrainerCatalog.Find("tiny-llama")!;
-        Assert.True(model.ActivationsInFile && model.OptimizerStateInFile);
+        Assert.True(model.Defaults is { ActivationsInFile: true, OptimizerStateInFile: true });
         using var fixture = new ModelFixture(model, seed: 37, sequence: 9);
         string folder;
         using (var trainer = fixture.CreateTrainer(new CpuBackend()))

@@ -17,11 +17,11 @@ namespace LoraCompiler.Models;
 /// <remarks>
 /// Model: 4 layers, hidden 64, intermediate 176, 4 heads of 16 (2 kv heads), vocab 320, tied embeddings, q/k/v bias.
 /// LoRA: r = 8, alpha = 16 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+/// Layer (all 4), full causal attention: input_layernorm → q_proj → k_proj → v_proj → rope → attention → o_proj → residual → post_attention_layernorm → gate_proj → up_proj → swiglu → down_proj → residual.
 /// Step: forward keeps only each layer's input (the MeBP checkpoints x00..x04); the loss runs the
 /// LM head in chunks of 128 vocabulary rows and never holds [T, 320] logits; backward
 /// recomputes each layer from its checkpoint, then runs the MeSP LoRA backward, which recomputes
-/// H = X·Aᵀ instead of keeping it.
-/// Backward schedule: every layer, every step (LCSB off; set trainer.lcsb.groups to enable).
+/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice.
 /// </remarks>
 public sealed class TinyQwen2Trainer : TrainerBase
 {
@@ -36,68 +36,70 @@ public sealed class TinyQwen2Trainer : TrainerBase
     public const int KvDim = KvHeads * HeadDim;
     public const int Vocab = 320;
     public const float RmsEps = 1E-06f;
-    public const double RopeTheta = 1000000;
+    /// <summary>Every RMSNorm multiplies by (NormWeightOffset + w).</summary>
+    public const float NormWeightOffset = 0f;
+    /// <summary>The attention scores' scale: head_dim^-1/2.</summary>
     public const float AttentionScale = 0.25f;
+    public const double RopeTheta = 1000000;
     public const int LoraRank = 8;
     public const float LoraAlpha = 16f;
     public const int LmHeadChunk = 128;
-    public const int DefaultLcsbGroups = 1;
 
     /// <summary>
     /// The static memory plan: every buffer of a step, all allocated once. Size in floats =
-    /// fixed + perToken·T + perTokenSquared·T² for sequences of up to T tokens.
+    /// fixed + perToken·T for sequences of up to T tokens.
     /// </summary>
     private static readonly BufferPlan[] MemoryPlanBuffers =
     [
-        //  name              role                               fixed   perToken     T²
-        new("x00",            BufferRole.Checkpoint,                 0,        64,     0, "input of layer 0 (MeBP checkpoint)"),
-        new("x01",            BufferRole.Checkpoint,                 0,        64,     0, "input of layer 1 (MeBP checkpoint)"),
-        new("x02",            BufferRole.Checkpoint,                 0,        64,     0, "input of layer 2 (MeBP checkpoint)"),
-        new("x03",            BufferRole.Checkpoint,                 0,        64,     0, "input of layer 3 (MeBP checkpoint)"),
-        new("x04",            BufferRole.Checkpoint,                 0,        64,     0, "output of the last layer"),
-        new("xn",             BufferRole.Activation,                 0,        64,     0, "input_layernorm output; the final norm's output"),
-        new("rstd1",          BufferRole.Activation,                 0,         1,     0, "input_layernorm 1/rms per token"),
-        new("q",              BufferRole.Activation,                 0,        64,     0, "queries after RoPE"),
-        new("k",              BufferRole.Activation,                 0,        32,     0, "keys after RoPE"),
-        new("v",              BufferRole.Activation,                 0,        32,     0, "values"),
-        new("lse",            BufferRole.Activation,                 0,         4,     0, "log-sum-exp of each attention row (the softmax is recomputed from it in backward)"),
-        new("att",            BufferRole.Activation,                 0,        64,     0, "attention output, input of o_proj"),
-        new("x2",             BufferRole.Activation,                 0,        64,     0, "o_proj output, then the residual stream after attention"),
-        new("xn2",            BufferRole.Activation,                 0,        64,     0, "post_attention_layernorm output"),
-        new("rstd2",          BufferRole.Activation,                 0,         1,     0, "post_attention_layernorm 1/rms per token"),
-        new("gate",           BufferRole.Activation,                 0,       176,     0, "gate_proj output"),
-        new("up",             BufferRole.Activation,                 0,       176,     0, "up_proj output"),
-        new("act",            BufferRole.Activation,                 0,       176,     0, "silu(gate)·up, input of down_proj"),
-        new("dx",             BufferRole.Gradient,                   0,        64,     0, "gradient of the residual stream"),
-        new("dxn",            BufferRole.Gradient,                   0,        64,     0, "gradient of a norm's output"),
-        new("dq",             BufferRole.Gradient,                   0,        64,     0, "gradient of q"),
-        new("dk",             BufferRole.Gradient,                   0,        32,     0, "gradient of k"),
-        new("dv",             BufferRole.Gradient,                   0,        32,     0, "gradient of v"),
-        new("dAtt",           BufferRole.Gradient,                   0,        64,     0, "gradient of the attention output"),
-        new("dAct",           BufferRole.Gradient,                   0,       176,     0, "gradient of silu(gate)·up"),
-        new("dGate",          BufferRole.Gradient,                   0,       176,     0, "gradient of gate", SharesWith: "act"),
-        new("dUp",            BufferRole.Gradient,                   0,       176,     0, "gradient of up", SharesWith: "dAct"),
-        new("loraH",          BufferRole.Scratch,                    0,         8,     0, "H = X·Aᵀ, recomputed for each projection (MeSP)"),
-        new("loraDH",         BufferRole.Scratch,                    0,         8,     0, "dH = s·G·B"),
-        new("logits",         BufferRole.Scratch,                    0,       128,     0, "one LM-head chunk of 128 vocabulary rows"),
-        new("ropeCos",        BufferRole.Scratch,                    0,         8,     0, "RoPE cos table"),
-        new("ropeSin",        BufferRole.Scratch,                    0,         8,     0, "RoPE sin table"),
-        new("embedTokens",    BufferRole.Weights,                20480,         0,     0, "model.embed_tokens.weight, also the LM head (tied)"),
-        new("finalNorm",      BufferRole.Weights,                   64,         0,     0, "model.norm.weight"),
-        new("wInputNorm",     BufferRole.Weights,                   64,         0,     0, "input_layernorm.weight of the running layer"),
-        new("wPostNorm",      BufferRole.Weights,                   64,         0,     0, "post_attention_layernorm.weight of the running layer"),
-        new("wQProj",         BufferRole.Weights,                 4096,         0,     0, "q_proj.weight of the running layer"),
-        new("wQBias",         BufferRole.Weights,                   64,         0,     0, "q_proj.bias of the running layer"),
-        new("wKProj",         BufferRole.Weights,                 2048,         0,     0, "k_proj.weight of the running layer"),
-        new("wKBias",         BufferRole.Weights,                   32,         0,     0, "k_proj.bias of the running layer"),
-        new("wVProj",         BufferRole.Weights,                 2048,         0,     0, "v_proj.weight of the running layer"),
-        new("wVBias",         BufferRole.Weights,                   32,         0,     0, "v_proj.bias of the running layer"),
-        new("wOProj",         BufferRole.Weights,                 4096,         0,     0, "o_proj.weight of the running layer"),
-        new("wGateProj",      BufferRole.Weights,                11264,         0,     0, "gate_proj.weight of the running layer"),
-        new("wUpProj",        BufferRole.Weights,                11264,         0,     0, "up_proj.weight of the running layer"),
-        new("wDownProj",      BufferRole.Weights,                11264,         0,     0, "down_proj.weight of the running layer"),
-        new("loraParameters", BufferRole.LoraParameters,         37376,         0,     0, "A and B of 28 LoRA modules"),
-        new("loraGradients",  BufferRole.LoraGradients,           9344,         0,     0, "dA and dB of one layer's modules, reused layer after layer: a layer's gradients are final (and handed on) when its backward ends"),
+        //  name                   role                               fixed   perToken
+        new("x00",                 BufferRole.Checkpoint,                 0,        64, "input of layer 0 (MeBP checkpoint)"),
+        new("x01",                 BufferRole.Checkpoint,                 0,        64, "input of layer 1 (MeBP checkpoint)"),
+        new("x02",                 BufferRole.Checkpoint,                 0,        64, "input of layer 2 (MeBP checkpoint)"),
+        new("x03",                 BufferRole.Checkpoint,                 0,        64, "input of layer 3 (MeBP checkpoint)"),
+        new("x04",                 BufferRole.Checkpoint,                 0,        64, "output of the last layer"),
+        new("xn",                  BufferRole.Activation,                 0,        64, "input_layernorm output; the final norm's output"),
+        new("rstd1",               BufferRole.Activation,                 0,         1, "input_layernorm 1/rms per token"),
+        new("q",                   BufferRole.Activation,                 0,        64, "q_proj output"),
+        new("k",                   BufferRole.Activation,                 0,        32, "k_proj output"),
+        new("v",                   BufferRole.Activation,                 0,        32, "v_proj output"),
+        new("att",                 BufferRole.Activation,                 0,        64, "attention output, input of o_proj"),
+        new("lse",                 BufferRole.Activation,                 0,         4, "log-sum-exp of each attention row (the softmax is recomputed from it in backward)"),
+        new("x2",                  BufferRole.Activation,                 0,        64, "o_proj output, then the residual stream after attention"),
+        new("xn2",                 BufferRole.Activation,                 0,        64, "post_attention_layernorm output"),
+        new("rstd2",               BufferRole.Activation,                 0,         1, "post_attention_layernorm 1/rms per token"),
+        new("gate",                BufferRole.Activation,                 0,       176, "gate_proj output"),
+        new("up",                  BufferRole.Activation,                 0,       176, "up_proj output"),
+        new("act",                 BufferRole.Activation,                 0,       176, "silu(gate)·up, input of down_proj"),
+        new("dAct",                BufferRole.Gradient,                   0,       176, "gradient of act"),
+        new("dGate",               BufferRole.Gradient,                   0,       176, "gradient of gate", SharesWith: "act"),
+        new("dUp",                 BufferRole.Gradient,                   0,       176, "gradient of up", SharesWith: "dAct"),
+        new("dxn",                 BufferRole.Gradient,                   0,        64, "gradient of a norm's output"),
+        new("dx",                  BufferRole.Gradient,                   0,        64, "gradient of the residual stream"),
+        new("dAtt",                BufferRole.Gradient,                   0,        64, "gradient of att", SharesWith: "x2"),
+        new("dQ",                  BufferRole.Gradient,                   0,        64, "gradient of q", SharesWith: "xn2"),
+        new("dK",                  BufferRole.Gradient,                   0,        32, "gradient of k"),
+        new("dV",                  BufferRole.Gradient,                   0,        32, "gradient of v"),
+        new("loraH",               BufferRole.Scratch,                    0,         8, "H = X·Aᵀ, recomputed for each projection (MeSP)"),
+        new("loraDH",              BufferRole.Scratch,                    0,         8, "dH = s·G·B"),
+        new("logits",              BufferRole.Scratch,                    0,       128, "one LM-head chunk of 128 vocabulary rows"),
+        new("ropeCos",             BufferRole.Scratch,                    0,         8, "RoPE cos cos table"),
+        new("ropeSin",             BufferRole.Scratch,                    0,         8, "RoPE sin sin table"),
+        new("embedTokens",         BufferRole.Weights,                20480,         0, "model.embed_tokens.weight, also the LM head (tied)"),
+        new("finalNorm",           BufferRole.Weights,                   64,         0, "model.norm.weight"),
+        new("wInputNorm",          BufferRole.Weights,                   64,         0, "input_layernorm.weight of the running layer"),
+        new("wQProj",              BufferRole.Weights,                 4096,         0, "self_attn.q_proj.weight of the running layer"),
+        new("bQProj",              BufferRole.Weights,                   64,         0, "self_attn.q_proj.bias of the running layer"),
+        new("wKProj",              BufferRole.Weights,                 2048,         0, "self_attn.k_proj.weight of the running layer"),
+        new("bKProj",              BufferRole.Weights,                   32,         0, "self_attn.k_proj.bias of the running layer"),
+        new("wVProj",              BufferRole.Weights,                 2048,         0, "self_attn.v_proj.weight of the running layer"),
+        new("bVProj",              BufferRole.Weights,                   32,         0, "self_attn.v_proj.bias of the running layer"),
+        new("wOProj",              BufferRole.Weights,                 4096,         0, "self_attn.o_proj.weight of the running layer"),
+        new("wPostAttentionNorm",  BufferRole.Weights,                   64,         0, "post_attention_layernorm.weight of the running layer"),
+        new("wGateProj",           BufferRole.Weights,                11264,         0, "mlp.gate_proj.weight of the running layer"),
+        new("wUpProj",             BufferRole.Weights,                11264,         0, "mlp.up_proj.weight of the running layer"),
+        new("wDownProj",           BufferRole.Weights,                11264,         0, "mlp.down_proj.weight of the running layer"),
+        new("loraParameters",      BufferRole.LoraParameters,         37376,         0, "A and B of 28 LoRA modules"),
+        new("loraGradients",       BufferRole.LoraGradients,           9344,         0, "dA and dB of one layer's modules, reused layer after layer: a layer's gradients are final (and handed on) when its backward ends"),
     ];
 
     public static ModelInfo Info { get; } = new()
@@ -108,11 +110,13 @@ public sealed class TinyQwen2Trainer : TrainerBase
         SourceFile = "models/tiny-qwen2.json",
         Hidden = Hidden, Intermediate = Intermediate, Layers = Layers,
         Heads = Heads, KvHeads = KvHeads, HeadDim = HeadDim, Vocab = Vocab,
-        RmsEps = RmsEps, RopeTheta = RopeTheta,
-        RopeScaling = null,
-        TiedEmbeddings = true, AttentionBias = true, LmHeadChunk = LmHeadChunk,
-        DefaultLcsbGroups = DefaultLcsbGroups,
-        ActivationsInFile = false, OptimizerStateInFile = false,
+        RmsEps = RmsEps, NormWeightOffset = NormWeightOffset,
+        RopeTheta = RopeTheta, RopeScaling = null,
+        TiedEmbeddings = true, AttentionBias = true, OutputBias = false,
+        QkNorm = false, SandwichNorms = false, Activation = GluActivation.Silu,
+        EmbeddingScale = 1f, AttentionScale = AttentionScale, FinalLogitSoftcap = 0f,
+        LayerWindows = new int[Layers],
+        LmHeadChunk = LmHeadChunk,
         Lora = new LoraSettings(LoraRank, LoraAlpha, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         BaseTensors = BaseTensorList().ToArray(),
         LoraModules = LoraModuleList().ToArray(),
@@ -161,52 +165,48 @@ public sealed class TinyQwen2Trainer : TrainerBase
     /// <summary>One layer's LoRA modules on the backend.</summary>
     private sealed record LayerLora(LoraTensors QProj, LoraTensors KProj, LoraTensors VProj, LoraTensors OProj, LoraTensors GateProj, LoraTensors UpProj, LoraTensors DownProj);
 
-    // Buffers of the memory plan.
-    private readonly Tensor _x00;
-    private readonly Tensor _x01;
-    private readonly Tensor _x02;
-    private readonly Tensor _x03;
-    private readonly Tensor _x04;
+    // Buffers of the memory plan: the checkpoints x00..x04, then one layer's activations, gradients and scratch.
+    private readonly Tensor[] _x = new Tensor[Layers + 1];
     private readonly Tensor _xn;
     private readonly Tensor _rstd1;
     private readonly Tensor _q;
     private readonly Tensor _k;
     private readonly Tensor _v;
-    private readonly Tensor _lse;
     private readonly Tensor _att;
+    private readonly Tensor _lse;
     private readonly Tensor _x2;
     private readonly Tensor _xn2;
     private readonly Tensor _rstd2;
     private readonly Tensor _gate;
     private readonly Tensor _up;
     private readonly Tensor _act;
-    private readonly Tensor _dx;
-    private readonly Tensor _dxn;
-    private readonly Tensor _dq;
-    private readonly Tensor _dk;
-    private readonly Tensor _dv;
-    private readonly Tensor _dAtt;
     private readonly Tensor _dAct;
     private readonly Tensor _dGate;
     private readonly Tensor _dUp;
+    private readonly Tensor _dxn;
+    private readonly Tensor _dx;
+    private readonly Tensor _dAtt;
+    private readonly Tensor _dQ;
+    private readonly Tensor _dK;
+    private readonly Tensor _dV;
     private readonly Tensor _loraH;
     private readonly Tensor _loraDH;
     private readonly Tensor _logits;
     private readonly Tensor _ropeCos;
     private readonly Tensor _ropeSin;
     // Weights mapped from the model files: the embedding, head and final norm for the trainer's
-    // lifetime, the w* fields for the running layer only (MapLayer, ReleaseLayer).
+    // lifetime, the others for the running layer only (MapLayer, ReleaseLayer).
     private readonly Tensor _embedTokens;
     private readonly Tensor _finalNorm;
     private Tensor _wInputNorm = null!;
-    private Tensor _wPostNorm = null!;
     private Tensor _wQProj = null!;
-    private Tensor _wQBias = null!;
+    private Tensor _bQProj = null!;
     private Tensor _wKProj = null!;
-    private Tensor _wKBias = null!;
+    private Tensor _bKProj = null!;
     private Tensor _wVProj = null!;
-    private Tensor _wVBias = null!;
+    private Tensor _bVProj = null!;
     private Tensor _wOProj = null!;
+    private Tensor _wPostAttentionNorm = null!;
     private Tensor _wGateProj = null!;
     private Tensor _wUpProj = null!;
     private Tensor _wDownProj = null!;
@@ -215,42 +215,39 @@ public sealed class TinyQwen2Trainer : TrainerBase
     public TinyQwen2Trainer(IBackend backend, ModelWeights weights, LoraAdapter adapter, int maxSequence, TrainerOptions? options = null)
         : base(Info, backend, weights, adapter, maxSequence, options)
     {
-        _x00 = Allocate("x00");
-        _x01 = Allocate("x01");
-        _x02 = Allocate("x02");
-        _x03 = Allocate("x03");
-        _x04 = Allocate("x04");
+        for (int i = 0; i <= Layers; i++)
+            _x[i] = Allocate($"x{i:D2}");
         _xn = Allocate("xn");
         _rstd1 = Allocate("rstd1");
         _q = Allocate("q");
         _k = Allocate("k");
         _v = Allocate("v");
-        _lse = Allocate("lse");
         _att = Allocate("att");
+        _lse = Allocate("lse");
         _x2 = Allocate("x2");
         _xn2 = Allocate("xn2");
         _rstd2 = Allocate("rstd2");
         _gate = Allocate("gate");
         _up = Allocate("up");
         _act = Allocate("act");
-        _dx = Allocate("dx");
-        _dxn = Allocate("dxn");
-        _dq = Allocate("dq");
-        _dk = Allocate("dk");
-        _dv = Allocate("dv");
-        _dAtt = Allocate("dAtt");
         _dAct = Allocate("dAct");
-        _dGate = _act; // shares memory: their lifetimes do not overlap
-        _dUp = _dAct; // shares memory: their lifetimes do not overlap
+        _dxn = Allocate("dxn");
+        _dx = Allocate("dx");
+        _dK = Allocate("dK");
+        _dV = Allocate("dV");
         _loraH = Allocate("loraH");
         _loraDH = Allocate("loraDH");
         _logits = Allocate("logits");
         _ropeCos = Allocate("ropeCos");
         _ropeSin = Allocate("ropeSin");
+        _dGate = _act; // shares memory: their lifetimes do not overlap
+        _dUp = _dAct; // shares memory: their lifetimes do not overlap
+        _dAtt = _x2; // shares memory: their lifetimes do not overlap
+        _dQ = _xn2; // shares memory: their lifetimes do not overlap
 
         _embedTokens = MapWeight("model.embed_tokens.weight");
         _finalNorm = MapWeight("model.norm.weight");
-        InitRope(_ropeCos, _ropeSin);
+        InitRope(_ropeCos, _ropeSin, RopeTheta, Info.RopeScaling);
         for (int i = 0; i < Layers; i++)
             _lora[i] = new LayerLora(
                 Lora($"model.layers.{i}.self_attn.q_proj"),
@@ -271,429 +268,148 @@ public sealed class TinyQwen2Trainer : TrainerBase
     {
         int T = CheckSequence(tokens, targets);
         float loss = ForwardAndLoss(tokens, targets, T);
-        B.Zero(_dx, (long)T * Hidden);
-        B.RmsNormBackward(_dx, _dxn, _x04, _finalNorm, _rstd1, T, Hidden, 0f, accumulate: true);
+        // final norm backward: dx[T,Hidden] = rmsnorm'(dxn), the gradient of the last layer's output
+        Backend.RmsNormBackward(_dx, _dxn, _x[Layers], _finalNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: false);
 
         // Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA
         // gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual
         // stream (dx passes through, nothing is loaded or computed); its gradients are zero and the
         // optimizer still steps it.
-        if (Selected(3, step))
-            BackwardLayer03(_dx, _x03, T);
-        GradientsReady(3, step);
-        if (Selected(2, step))
-            BackwardLayer02(_dx, _x02, T);
-        GradientsReady(2, step);
-        if (Selected(1, step))
-            BackwardLayer01(_dx, _x01, T);
-        GradientsReady(1, step);
-        if (Selected(0, step))
-            BackwardLayer00(_dx, _x00, T);
-        GradientsReady(0, step);
+        for (int i = Layers - 1; i >= 0; i--)
+        {
+            bool selected = Selected(i, step);
+            if (selected)
+                BackwardLayer(i, _dx, _x[i], _x[i + 1], T);
+            GradientsReady(i, skipped: !selected);
+        }
         return loss;
     }
 
     /// <summary>Forward through every layer, keeping only the checkpoints, then the loss; leaves ∂loss/∂(final norm output) in dxn.</summary>
     private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T)
     {
-        B.EmbeddingForward(_x00, tokens, _embedTokens, T, Hidden);
-        ForwardLayer00(_x01, _x00, T);
-        ForwardLayer01(_x02, _x01, T);
-        ForwardLayer02(_x03, _x02, T);
-        ForwardLayer03(_x04, _x03, T);
-        // Loss: final norm, then the LM head and cross-entropy in chunks of 128 vocabulary rows.
-        B.RmsNormForward(_xn, _rstd1, _x04, _finalNorm, T, Hidden, RmsEps, 0f);
-        return B.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, 0f);
+        // embedding: x00[T,64] = embed_tokens[tokens]
+        Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);
+        for (int i = 0; i < Layers; i++)
+            ForwardLayer(i, _x[i + 1], _x[i], T, recompute: false);
+        // loss: final norm, then the LM head and cross-entropy in chunks of 128 vocabulary rows
+        Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);
+        return Backend.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, softcap: 0f);
     }
 
     /// <summary>
-    /// Layer 0: x2 = x + attention(norm(x)); output = x2 + mlp(norm(x2)). With output null (the
-    /// recompute in backward) it stops once down_proj's input is known: backward needs nothing after.
+    /// A layer forward, full causal attention: x2 = x + attention(x); output = x2 + mlp(x2).
+    /// With recompute (backward's) it stops after swiglu: backward reads nothing computed later, and the layer's weights stay mapped for it.
     /// </summary>
-    private void ForwardLayer00(Tensor? output, Tensor x, int T)
+    private void ForwardLayer(int layer, Tensor output, Tensor x, int T, bool recompute)
     {
-        MapLayer(0);
-        var lora = _lora[0];
+        MapLayer(layer);
+        var lora = _lora[layer];
 
-        // L00 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
-        // L00 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
-        B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L00 k_proj: k[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_k, _xn, _wKProj, _wKBias, T, Hidden, KvDim);
-        B.LoraForward(_k, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L00 v_proj: v[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_v, _xn, _wVProj, _wVBias, T, Hidden, KvDim);
-        B.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L00 rope: rotate q and k by position
-        B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L00 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L00 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
-        B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L00 residual: x2 += x
-        B.AddInPlace(_x2, x, (long)T * Hidden);
-        // L00 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
-        // L00 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L00 up_proj: up[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L00 swiglu: act[T,176] = silu(gate)·up
-        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        if (output is null)
-            return; // the layer's weights stay mapped for its backward
-        // L00 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(output, _act, _wDownProj, null, T, Intermediate, Hidden);
-        B.LoraForward(output, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L00 residual: output += x2
-        B.AddInPlace(output, _x2, (long)T * Hidden);
+        // input_layernorm: xn = rmsnorm(x)·w
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_q, _xn, _wQProj, _bQProj, T, Hidden, QDim);
+        Backend.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
+        // k_proj: k[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_k, _xn, _wKProj, _bKProj, T, Hidden, KvDim);
+        Backend.LoraForward(_k, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // v_proj: v[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_v, _xn, _wVProj, _bVProj, T, Hidden, KvDim);
+        Backend.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // rope: rotate q by position (base RopeTheta)
+        Backend.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
+        // rope: rotate k by position (base RopeTheta)
+        Backend.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
+        // attention: att[T,64] = softmax(q·kᵀ·scale, causal)·v, 4 heads over 2 kv heads
+        Backend.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, window: 0);
+        // o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
+        Backend.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
+        // residual: x2 += x
+        Backend.AddInPlace(_x2, x, (long)T * Hidden);
+        // post_attention_layernorm: xn2 = rmsnorm(x2)·w
+        Backend.RmsNormForward(_xn2, _rstd2, _x2, _wPostAttentionNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // up_proj: up[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // swiglu: act[T,176] = silu(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
+        if (recompute)
+            return;
+        // down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(output, _act, _wDownProj, null, T, Intermediate, Hidden);
+        Backend.LoraForward(output, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
+        // residual: output += x2
+        Backend.AddInPlace(output, _x2, (long)T * Hidden);
         ReleaseLayer();
     }
 
-    /// <summary>Layer 0 backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
-    private void BackwardLayer00(Tensor dx, Tensor x, int T)
+    /// <summary>A layer backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
+    private void BackwardLayer(int layer, Tensor dx, Tensor x, Tensor output, int T)
     {
         // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardLayer00(null, x, T);
-        ClearGradients(0);
-        var lora = _lora[0];
+        ForwardLayer(layer, output, x, T, recompute: true);
+        ClearGradients(layer);
+        var lora = _lora[layer];
 
-        // L00 down_proj backward: dAct[T,176] = dx·W + s·(dx·B)·A; dA, dB += with H = act·Aᵀ recomputed
-        B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
-        B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L00 swiglu backward: dGate, dUp from dAct
-        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        // L00 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
-        B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L00 gate_proj backward: dxn[T,64] += dGate·W + s·(dGate·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
-        B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L00 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
-        // L00 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
-        B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
-        B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L00 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L00 rope backward: rotate dq and dk back
-        B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L00 v_proj backward: dxn[T,64] = dv·W + s·(dv·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dv, _wVProj, T, Hidden, KvDim, accumulate: false);
-        B.LoraBackward(_dxn, lora.VProj.DA, lora.VProj.DB, _loraH, _loraDH, _dv, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L00 k_proj backward: dxn[T,64] += dk·W + s·(dk·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dk, _wKProj, T, Hidden, KvDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.KProj.DA, lora.KProj.DB, _loraH, _loraDH, _dk, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L00 q_proj backward: dxn[T,64] += dq·W + s·(dq·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L00 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
+        // residual backward: output += x2 passes dx on to x2 unchanged
+        // down_proj backward: dAct[T,176] = dx·W + s·(dx·B)·A; dA, dB += with H = act·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
+        Backend.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
+        // swiglu backward: dGate, dUp from dAct
+        Backend.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
+        // up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
+        Backend.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // gate_proj backward: dxn[T,64] += dGate·W + s·(dGate·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
+        Backend.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // post_attention_layernorm backward: dx += rmsnorm'(dxn)
+        Backend.RmsNormBackward(dx, _dxn, _x2, _wPostAttentionNorm, _rstd2, T, Hidden, NormWeightOffset, accumulate: true);
+        // residual backward: x2 += x passes dx on to x unchanged
+        // o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
+        Backend.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
+        // attention backward: dQ, dK, dV from dAtt, the softmax recomputed from att and lse
+        Backend.AttentionBackward(_dQ, _dK, _dV, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, window: 0);
+        // rope backward: rotate dK back
+        Backend.RopeBackward(_dK, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
+        // rope backward: rotate dQ back
+        Backend.RopeBackward(_dQ, _ropeCos, _ropeSin, T, Heads, HeadDim);
+        // v_proj backward: dxn[T,64] = dV·W + s·(dV·B)·A; dA, dB += with H = xn·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dxn, _dV, _wVProj, T, Hidden, KvDim, accumulate: false);
+        Backend.LoraBackward(_dxn, lora.VProj.DA, lora.VProj.DB, _loraH, _loraDH, _dV, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // k_proj backward: dxn[T,64] += dK·W + s·(dK·B)·A; dA, dB += with H = xn·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dxn, _dK, _wKProj, T, Hidden, KvDim, accumulate: true);
+        Backend.LoraBackward(_dxn, lora.KProj.DA, lora.KProj.DB, _loraH, _loraDH, _dK, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // q_proj backward: dxn[T,64] += dQ·W + s·(dQ·B)·A; dA, dB += with H = xn·Aᵀ recomputed
+        Backend.LinearBackwardInput(_dxn, _dQ, _wQProj, T, Hidden, QDim, accumulate: true);
+        Backend.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dQ, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
+        // input_layernorm backward: dx += rmsnorm'(dxn)
+        Backend.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: true);
         ReleaseLayer();
     }
 
-    /// <summary>
-    /// Layer 1: x2 = x + attention(norm(x)); output = x2 + mlp(norm(x2)). With output null (the
-    /// recompute in backward) it stops once down_proj's input is known: backward needs nothing after.
-    /// </summary>
-    private void ForwardLayer01(Tensor? output, Tensor x, int T)
-    {
-        MapLayer(1);
-        var lora = _lora[1];
-
-        // L01 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
-        // L01 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
-        B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L01 k_proj: k[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_k, _xn, _wKProj, _wKBias, T, Hidden, KvDim);
-        B.LoraForward(_k, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L01 v_proj: v[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_v, _xn, _wVProj, _wVBias, T, Hidden, KvDim);
-        B.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L01 rope: rotate q and k by position
-        B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L01 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L01 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
-        B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L01 residual: x2 += x
-        B.AddInPlace(_x2, x, (long)T * Hidden);
-        // L01 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
-        // L01 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L01 up_proj: up[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L01 swiglu: act[T,176] = silu(gate)·up
-        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        if (output is null)
-            return; // the layer's weights stay mapped for its backward
-        // L01 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(output, _act, _wDownProj, null, T, Intermediate, Hidden);
-        B.LoraForward(output, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L01 residual: output += x2
-        B.AddInPlace(output, _x2, (long)T * Hidden);
-        ReleaseLayer();
-    }
-
-    /// <summary>Layer 1 backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
-    private void BackwardLayer01(Tensor dx, Tensor x, int T)
-    {
-        // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardLayer01(null, x, T);
-        ClearGradients(1);
-        var lora = _lora[1];
-
-        // L01 down_proj backward: dAct[T,176] = dx·W + s·(dx·B)·A; dA, dB += with H = act·Aᵀ recomputed
-        B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
-        B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L01 swiglu backward: dGate, dUp from dAct
-        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        // L01 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
-        B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L01 gate_proj backward: dxn[T,64] += dGate·W + s·(dGate·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
-        B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L01 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
-        // L01 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
-        B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
-        B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L01 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L01 rope backward: rotate dq and dk back
-        B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L01 v_proj backward: dxn[T,64] = dv·W + s·(dv·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dv, _wVProj, T, Hidden, KvDim, accumulate: false);
-        B.LoraBackward(_dxn, lora.VProj.DA, lora.VProj.DB, _loraH, _loraDH, _dv, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L01 k_proj backward: dxn[T,64] += dk·W + s·(dk·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dk, _wKProj, T, Hidden, KvDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.KProj.DA, lora.KProj.DB, _loraH, _loraDH, _dk, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L01 q_proj backward: dxn[T,64] += dq·W + s·(dq·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L01 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
-        ReleaseLayer();
-    }
-
-    /// <summary>
-    /// Layer 2: x2 = x + attention(norm(x)); output = x2 + mlp(norm(x2)). With output null (the
-    /// recompute in backward) it stops once down_proj's input is known: backward needs nothing after.
-    /// </summary>
-    private void ForwardLayer02(Tensor? output, Tensor x, int T)
-    {
-        MapLayer(2);
-        var lora = _lora[2];
-
-        // L02 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
-        // L02 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
-        B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L02 k_proj: k[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_k, _xn, _wKProj, _wKBias, T, Hidden, KvDim);
-        B.LoraForward(_k, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L02 v_proj: v[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_v, _xn, _wVProj, _wVBias, T, Hidden, KvDim);
-        B.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L02 rope: rotate q and k by position
-        B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L02 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L02 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
-        B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L02 residual: x2 += x
-        B.AddInPlace(_x2, x, (long)T * Hidden);
-        // L02 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
-        // L02 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L02 up_proj: up[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L02 swiglu: act[T,176] = silu(gate)·up
-        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        if (output is null)
-            return; // the layer's weights stay mapped for its backward
-        // L02 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(output, _act, _wDownProj, null, T, Intermediate, Hidden);
-        B.LoraForward(output, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L02 residual: output += x2
-        B.AddInPlace(output, _x2, (long)T * Hidden);
-        ReleaseLayer();
-    }
-
-    /// <summary>Layer 2 backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
-    private void BackwardLayer02(Tensor dx, Tensor x, int T)
-    {
-        // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardLayer02(null, x, T);
-        ClearGradients(2);
-        var lora = _lora[2];
-
-        // L02 down_proj backward: dAct[T,176] = dx·W + s·(dx·B)·A; dA, dB += with H = act·Aᵀ recomputed
-        B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
-        B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L02 swiglu backward: dGate, dUp from dAct
-        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        // L02 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
-        B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L02 gate_proj backward: dxn[T,64] += dGate·W + s·(dGate·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
-        B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L02 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
-        // L02 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
-        B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
-        B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L02 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L02 rope backward: rotate dq and dk back
-        B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L02 v_proj backward: dxn[T,64] = dv·W + s·(dv·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dv, _wVProj, T, Hidden, KvDim, accumulate: false);
-        B.LoraBackward(_dxn, lora.VProj.DA, lora.VProj.DB, _loraH, _loraDH, _dv, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L02 k_proj backward: dxn[T,64] += dk·W + s·(dk·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dk, _wKProj, T, Hidden, KvDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.KProj.DA, lora.KProj.DB, _loraH, _loraDH, _dk, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L02 q_proj backward: dxn[T,64] += dq·W + s·(dq·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L02 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
-        ReleaseLayer();
-    }
-
-    /// <summary>
-    /// Layer 3: x2 = x + attention(norm(x)); output = x2 + mlp(norm(x2)). With output null (the
-    /// recompute in backward) it stops once down_proj's input is known: backward needs nothing after.
-    /// </summary>
-    private void ForwardLayer03(Tensor? output, Tensor x, int T)
-    {
-        MapLayer(3);
-        var lora = _lora[3];
-
-        // L03 input_layernorm: xn[T,64] = rmsnorm(x)
-        B.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, 0f);
-        // L03 q_proj: q[T,64] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_q, _xn, _wQProj, _wQBias, T, Hidden, QDim);
-        B.LoraForward(_q, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L03 k_proj: k[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_k, _xn, _wKProj, _wKBias, T, Hidden, KvDim);
-        B.LoraForward(_k, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L03 v_proj: v[T,32] = xn[T,64]·Wᵀ + b + s·(xn·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_v, _xn, _wVProj, _wVBias, T, Hidden, KvDim);
-        B.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L03 rope: rotate q and k by position
-        B.RopeForward(_q, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeForward(_k, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L03 attention: att[T,64] = softmax(q·kᵀ/√16, causal)·v, 4 heads over 2 kv heads
-        B.AttentionForward(_att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L03 o_proj: x2[T,64] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
-        B.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L03 residual: x2 += x
-        B.AddInPlace(_x2, x, (long)T * Hidden);
-        // L03 post_attention_layernorm: xn2[T,64] = rmsnorm(x2)
-        B.RmsNormForward(_xn2, _rstd2, _x2, _wPostNorm, T, Hidden, RmsEps, 0f);
-        // L03 gate_proj: gate[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L03 up_proj: up[T,176] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
-        B.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L03 swiglu: act[T,176] = silu(gate)·up
-        B.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        if (output is null)
-            return; // the layer's weights stay mapped for its backward
-        // L03 down_proj: output[T,64] = act[T,176]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
-        B.LinearForward(output, _act, _wDownProj, null, T, Intermediate, Hidden);
-        B.LoraForward(output, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L03 residual: output += x2
-        B.AddInPlace(output, _x2, (long)T * Hidden);
-        ReleaseLayer();
-    }
-
-    /// <summary>Layer 3 backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
-    private void BackwardLayer03(Tensor dx, Tensor x, int T)
-    {
-        // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardLayer03(null, x, T);
-        ClearGradients(3);
-        var lora = _lora[3];
-
-        // L03 down_proj backward: dAct[T,176] = dx·W + s·(dx·B)·A; dA, dB += with H = act·Aᵀ recomputed
-        B.LinearBackwardInput(_dAct, dx, _wDownProj, T, Intermediate, Hidden, accumulate: false);
-        B.LoraBackward(_dAct, lora.DownProj.DA, lora.DownProj.DB, _loraH, _loraDH, dx, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
-        // L03 swiglu backward: dGate, dUp from dAct
-        B.GluBackward(_dGate, _dUp, _dAct, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
-        // L03 up_proj backward: dxn[T,64] = dUp·W + s·(dUp·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dUp, _wUpProj, T, Hidden, Intermediate, accumulate: false);
-        B.LoraBackward(_dxn, lora.UpProj.DA, lora.UpProj.DB, _loraH, _loraDH, _dUp, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L03 gate_proj backward: dxn[T,64] += dGate·W + s·(dGate·B)·A; dA, dB += with H = xn2·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dGate, _wGateProj, T, Hidden, Intermediate, accumulate: true);
-        B.LoraBackward(_dxn, lora.GateProj.DA, lora.GateProj.DB, _loraH, _loraDH, _dGate, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
-        // L03 post_attention_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x2
-        B.RmsNormBackward(dx, _dxn, _x2, _wPostNorm, _rstd2, T, Hidden, 0f, accumulate: true);
-        // L03 o_proj backward: dAtt[T,64] = dx·W + s·(dx·B)·A; dA, dB += with H = att·Aᵀ recomputed
-        B.LinearBackwardInput(_dAtt, dx, _wOProj, T, QDim, Hidden, accumulate: false);
-        B.LoraBackward(_dAtt, lora.OProj.DA, lora.OProj.DB, _loraH, _loraDH, dx, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
-        // L03 attention backward: dq, dk, dv from dAtt, the softmax recomputed from att and lse
-        B.AttentionBackward(_dq, _dk, _dv, _dAtt, _att, _lse, _q, _k, _v, T, Heads, KvHeads, HeadDim, AttentionScale, 0);
-        // L03 rope backward: rotate dq and dk back
-        B.RopeBackward(_dq, _ropeCos, _ropeSin, T, Heads, HeadDim);
-        B.RopeBackward(_dk, _ropeCos, _ropeSin, T, KvHeads, HeadDim);
-        // L03 v_proj backward: dxn[T,64] = dv·W + s·(dv·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dv, _wVProj, T, Hidden, KvDim, accumulate: false);
-        B.LoraBackward(_dxn, lora.VProj.DA, lora.VProj.DB, _loraH, _loraDH, _dv, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L03 k_proj backward: dxn[T,64] += dk·W + s·(dk·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dk, _wKProj, T, Hidden, KvDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.KProj.DA, lora.KProj.DB, _loraH, _loraDH, _dk, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
-        // L03 q_proj backward: dxn[T,64] += dq·W + s·(dq·B)·A; dA, dB += with H = xn·Aᵀ recomputed
-        B.LinearBackwardInput(_dxn, _dq, _wQProj, T, Hidden, QDim, accumulate: true);
-        B.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dq, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
-        // L03 input_layernorm backward: dx += rmsnorm'(dxn); dx is now ∂L/∂x
-        B.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, 0f, accumulate: true);
-        ReleaseLayer();
-    }
-
-    /// <summary>Maps one layer's base weights from the model files into the w* fields.</summary>
+    /// <summary>Maps one layer's base weights from the model files into their fields.</summary>
     private void MapLayer(int layer)
     {
         string p = $"model.layers.{layer}.";
         _wInputNorm = MapWeight(p + "input_layernorm.weight");
         _wQProj = MapWeight(p + "self_attn.q_proj.weight");
-        _wQBias = MapWeight(p + "self_attn.q_proj.bias");
+        _bQProj = MapWeight(p + "self_attn.q_proj.bias");
         _wKProj = MapWeight(p + "self_attn.k_proj.weight");
-        _wKBias = MapWeight(p + "self_attn.k_proj.bias");
+        _bKProj = MapWeight(p + "self_attn.k_proj.bias");
         _wVProj = MapWeight(p + "self_attn.v_proj.weight");
-        _wVBias = MapWeight(p + "self_attn.v_proj.bias");
+        _bVProj = MapWeight(p + "self_attn.v_proj.bias");
         _wOProj = MapWeight(p + "self_attn.o_proj.weight");
+        _wPostAttentionNorm = MapWeight(p + "post_attention_layernorm.weight");
         _wGateProj = MapWeight(p + "mlp.gate_proj.weight");
         _wUpProj = MapWeight(p + "mlp.up_proj.weight");
         _wDownProj = MapWeight(p + "mlp.down_proj.weight");
-        _wPostNorm = MapWeight(p + "post_attention_layernorm.weight");
     }
 
     /// <summary>Gives the running layer's weights back: their pages leave memory until the layer runs again.</summary>
@@ -701,15 +417,15 @@ public sealed class TinyQwen2Trainer : TrainerBase
     {
         ReleaseWeight(_wInputNorm);
         ReleaseWeight(_wQProj);
-        ReleaseWeight(_wQBias);
+        ReleaseWeight(_bQProj);
         ReleaseWeight(_wKProj);
-        ReleaseWeight(_wKBias);
+        ReleaseWeight(_bKProj);
         ReleaseWeight(_wVProj);
-        ReleaseWeight(_wVBias);
+        ReleaseWeight(_bVProj);
         ReleaseWeight(_wOProj);
+        ReleaseWeight(_wPostAttentionNorm);
         ReleaseWeight(_wGateProj);
         ReleaseWeight(_wUpProj);
         ReleaseWeight(_wDownProj);
-        ReleaseWeight(_wPostNorm);
     }
 }

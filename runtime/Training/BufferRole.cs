@@ -1,0 +1,12 @@
+// One definition for both sides of the memory plan: the runtime compiles this file, and the generator
+// links it (generator/LoraCompiler.Generator.csproj) into its own namespace, so the roles the
+// generator plans are the roles the runtime reads.
+#if LORA_GENERATOR
+namespace LoraCompiler.Generator
+#else
+namespace LoraCompiler.Runtime.Training
+#endif
+{
+    /// <summary>What a planned buffer holds, which decides its lifetime within a step.</summary>
+    public enum BufferRole { Checkpoint, Activation, Gradient, Scratch, Weights, LoraParameters, LoraGradients }
+}
