@@ -463,8 +463,8 @@ public sealed partial class LoraGenerator
                 case NormOp n:
                     string form = _s.Traits.NormWeightOffset == 0 ? "w" : $"({Literal(_s.Traits.NormWeightOffset)} + w)";
                     string rows = n.Heads is null ? "T" : $"T * {n.Heads}";
-                    string per = n.Heads is null ? "" : $" over each head's {_s.HeadDim}";
-                    Line($"// {n.Module}: {n.Output} = rmsnorm({n.Input}){per}·{form}");
+                    string per = n.Heads is null ? "" : $", each head's {_s.HeadDim} on its own";
+                    Line($"// {n.Module}: {n.Output} = rmsnorm({n.Input})·{form}{per}");
                     Line($"Backend.RmsNormForward({Ref(n.Output)}, _{n.Rstd}, {Ref(n.Input)}, _{n.WeightField}, {rows}, {n.Width}, RmsEps, NormWeightOffset);");
                     break;
                 case LinearOp { Projection: var p }:
