@@ -10,9 +10,10 @@ public sealed partial class BpeTokenizer
 
     /// <summary>
     /// Reads a Hugging Face tokenizer.json, and tokenizer_config.json from the same folder where there
-    /// is one. A file that is not valid JSON, or describes anything but a byte-level BPE tokenizer
-    /// (a WordPiece or Unigram model, a Metaspace pre-tokenizer, a normalizer this class does not
-    /// implement), throws a <see cref="TokenizerException"/> that names the file and what is wrong.
+    /// is one. A file that is not valid JSON, or describes anything but a byte-level BPE tokenizer or a
+    /// SentencePiece-style BPE one with byte fallback (a WordPiece or Unigram model, a Metaspace
+    /// pre-tokenizer, a normalizer or decoder this class does not implement), throws a
+    /// <see cref="TokenizerException"/> that names the file and what is wrong.
     /// </summary>
     public static BpeTokenizer Load(string tokenizerJsonPath)
     {
@@ -60,19 +61,32 @@ public sealed partial class BpeTokenizer
         if (root.ValueKind != JsonValueKind.Object)
             throw reader.Error("the top level is not a JSON object.");
 
-        // model: byte-level BPE only.
+        // model: BPE, byte-level or SentencePiece-style with byte fallback.
         var model = reader.Object(root, "model", "model");
         string type = reader.OptionalString(model, "type", "model.type") ?? "BPE";
         if (type != "BPE")
-            throw reader.Error($"model.type is '{type}'; only byte-level BPE tokenizers (model.type \"BPE\", as Qwen and Llama 3 use) are supported.");
+            throw reader.Error($"model.type is '{type}'; only BPE tokenizers (model.type \"BPE\": byte-level as Qwen and Llama 3 use, or SentencePiece-style with byte fallback as Gemma uses) are supported.");
         if (model.TryGetProperty("dropout", out var dropout) && dropout.ValueKind == JsonValueKind.Number && dropout.GetDouble() != 0)
             throw reader.Error("model.dropout is set; BPE dropout is not supported.");
         foreach (string affix in new[] { "continuing_subword_prefix", "end_of_word_suffix" })
             if (!string.IsNullOrEmpty(reader.OptionalString(model, affix, $"model.{affix}")))
-                throw reader.Error($"model.{affix} is set; byte-level BPE with subword affixes is not supported.");
-        if (model.TryGetProperty("byte_fallback", out var fallback) && fallback.ValueKind == JsonValueKind.True)
-            throw reader.Error("model.byte_fallback is true, which is for SentencePiece-style BPE; only byte-level BPE is supported.");
-        _ignoreMerges = model.TryGetProperty("ignore_merges", out var ignore) && ignore.ValueKind == JsonValueKind.True;
+                throw reader.Error($"model.{affix} is set; BPE with subword affixes is not supported.");
+        bool byteFallback = reader.Flag(model, "byte_fallback", false, "model");
+        _ignoreMerges = reader.Flag(model, "ignore_merges", false, "model");
+
+        // pre_tokenizer: byte-level BPE ends with a ByteLevel step; SentencePiece-style BPE has none
+        // (Gemma's only splits at spaces, which its normalizer has already replaced with '▁').
+        var steps = new List<PreTokenizerStep>();
+        bool byteLevel = false;
+        bool hasPreTokenizer = root.TryGetProperty("pre_tokenizer", out var preTokenizer) && preTokenizer.ValueKind != JsonValueKind.Null;
+        if (hasPreTokenizer)
+            ReadPreTokenizer(preTokenizer, "pre_tokenizer", steps, ref byteLevel, reader);
+        _preTokenizer = steps;
+        const string supported = "the BPE tokenizers supported are byte-level (a ByteLevel pre-tokenizer, as Qwen and Llama 3) and SentencePiece-style with byte fallback (model.byte_fallback, as Gemma).";
+        if (byteFallback && byteLevel)
+            throw reader.Error("model.byte_fallback is true, which is for SentencePiece-style BPE, but the pre-tokenizer has a ByteLevel step, which is for byte-level BPE; " + supported);
+        if (!byteFallback && !byteLevel)
+            throw reader.Error((hasPreTokenizer ? "pre_tokenizer has no ByteLevel step" : "pre_tokenizer is missing") + " and model.byte_fallback is not true; " + supported);
 
         var vocab = reader.Object(model, "vocab", "model.vocab");
         _vocab = new Dictionary<string, int>(capacity: 160_000, StringComparer.Ordinal);
@@ -85,16 +99,22 @@ public sealed partial class BpeTokenizer
             maxId = Math.Max(maxId, id);
         }
 
-        _byteTokenIds = new int[256];
+        // Every byte needs a token: its GPT-2 character (byte-level) or its <0xNN> piece (byte fallback).
+        var byteTokenIds = new int[256];
         for (int b = 0; b < 256; b++)
         {
-            string symbol = ByteLevel.ByteToChar[b].ToString();
-            if (!_vocab.TryGetValue(symbol, out _byteTokenIds[b]))
-                throw reader.Error($"model.vocab has no token for the byte 0x{b:X2} ('{symbol}'), so it is not a byte-level vocabulary.");
+            string symbol = byteFallback ? ByteFallbackSymbols.BytePiece(b) : ByteLevel.ByteToChar[b].ToString();
+            if (!_vocab.TryGetValue(symbol, out byteTokenIds[b]))
+                throw reader.Error(byteFallback
+                    ? $"model.vocab has no byte piece {symbol}, which model.byte_fallback needs for the byte 0x{b:X2}."
+                    : $"model.vocab has no token for the byte 0x{b:X2} ('{symbol}'), so it is not a byte-level vocabulary.");
         }
+        _symbols = byteFallback
+            ? new ByteFallbackSymbols(_vocab, byteTokenIds, ReadByteFallbackDecoder(root, reader))
+            : new ByteLevelSymbols(byteTokenIds);
 
         var merges = reader.Array(model, "merges", "model.merges");
-        _merges = new Dictionary<long, long>(merges.GetArrayLength());
+        _merges = new Dictionary<long, long>(merges.GetArrayLength(), PairComparer.Instance);
         int rank = 0;
         foreach (var merge in merges.EnumerateArray())
         {
@@ -174,20 +194,11 @@ public sealed partial class BpeTokenizer
         _rawAddedTokens = new AddedTokenMatcher(added.Where(t => !t.Normalized || _normalize is null));
         _normalizedAddedTokens = new AddedTokenMatcher(added.Where(t => t.Normalized && _normalize is not null));
 
-        if (!root.TryGetProperty("pre_tokenizer", out var preTokenizer) || preTokenizer.ValueKind == JsonValueKind.Null)
-            throw reader.Error("pre_tokenizer is missing; byte-level BPE needs a ByteLevel pre-tokenizer.");
-        var steps = new List<PreTokenizerStep>();
-        bool byteLevel = false;
-        ReadPreTokenizer(preTokenizer, "pre_tokenizer", steps, ref byteLevel, reader);
-        if (!byteLevel)
-            throw reader.Error("pre_tokenizer has no ByteLevel step; only byte-level BPE tokenizers are supported.");
-        _preTokenizer = steps;
-
-        if (root.TryGetProperty("decoder", out var decoder) && decoder.ValueKind != JsonValueKind.Null)
+        if (!byteFallback && root.TryGetProperty("decoder", out var decoder) && decoder.ValueKind != JsonValueKind.Null)
         {
             string decoderType = reader.OptionalString(decoder, "type", "decoder.type") ?? "";
             if (decoderType != "ByteLevel")
-                throw reader.Error($"decoder.type is '{decoderType}'; only the ByteLevel decoder is supported.");
+                throw reader.Error($"decoder.type is '{decoderType}'; byte-level BPE is decoded by the ByteLevel decoder only.");
         }
 
         EosToken = config.EosToken;
@@ -210,6 +221,42 @@ public sealed partial class BpeTokenizer
             case "NFKC": return static s => s.Normalize(NormalizationForm.FormKC);
             case "NFKD": return static s => s.Normalize(NormalizationForm.FormKD);
             case "Lowercase": return static s => s.ToLowerInvariant();
+            case "Replace":
+            {
+                // Gemma's: every " " becomes "▁". A Regex pattern runs with .NET's Regex; the content is literal.
+                string content = reader.OptionalString(element, "content", $"{where}.content")
+                                 ?? throw reader.Error($"{where} (Replace) has no content.");
+                var pattern = reader.Object(element, "pattern", $"{where}.pattern");
+                if (pattern.TryGetProperty("String", out var literal) && literal.ValueKind == JsonValueKind.String)
+                {
+                    string text = literal.GetString()!;
+                    if (text.Length == 0)
+                        throw reader.Error($"{where}.pattern is an empty String.");
+                    return s => s.Replace(text, content, StringComparison.Ordinal);
+                }
+                if (pattern.TryGetProperty("Regex", out var r) && r.ValueKind == JsonValueKind.String)
+                {
+                    System.Text.RegularExpressions.Regex regex;
+                    try
+                    {
+                        regex = RegexSplit.Compile(r.GetString()!);
+                    }
+                    catch (ArgumentException e)
+                    {
+                        throw reader.Error($"{where}.pattern {r.GetString()} cannot be used with .NET's Regex: {e.Message}");
+                    }
+                    string replacement = content.Replace("$", "$$", StringComparison.Ordinal);
+                    return s => regex.Replace(s, replacement);
+                }
+                throw reader.Error($"{where}.pattern has neither a Regex nor a String.");
+            }
+            case "Prepend":
+            {
+                // Llama 2's and Mistral's: a "▁" before every non-empty run, as SentencePiece's dummy prefix.
+                string prepend = reader.OptionalString(element, "prepend", $"{where}.prepend")
+                                 ?? throw reader.Error($"{where} (Prepend) has no prepend.");
+                return s => s.Length == 0 ? s : prepend + s;
+            }
             case "Sequence":
             {
                 var parts = new List<Func<string, string>>();
@@ -225,7 +272,7 @@ public sealed partial class BpeTokenizer
                 };
             }
             default:
-                throw reader.Error($"{where}.type is '{type}'; the normalizers supported are NFC, NFD, NFKC, NFKD, Lowercase and Sequence.");
+                throw reader.Error($"{where}.type is '{type}'; the normalizers supported are NFC, NFD, NFKC, NFKD, Lowercase, Replace, Prepend and Sequence.");
         }
     }
 
@@ -279,6 +326,77 @@ public sealed partial class BpeTokenizer
             default:
                 throw reader.Error($"{where}.type is '{type}'; the pre-tokenizers supported are Sequence, Split and ByteLevel.");
         }
+    }
+
+    /// <summary>
+    /// The decoder of a SentencePiece-style tokenizer: Replace steps with a String pattern, ByteFallback
+    /// and Fuse in any order, and a Strip after Fuse (Llama 2's, which removes the space its Prepend
+    /// normalizer added), alone or in a Sequence.
+    /// </summary>
+    private static ByteFallbackDecoder ReadByteFallbackDecoder(JsonElement root, Reader reader)
+    {
+        if (!root.TryGetProperty("decoder", out var decoder) || decoder.ValueKind == JsonValueKind.Null)
+            throw reader.Error("decoder is missing; SentencePiece-style BPE needs one (Replace '▁' with ' ', ByteFallback, Fuse) to turn tokens back into text.");
+        var steps = new List<(JsonElement Step, string Where)>();
+        if (decoder.ValueKind == JsonValueKind.Object && reader.OptionalString(decoder, "type", "decoder.type") == "Sequence")
+        {
+            int i = 0;
+            foreach (var step in reader.Array(decoder, "decoders", "decoder.decoders").EnumerateArray())
+                steps.Add((step, $"decoder.decoders[{i++}]"));
+        }
+        else
+        {
+            steps.Add((decoder, "decoder"));
+        }
+
+        var replacements = new List<(string Pattern, string Content)>();
+        bool byteFallback = false, fused = false;
+        (char Content, int Start, int Stop)? strip = null;
+        foreach (var (step, where) in steps)
+        {
+            if (step.ValueKind != JsonValueKind.Object)
+                throw reader.Error($"{where} is not an object.");
+            string type = reader.OptionalString(step, "type", $"{where}.type") ?? "";
+            if (strip is not null)
+                throw reader.Error($"{where} ({type}) comes after Strip; Strip must be the last decoder.");
+            switch (type)
+            {
+                case "Replace":
+                {
+                    var pattern = reader.Object(step, "pattern", $"{where}.pattern");
+                    if (!pattern.TryGetProperty("String", out var literal) || literal.ValueKind != JsonValueKind.String || literal.GetString()!.Length == 0)
+                        throw reader.Error($"{where}.pattern is not a non-empty String; the Replace decoder supports String patterns only.");
+                    string content = reader.OptionalString(step, "content", $"{where}.content")
+                                     ?? throw reader.Error($"{where} (Replace) has no content.");
+                    replacements.Add((literal.GetString()!, content));
+                    break;
+                }
+                case "ByteFallback":
+                    byteFallback = true;
+                    break;
+                case "Fuse":
+                    fused = true;
+                    break;
+                case "Strip":
+                {
+                    if (!fused)
+                        throw reader.Error($"{where} (Strip) comes before Fuse; only a Strip of the fused text is supported.");
+                    string content = reader.OptionalString(step, "content", $"{where}.content") ?? "";
+                    if (content.Length != 1)
+                        throw reader.Error($"{where}.content is not one character.");
+                    strip = (content[0], Count(step, "start", where, reader), Count(step, "stop", where, reader));
+                    break;
+                }
+                default:
+                    throw reader.Error($"{where}.type is '{type}'; the decoders supported for SentencePiece-style BPE are Sequence, Replace, ByteFallback, Fuse and Strip.");
+            }
+        }
+        return new ByteFallbackDecoder(replacements, byteFallback, strip);
+
+        static int Count(JsonElement step, string name, string where, Reader reader) =>
+            !step.TryGetProperty(name, out var value) || value.ValueKind == JsonValueKind.Null ? 0
+            : value.ValueKind == JsonValueKind.Number && value.TryGetInt32(out int n) && n >= 0 ? n
+            : throw reader.Error($"{where}.{name} is not a non-negative integer.");
     }
 
     /// <summary>The special token a TemplateProcessing post-processor puts before a single sequence, or null.</summary>

@@ -5,25 +5,30 @@ using System.Text;
 namespace LoraCompiler.Runtime.Data;
 
 /// <summary>
-/// A byte-level BPE tokenizer read from a Hugging Face <c>tokenizer.json</c>, as Qwen2, Qwen2.5, Qwen3
-/// and Llama 3 ship it. Encoding runs the same pipeline as Hugging Face's tokenizers:
+/// A BPE tokenizer read from a Hugging Face <c>tokenizer.json</c>, in either of two modes
+/// (<see cref="BpeMode"/>): byte-level, as Qwen2, Qwen2.5, Qwen3 and Llama 3 ship it, or
+/// SentencePiece-style with byte fallback, as Gemma ships it. Encoding runs the same pipeline as
+/// Hugging Face's tokenizers:
 /// <list type="number">
-/// <item>added tokens (<c>&lt;|im_start|&gt;</c>, <c>&lt;|eot_id|&gt;</c>, …) are cut out of the text whole;</item>
-/// <item>the runs between them are normalized (Qwen: NFC) and pre-tokenized: the Split pattern cuts
-/// words, numbers, punctuation and whitespace apart, and each piece becomes its UTF-8 bytes written
-/// with GPT-2's byte-to-character map;</item>
-/// <item>BPE merges each piece's adjacent symbols lowest rank first (<c>ignore_merges</c>, as Llama 3
-/// sets it, first takes a piece that is itself in the vocabulary whole).</item>
+/// <item>added tokens (<c>&lt;|im_start|&gt;</c>, <c>&lt;|eot_id|&gt;</c>, <c>&lt;start_of_turn&gt;</c>, …) are cut out of the text whole;</item>
+/// <item>the runs between them are normalized (Qwen: NFC; Gemma: each space becomes '▁') and
+/// pre-tokenized: Qwen's and Llama 3's Split pattern cuts words, numbers, punctuation and whitespace
+/// apart (Gemma's splits nothing, spaces being gone); byte-level BPE then writes each piece's UTF-8
+/// bytes with GPT-2's byte-to-character map;</item>
+/// <item>BPE merges each piece's adjacent symbols lowest rank first, starting from one symbol per byte
+/// (byte-level) or per character, a character the vocabulary lacks becoming its <c>&lt;0xNN&gt;</c>
+/// byte pieces (SentencePiece). <c>ignore_merges</c>, as Llama 3 sets it, first takes a piece that is
+/// itself in the vocabulary whole.</item>
 /// </list>
-/// Decoding maps the tokens back to bytes and reads them as UTF-8. Instances are immutable apart from
-/// a per-piece cache and are safe to use from several threads.
+/// Decoding maps the tokens back to bytes (byte-level characters, '▁' as a space, byte pieces) and
+/// reads them as UTF-8. Instances are immutable apart from a per-piece cache and are safe to use from
+/// several threads.
 /// </summary>
 public sealed partial class BpeTokenizer
 {
-    private const int MaxCachedPieceLength = 256;
     private const int CacheCapacity = 200_000;
 
-    /// <summary>model.vocab: byte-level token → id.</summary>
+    /// <summary>model.vocab: token (as the file writes it) → id.</summary>
     private readonly Dictionary<string, int> _vocab;
     /// <summary>The added tokens by content.</summary>
     private readonly Dictionary<string, int> _addedByContent;
@@ -31,8 +36,8 @@ public sealed partial class BpeTokenizer
     private readonly bool[] _isSpecial;
     /// <summary>Merges by the pair's ids (left &lt;&lt; 32 | right): rank &lt;&lt; 32 | the merged token's id.</summary>
     private readonly Dictionary<long, long> _merges;
-    /// <summary>The id of the one-character token of each byte.</summary>
-    private readonly int[] _byteTokenIds;
+    /// <summary>Words to first symbols and tokens to bytes, by <see cref="Mode"/>.</summary>
+    private readonly BpeSymbols _symbols;
     private readonly bool _ignoreMerges;
     private readonly Func<string, string>? _normalize;
     private readonly IReadOnlyList<PreTokenizerStep> _preTokenizer;
@@ -40,6 +45,9 @@ public sealed partial class BpeTokenizer
     private readonly AddedTokenMatcher _normalizedAddedTokens;
     private readonly ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
     private int _cacheCount;
+
+    /// <summary>Byte-level or SentencePiece-style BPE, from tokenizer.json's model.byte_fallback and pre-tokenizer.</summary>
+    public BpeMode Mode => _symbols.Mode;
 
     /// <summary>The number of token ids: one more than the highest id of the vocabulary and the added tokens.</summary>
     public int VocabSize => _idToToken.Length;
@@ -78,7 +86,10 @@ public sealed partial class BpeTokenizer
     /// <summary><c>chat_template</c> of tokenizer_config.json (the default one where there are several), or null.</summary>
     public string? ChatTemplate { get; }
 
-    /// <summary>The id of a token of the vocabulary or an added token, written as in tokenizer.json (byte-level, 'Ġ' for a space), or null.</summary>
+    /// <summary>
+    /// The id of a token of the vocabulary or an added token, written as in tokenizer.json ('Ġ' for a
+    /// space in byte-level vocabularies, '▁' in SentencePiece ones, <c>&lt;0x0A&gt;</c> for a byte piece), or null.
+    /// </summary>
     public int? TokenId(string token) =>
         _addedByContent.TryGetValue(token, out int id) || _vocab.TryGetValue(token, out id) ? id : null;
 
@@ -146,38 +157,38 @@ public sealed partial class BpeTokenizer
         {
             if (piece.Length == 0)
                 continue;
-            string word = ByteLevel.Encode(piece);
+            string word = _symbols.Word(piece);
             if (_cache.TryGetValue(word, out var cached))
             {
                 output.AddRange(cached);
                 continue;
             }
             int[] ids = Bpe(word);
-            if (word.Length <= MaxCachedPieceLength && Volatile.Read(ref _cacheCount) < CacheCapacity && _cache.TryAdd(word, ids))
+            if (word.Length <= _symbols.MaxCachedWordLength && Volatile.Read(ref _cacheCount) < CacheCapacity && _cache.TryAdd(word, ids))
                 Interlocked.Increment(ref _cacheCount);
             output.AddRange(ids);
         }
     }
 
     /// <summary>
-    /// BPE over one byte-level word: start from one symbol per byte and apply the lowest-ranked merge
-    /// of any adjacent pair, leftmost first among equal ranks, until no pair has a merge.
+    /// BPE over one word: start from its first symbols (bytes, or characters and byte pieces) and apply
+    /// the lowest-ranked merge of any adjacent pair, leftmost first among equal ranks, until no pair
+    /// has a merge.
     /// </summary>
     private int[] Bpe(string word)
     {
         if (_ignoreMerges && _vocab.TryGetValue(word, out int whole))
             return [whole];
-        int n = word.Length;
-        if (n == 1)
-            return [_byteTokenIds[ByteLevel.CharToByte[word[0]]]];
+        int[] ids = _symbols.Symbols(word);
+        int n = ids.Length;
+        if (n <= 1)
+            return ids;
 
         // Symbols as a linked list over positions; a merged-away symbol gets id −1.
-        var ids = new int[n];
         var prev = new int[n];
         var next = new int[n];
         for (int i = 0; i < n; i++)
         {
-            ids[i] = _byteTokenIds[ByteLevel.CharToByte[word[i]]];
             prev[i] = i - 1;
             next[i] = i + 1 < n ? i + 1 : -1;
         }
@@ -221,10 +232,26 @@ public sealed partial class BpeTokenizer
     private static long PairKey(int left, int right) => ((long)left << 32) | (uint)right;
 
     /// <summary>
-    /// The text of token ids: each token's bytes (its byte-level characters mapped back; an added
-    /// token's own text) read as UTF-8, with U+FFFD for bytes that do not form valid UTF-8 (a sequence
-    /// cut inside a character). Nothing is cleaned up (no clean_up_tokenization_spaces), so
-    /// Decode(Encode(text)) is the text, normalized as the tokenizer normalizes (Qwen: NFC).
+    /// Hashes a pair key by mixing all its bits. long's own hash is left ^ right, which puts the pairs
+    /// of frequent (low-id) tokens, the ones BPE asks about most, into a few crowded buckets: hundreds
+    /// of merges share one in Gemma's and Qwen's vocabularies, making every lookup a long scan.
+    /// </summary>
+    private sealed class PairComparer : IEqualityComparer<long>
+    {
+        public static readonly PairComparer Instance = new();
+
+        public bool Equals(long x, long y) => x == y;
+
+        public int GetHashCode(long key) => (int)(((ulong)key * 0x9E3779B97F4A7C15UL) >> 32);
+    }
+
+    /// <summary>
+    /// The text of token ids: each token's bytes (byte-level: its characters mapped back, an added
+    /// token's own text; SentencePiece: '▁' as a space, a byte piece as its byte) read as UTF-8, with
+    /// U+FFFD for bytes that do not form valid UTF-8 (a sequence cut inside a character; Hugging Face
+    /// writes one per byte there, .NET one per invalid sequence). Nothing is cleaned up (no
+    /// clean_up_tokenization_spaces), so Decode(Encode(text)) is the text, normalized as the tokenizer
+    /// normalizes (Qwen: NFC; Gemma: a '▁' of the text comes back as a space).
     /// </summary>
     public string Decode(ReadOnlySpan<int> ids, bool skipSpecialTokens = false)
     {
@@ -234,8 +261,8 @@ public sealed partial class BpeTokenizer
             string token = Token(id) ?? throw new ArgumentOutOfRangeException(nameof(ids), id, $"Token id {id} is not in the vocabulary of {Source} (0 to {VocabSize - 1}).");
             if (skipSpecialTokens && _isSpecial[id])
                 continue;
-            ByteLevel.AppendBytes(token, bytes);
+            _symbols.AppendBytes(token, bytes);
         }
-        return Encoding.UTF8.GetString(CollectionsMarshal.AsSpan(bytes));
+        return _symbols.Finish(Encoding.UTF8.GetString(CollectionsMarshal.AsSpan(bytes)));
     }
 }

@@ -75,3 +75,31 @@ internal static class ByteLevel
             output.Add((byte)CharToByte[c]);
     }
 }
+
+/// <summary>Byte-level BPE's symbols: one per UTF-8 byte, as the vocabulary's one-character byte tokens.</summary>
+internal sealed class ByteLevelSymbols : BpeSymbols
+{
+    /// <summary>The id of the one-character token of each byte.</summary>
+    private readonly int[] _byteTokenIds;
+
+    public ByteLevelSymbols(int[] byteTokenIds)
+    {
+        _byteTokenIds = byteTokenIds;
+    }
+
+    public override BpeMode Mode => BpeMode.ByteLevel;
+
+    public override int MaxCachedWordLength => 256;
+
+    public override string Word(string piece) => ByteLevel.Encode(piece);
+
+    public override int[] Symbols(string word)
+    {
+        var ids = new int[word.Length];
+        for (int i = 0; i < word.Length; i++)
+            ids[i] = _byteTokenIds[ByteLevel.CharToByte[word[i]]];
+        return ids;
+    }
+
+    public override void AppendBytes(string token, List<byte> output) => ByteLevel.AppendBytes(token, output);
+}

@@ -21,6 +21,15 @@ public enum ChatFormat
     /// per message, the content trimmed of surrounding whitespace as Llama 3's chat template does.
     /// </summary>
     Llama3,
+
+    /// <summary>
+    /// Gemma's turns: BOS, then <c>&lt;start_of_turn&gt;{role}\n{content}&lt;end_of_turn&gt;\n</c> per
+    /// message with the role "assistant" written "model" and the content trimmed, as Gemma 3's chat
+    /// template does. Gemma has no system turn: a system message, allowed only first, is put before
+    /// the first user message's content followed by a blank line, and the other messages must
+    /// alternate user, assistant, user, … (the template raises an error otherwise).
+    /// </summary>
+    Gemma,
 }
 
 /// <summary>
@@ -31,17 +40,19 @@ public enum ChatFormat
 /// <item>text: [BOS] text EOS, everything after BOS in the loss;</item>
 /// <item>prompt and completion: [BOS] prompt completion EOS, only the completion and EOS in the loss;</item>
 /// <item>messages: the conversation in the tokenizer's chat format, only the assistant turns'
-/// content and the token that closes each (<c>&lt;|im_end|&gt;</c>, <c>&lt;|eot_id|&gt;</c>) in the loss.</item>
+/// content and the token that closes each (<c>&lt;|im_end|&gt;</c>, <c>&lt;|eot_id|&gt;</c>,
+/// <c>&lt;end_of_turn&gt;</c>) in the loss.</item>
 /// </list>
 /// BOS is put first where the tokenizer's <see cref="BpeTokenizer.AddBosToken"/> says so (and always
-/// for Llama 3's chat format, whose template writes it).
+/// for Llama 3's and Gemma's chat formats, whose templates write it).
 /// </summary>
 /// <remarks>
 /// Each piece (a header, a message's content, a closing marker) is tokenized on its own and the ids
 /// are concatenated, so that every token belongs to one piece and the loss boundary is exact. This
 /// gives the same ids as tokenizing the whole rendered string, except where a piece starts with
 /// whitespace that the tokenizer would have joined to the end of the previous piece (a ChatML content
-/// that starts with a newline, say); Llama 3's trimmed contents never do.
+/// that starts with a newline, say); Llama 3's and Gemma's trimmed contents never do, and Gemma's
+/// newlines are added tokens, which cut the text apart anyway.
 /// </remarks>
 public sealed class ExampleEncoder
 {
@@ -64,7 +75,11 @@ public sealed class ExampleEncoder
     /// <summary>The chat format conversations are written in, or null where the tokenizer has the special tokens of none.</summary>
     public ChatFormat? ChatFormat { get; }
 
-    /// <summary>ChatML where the tokenizer has &lt;|im_start|&gt; and &lt;|im_end|&gt;, Llama 3 where it has its header tokens and &lt;|eot_id|&gt;, otherwise null.</summary>
+    /// <summary>
+    /// ChatML where the tokenizer has &lt;|im_start|&gt; and &lt;|im_end|&gt;, Llama 3 where it has its
+    /// header tokens and &lt;|eot_id|&gt;, Gemma where it has &lt;start_of_turn&gt; and &lt;end_of_turn&gt;,
+    /// otherwise null.
+    /// </summary>
     public static ChatFormat? DetectChatFormat(BpeTokenizer tokenizer)
     {
         if (tokenizer.TokenId("<|im_start|>") is not null && tokenizer.TokenId("<|im_end|>") is not null)
@@ -72,6 +87,8 @@ public sealed class ExampleEncoder
         if (tokenizer.TokenId("<|start_header_id|>") is not null && tokenizer.TokenId("<|end_header_id|>") is not null
             && tokenizer.TokenId("<|eot_id|>") is not null)
             return Data.ChatFormat.Llama3;
+        if (tokenizer.TokenId("<start_of_turn>") is not null && tokenizer.TokenId("<end_of_turn>") is not null)
+            return Data.ChatFormat.Gemma;
         return null;
     }
 
@@ -94,7 +111,11 @@ public sealed class ExampleEncoder
         return example.Build();
     }
 
-    /// <summary>A conversation in <see cref="ChatFormat"/>, only the assistant turns (content and closing token) in the loss.</summary>
+    /// <summary>
+    /// A conversation in <see cref="ChatFormat"/>, only the assistant turns (content and closing token)
+    /// in the loss. An unknown role, or in Gemma's format a conversation its template refuses, throws
+    /// an <see cref="ArgumentException"/>.
+    /// </summary>
     public (int[] Tokens, int[] Targets) Messages(IReadOnlyList<ChatMessage> messages)
     {
         foreach (var message in messages)
@@ -104,8 +125,9 @@ public sealed class ExampleEncoder
         {
             Data.ChatFormat.ChatML => ChatML(messages),
             Data.ChatFormat.Llama3 => Llama3(messages),
+            Data.ChatFormat.Gemma => Gemma(messages),
             _ => throw new InvalidOperationException(
-                $"The tokenizer {_tokenizer.Source} has neither ChatML's <|im_start|>/<|im_end|> nor Llama 3's header tokens, so conversations cannot be written out."),
+                $"The tokenizer {_tokenizer.Source} has neither ChatML's <|im_start|>/<|im_end|>, Llama 3's header tokens nor Gemma's <start_of_turn>/<end_of_turn>, so conversations cannot be written out."),
         };
     }
 
@@ -145,6 +167,45 @@ public sealed class ExampleEncoder
             example.Add(blankLine, loss: false);
             example.Add(Encode(message.Content.Trim()), loss);
             example.Add(end, loss);
+        }
+        return example.Build();
+    }
+
+    private (int[] Tokens, int[] Targets) Gemma(IReadOnlyList<ChatMessage> messages)
+    {
+        int start = Special("<start_of_turn>");
+        int end = Special("<end_of_turn>");
+        int[] newline = _tokenizer.Encode("\n", allowSpecialTokens: false);
+        var example = new ExampleBuilder();
+        if (_tokenizer.BosId is int bos)
+            example.Add(bos, loss: false);
+
+        // The template: a leading system message becomes a prefix of the first user turn (not trimmed,
+        // then a blank line); the turns after it must go user, assistant, user, ...
+        string firstUserPrefix = "";
+        int first = 0;
+        if (messages.Count > 0 && messages[0].Role == "system")
+        {
+            if (messages.Count == 1 || messages[1].Role != "user")
+                throw new ArgumentException("Gemma's chat format has no system turn: a system message must be followed by a user message, into which it is folded.");
+            firstUserPrefix = messages[0].Content + "\n\n";
+            first = 1;
+        }
+        for (int i = first; i < messages.Count; i++)
+        {
+            var message = messages[i];
+            string expected = (i - first) % 2 == 0 ? "user" : "assistant";
+            if (message.Role != expected)
+                throw new ArgumentException(
+                    $"Gemma's chat format needs roles that alternate user/assistant/user/assistant/... (after an optional first system message); message {i} is {message.Role}, where {expected} was expected.");
+            bool loss = message.Role == "assistant";
+            example.Add(start, loss: false);
+            example.Add(_tokenizer.Encode((loss ? "model" : "user") + "\n", allowSpecialTokens: false), loss: false);
+            if (i == first && firstUserPrefix.Length > 0)
+                example.Add(Encode(firstUserPrefix), loss: false);
+            example.Add(Encode(message.Content.Trim()), loss);
+            example.Add(end, loss);
+            example.Add(newline, loss: false);
         }
         return example.Build();
     }

@@ -34,11 +34,12 @@ public sealed record TrainingDataOptions
 /// <item><c>{"text": "..."}</c>: the whole text is learned, and EOS after it;</item>
 /// <item><c>{"prompt": "...", "completion": "..."}</c>: only the completion (and EOS) is learned;</item>
 /// <item><c>{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}</c>: a
-/// conversation in the tokenizer's chat format (Qwen's ChatML, Llama 3's headers), only the
-/// assistant turns learned.</item>
+/// conversation in the tokenizer's chat format (Qwen's ChatML, Llama 3's headers, Gemma's turns),
+/// only the assistant turns learned.</item>
 /// </list>
 /// Other members of a line (an "id", say) are ignored. A line that is not JSON, has none or more than
-/// one of these shapes, a member of the wrong type or an unknown role throws a
+/// one of these shapes, a member of the wrong type, an unknown role or a conversation the chat format
+/// refuses (Gemma's: roles that do not alternate) throws a
 /// <see cref="TrainingDataException"/> that names the file and the line.
 /// </summary>
 public sealed class TrainingData
@@ -153,8 +154,9 @@ public sealed class TrainingData
                 }
                 return encoder.Messages(Messages(messagesElement));
             }
-            catch (InvalidOperationException e)
+            catch (Exception e) when (e is InvalidOperationException or ArgumentException)
             {
+                // The encoder's refusals: a tokenizer without the tokens a shape needs, a conversation its chat format refuses.
                 throw Error(e.Message, e);
             }
         }

@@ -6,19 +6,21 @@ namespace LoraCompiler.Tests.Data;
 
 /// <summary>
 /// The tokenizer against token ids that @lenml/tokenizers (a JavaScript implementation) produced from
-/// the real Qwen3 and Llama 3 tokenizer files (Data/TestData/README.md says how), and its behaviour
-/// on small tokenizer files built to order.
+/// the real Qwen3, Llama 3 and Gemma 3 tokenizer files (Data/TestData/README.md says how), and its
+/// behaviour on small tokenizer files built to order. HuggingFaceTokenizerTests checks the same files
+/// against Hugging Face's own implementation.
 /// </summary>
 public class BpeTokenizerTests
 {
     [Theory]
-    [InlineData("qwen3")]
-    [InlineData("llama3")]
-    public void Encodes_every_reference_text_to_the_reference_ids(string name)
+    [InlineData("qwen3", 228)]
+    [InlineData("llama3", 228)]
+    [InlineData("gemma3", 457)]
+    public void Encodes_every_reference_text_to_the_reference_ids(string name, int count)
     {
         var tokenizer = TestTokenizers.Get(name);
         var cases = TestTokenizers.Reference(name);
-        Assert.Equal(228, cases.Count);
+        Assert.Equal(count, cases.Count);
 
         var mismatches = new List<string>();
         foreach (var (text, expected) in cases)
@@ -33,13 +35,20 @@ public class BpeTokenizerTests
     [Theory]
     [InlineData("qwen3")]
     [InlineData("llama3")]
+    [InlineData("gemma3")]
     public void Decoding_the_ids_gives_back_the_text(string name)
     {
         var tokenizer = TestTokenizers.Get(name);
         foreach (var (text, ids) in TestTokenizers.Reference(name))
         {
-            // Qwen normalizes to NFC before tokenizing, so NFC is what comes back; Llama 3 has no normalizer.
-            string expected = name == "qwen3" ? text.Normalize(NormalizationForm.FormC) : text;
+            // Qwen normalizes to NFC before tokenizing, so NFC is what comes back; Llama 3 has no
+            // normalizer; Gemma's decoder turns every '▁' into a space, a '▁' of the text included.
+            string expected = name switch
+            {
+                "qwen3" => text.Normalize(NormalizationForm.FormC),
+                "gemma3" => text.Replace('▁', ' '),
+                _ => text,
+            };
             Assert.Equal(expected, tokenizer.Decode(ids));
         }
     }
@@ -84,6 +93,57 @@ public class BpeTokenizerTests
     }
 
     [Fact]
+    public void Gemma3_reads_the_vocabulary_merges_and_config()
+    {
+        var gemma = TestTokenizers.Gemma3;
+        Assert.Equal(BpeMode.SentencePiece, gemma.Mode);
+        Assert.Equal(BpeMode.ByteLevel, TestTokenizers.Qwen3.Mode);
+        Assert.Equal(262_144, gemma.ModelVocabSize);
+        Assert.Equal(514_906, gemma.MergeCount);
+        Assert.Equal(262_145, gemma.VocabSize); // <image_soft_token> (262,144) is added after the vocabulary
+        Assert.Equal(6_415, gemma.AddedTokens.Count);
+        Assert.Equal("<bos>", gemma.BosToken);
+        Assert.Equal(2, gemma.BosId);
+        Assert.True(gemma.AddBosToken);
+        Assert.Equal("<end_of_turn>", gemma.EosToken);
+        Assert.Equal(106, gemma.EosId);
+        Assert.Equal(105, gemma.TokenId("<start_of_turn>"));
+        Assert.Equal(236_743, gemma.TokenId("▁"));
+        Assert.Equal(238, gemma.TokenId("<0x00>"));
+        Assert.Equal(303, gemma.TokenId("<0x41>"));
+        Assert.Contains("<start_of_turn>", gemma.ChatTemplate);
+        Assert.True(gemma.IsSpecial(105));
+        Assert.False(gemma.IsSpecial(107)); // "\n" is an added token, not a special one
+        // Known values: "Hello world" is [9259, 1902] after <bos> in Hugging Face's Gemma 3 tokenizer.
+        Assert.Equal([9259, 1902], gemma.Encode("Hello world"));
+    }
+
+    [Fact]
+    public void Gemma3_writes_spaces_as_lower_blocks_and_unknown_characters_as_byte_pieces()
+    {
+        var gemma = TestTokenizers.Gemma3;
+        // U+10FFFD (private use) is not in the vocabulary: its four UTF-8 bytes F4 8F BF BD become pieces.
+        int[] ids = gemma.Encode("\U0010FFFD");
+        Assert.Equal(["<0xF4>", "<0x8F>", "<0xBF>", "<0xBD>"], ids.Select(gemma.Token));
+        Assert.Equal("\U0010FFFD", gemma.Decode(ids));
+        // A character of the vocabulary is one token, its UTF-8 bytes notwithstanding.
+        Assert.Equal(gemma.TokenId("中"), gemma.Encode("中").Single());
+        // Two spaces are "▁▁" (an added token that BPE also reaches by merging), and decode as spaces again.
+        int[] spaces = gemma.Encode("a  b");
+        Assert.Equal(["a", "▁▁", "b"], spaces.Select(gemma.Token));
+        Assert.Equal("a  b", gemma.Decode(spaces));
+        // Newlines and tab runs are non-special added tokens: matched even when special tokens are off.
+        Assert.Equal(gemma.TokenId("\n\n\n"), gemma.Encode("\n\n\n", allowSpecialTokens: false).Single());
+        Assert.Equal(gemma.TokenId("\t\t"), gemma.Encode("\t\t").Single());
+        // Special tokens can be turned off; <bos> then becomes the characters it is made of.
+        Assert.Equal(2, gemma.Encode("<bos>").Single());
+        int[] plain = gemma.Encode("<bos>", allowSpecialTokens: false);
+        Assert.DoesNotContain(plain, gemma.IsSpecial);
+        Assert.Equal("<bos>", gemma.Decode(plain));
+        Assert.Equal("x", gemma.Decode(gemma.Encode("<bos>x"), skipSpecialTokens: true));
+    }
+
+    [Fact]
     public void Special_tokens_are_matched_whole_and_can_be_turned_off()
     {
         var qwen = TestTokenizers.Qwen3;
@@ -111,6 +171,7 @@ public class BpeTokenizerTests
     [Theory]
     [InlineData("qwen3")]
     [InlineData("llama3")]
+    [InlineData("gemma3")]
     public void Encoding_from_several_threads_gives_the_same_ids(string name)
     {
         var tokenizer = TestTokenizers.Get(name);
@@ -165,6 +226,52 @@ public class BpeTokenizerTests
     }
 
     [Fact]
+    public void SentencePiece_merges_characters_and_falls_back_to_bytes()
+    {
+        var tiny = BpeTokenizer.Load(TestTokenizers.WriteTinySentencePiece("ehlow",
+            [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("▁", "w"), ("▁w", "o")]));
+        Assert.Equal(BpeMode.SentencePiece, tiny.Mode);
+        int Id(string token) => tiny.TokenId(token)!.Value;
+        Assert.Equal([Id("hello"), Id("▁wo")], tiny.Encode("hello wo"));
+        // 'i' and 'ж' are not in the vocabulary: their UTF-8 bytes become <0x69> and <0xD0><0xB6>.
+        int[] ids = tiny.Encode("hi ж");
+        Assert.Equal([Id("h"), 0x69, Id("▁"), 0xD0, 0xB6], ids);
+        Assert.Equal("hi ж", tiny.Decode(ids));
+        // An astral character is one symbol of four bytes; a byte piece cut from its character decodes as U+FFFD.
+        Assert.Equal([0xF0, 0x9F, 0x98, 0x80], tiny.Encode("😀"));
+        Assert.Equal("\uFFFD", tiny.Decode([0xD0]));
+        Assert.Equal("", tiny.Decode(tiny.Encode("")));
+    }
+
+    [Fact]
+    public void A_prepend_normalizer_adds_a_space_to_each_run_and_a_strip_decoder_takes_it_off()
+    {
+        // Llama 2's layout: Prepend "▁" then Replace, no pre-tokenizer, Strip(" ", 1, 0) after Fuse.
+        string added = """[{"id": 400, "content": "<x>", "special": true, "normalized": false}]""";
+        var tiny = BpeTokenizer.Load(TestTokenizers.WriteTinySentencePiece("ehlow",
+            [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("▁", "w"), ("▁w", "o")], prependAndStrip: true, addedTokensJson: added));
+        int Id(string token) => tiny.TokenId(token)!.Value;
+        Assert.Equal([Id("▁"), Id("hello"), Id("▁wo")], tiny.Encode("hello wo"));
+        // Each run between added tokens is normalized on its own, so each gets its '▁'.
+        Assert.Equal([Id("▁"), Id("hello"), 400, Id("▁wo")], tiny.Encode("hello<x>wo"));
+        Assert.Empty(tiny.Encode(""));
+        Assert.Equal("hello wo", tiny.Decode(tiny.Encode("hello wo")));
+        Assert.Equal(" wo", tiny.Decode([Id("▁"), Id("▁wo")])); // only one leading space is stripped
+    }
+
+    [Fact]
+    public void Many_added_tokens_with_a_common_start_are_matched_longest_first()
+    {
+        // Gemma's 6,000 <unusedN> tokens share '<' and "<unused": the longest full match wins, and a
+        // prefix of a token that does not complete is text.
+        var gemma = TestTokenizers.Gemma3;
+        Assert.Equal([gemma.TokenId("<unused12>")!.Value], gemma.Encode("<unused12>"));
+        Assert.Equal(gemma.TokenId("<unused1>"), gemma.Encode("<unused1>2")[0]);
+        Assert.DoesNotContain(gemma.TokenId("<unused1>")!.Value, gemma.Encode("<unused1"));
+        Assert.Equal([gemma.TokenId("<table>")!.Value, gemma.TokenId("<tr>")!.Value], gemma.Encode("<table><tr>"));
+    }
+
+    [Fact]
     public void Characters_outside_the_basic_plane_count_as_their_category()
     {
         // 𝐀 (U+1D400) is a letter and 𝟙 (U+1D7D9) a number to \p{L} and \p{N}, although .NET sees surrogates.
@@ -197,16 +304,16 @@ public class BpeTokenizerTests
     }
 
     [Theory]
-    [InlineData("unigram", "model.type is 'Unigram'; only byte-level BPE tokenizers")]
+    [InlineData("unigram", "model.type is 'Unigram'; only BPE tokenizers")]
     [InlineData("wordpiece", "model.type is 'WordPiece'")]
     [InlineData("metaspace", "pre_tokenizer.pretokenizers[1].type is 'Metaspace'")]
-    [InlineData("no-byte-level", "pre_tokenizer has no ByteLevel step")]
+    [InlineData("no-byte-level", "pre_tokenizer has no ByteLevel step and model.byte_fallback is not true")]
     [InlineData("decoder", "decoder.type is 'Metaspace'")]
     [InlineData("normalizer", "normalizer.type is 'Precompiled'")]
     [InlineData("merge-unknown", "model.merges[0] (h q9) uses a token that model.vocab does not have")]
     [InlineData("merge-one-token", "model.merges[0] is \"he\", not two tokens")]
     [InlineData("merge-number", "model.merges[0] is 7, neither")]
-    [InlineData("byte-fallback", "model.byte_fallback is true")]
+    [InlineData("byte-fallback", "model.byte_fallback is true, which is for SentencePiece-style BPE, but the pre-tokenizer has a ByteLevel step")]
     [InlineData("no-vocab", "model.vocab is missing or not an object")]
     [InlineData("missing-byte", "model.vocab has no token for the byte 0x41 ('A')")]
     [InlineData("bad-pattern", "pre_tokenizer.pretokenizers[0].pattern [a cannot be used")]
@@ -233,6 +340,40 @@ public class BpeTokenizerTests
         var e = Assert.Throws<TokenizerException>(() => BpeTokenizer.Load(path));
         Assert.StartsWith(path + ": ", e.Message);
         Assert.Contains(message, e.Message);
+    }
+
+    [Theory]
+    [InlineData("no-decoder", "decoder is missing; SentencePiece-style BPE needs one")]
+    [InlineData("metaspace-decoder", "decoder.decoders[0].type is 'Metaspace'; the decoders supported for SentencePiece-style BPE")]
+    [InlineData("strip-before-fuse", "decoder.decoders[0] (Strip) comes before Fuse")]
+    [InlineData("regex-decoder", "decoder.decoders[0].pattern is not a non-empty String")]
+    [InlineData("missing-byte-piece", "model.vocab has no byte piece <0x41>, which model.byte_fallback needs for the byte 0x41.")]
+    [InlineData("byte-level-step", "but the pre-tokenizer has a ByteLevel step")]
+    [InlineData("metaspace", "pre_tokenizer.type is 'Metaspace'")]
+    [InlineData("precompiled", "normalizer.type is 'Precompiled'")]
+    [InlineData("replace-no-content", "normalizer (Replace) has no content")]
+    [InlineData("fallback-not-bool", "model.byte_fallback is not true or false")]
+    public void An_unsupported_or_broken_sentencepiece_file_is_refused_with_the_reason(string change, string message)
+    {
+        Action<JsonObject> edit = change switch
+        {
+            "no-decoder" => j => j["decoder"] = null,
+            "metaspace-decoder" => j => j["decoder"]!["decoders"]![0]!["type"] = "Metaspace",
+            "strip-before-fuse" => j => j["decoder"]!["decoders"]![0] = JsonNode.Parse("""{"type": "Strip", "content": " ", "start": 1, "stop": 0}"""),
+            "regex-decoder" => j => j["decoder"]!["decoders"]![0]!["pattern"] = JsonNode.Parse("""{"Regex": "▁"}"""),
+            "missing-byte-piece" => j => j["model"]!["vocab"]!.AsObject().Remove("<0x41>"),
+            "byte-level-step" => j => j["pre_tokenizer"] = JsonNode.Parse("""{"type": "ByteLevel", "add_prefix_space": false, "use_regex": false}"""),
+            "metaspace" => j => j["pre_tokenizer"] = JsonNode.Parse("""{"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always"}"""),
+            "precompiled" => j => j["normalizer"] = JsonNode.Parse("""{"type": "Precompiled", "precompiled_charsmap": ""}"""),
+            "replace-no-content" => j => j["normalizer"]!.AsObject().Remove("content"),
+            "fallback-not-bool" => j => j["model"]!["byte_fallback"] = "yes",
+            _ => throw new ArgumentException(change),
+        };
+        string path = TestTokenizers.WriteTinySentencePiece("ab", [("a", "b")], edit: edit);
+        var e = Assert.Throws<TokenizerException>(() => BpeTokenizer.Load(path));
+        Assert.StartsWith(path + ": ", e.Message);
+        Assert.Contains(message, e.Message);
+        Assert.DoesNotContain('\n', e.Message);
     }
 
     [Fact]

@@ -3,7 +3,7 @@ using LoraCompiler.Runtime.Data;
 namespace LoraCompiler.Tests.Data;
 
 /// <summary>
-/// JSONL parsing of the three shapes with the real Qwen3 and Llama 3 tokenizers. The expected tokens
+/// JSONL parsing of the three shapes with the real Qwen3, Llama 3 and Gemma 3 tokenizers. The expected tokens
 /// are put together here from the tokenizer's own Encode of each piece, and the expected targets from
 /// which pieces are in the loss, so that the mask is checked at every boundary.
 /// </summary>
@@ -11,6 +11,7 @@ public class TrainingDataTests
 {
     private const int ImStart = 151_644, ImEnd = 151_645;
     private const int BeginOfText = 128_000, EndOfText = 128_001, StartHeader = 128_006, EndHeader = 128_007, EotId = 128_009;
+    private const int GemmaBos = 2, StartOfTurn = 105, EndOfTurn = 106, GemmaNewline = 107;
 
     [Fact]
     public void A_text_line_is_learned_whole_and_ends_with_eos()
@@ -142,6 +143,86 @@ public class TrainingDataTests
     }
 
     [Fact]
+    public void Messages_are_written_in_gemma_turns_for_a_gemma_tokenizer()
+    {
+        var gemma = TestTokenizers.Gemma3;
+        (string Role, string Content)[] messages =
+        [
+            ("system", "You are terse.  "),
+            ("user", "  What is 2+2?\n"),
+            ("assistant", " 4.\n\n"),
+            ("user", "And 3+3? Answer in a sentence."),
+            ("assistant", "3+3 is 6, don't forget."),
+        ];
+        var example = LoadOne(gemma, MessagesLine(messages));
+
+        // Gemma 3's chat_template by hand: <bos>, the system message (untrimmed) and a blank line before
+        // the first user turn's trimmed content, "assistant" written "model".
+        string rendered = "<bos>"
+            + "<start_of_turn>user\nYou are terse.  \n\nWhat is 2+2?<end_of_turn>\n"
+            + "<start_of_turn>model\n4.<end_of_turn>\n"
+            + "<start_of_turn>user\nAnd 3+3? Answer in a sentence.<end_of_turn>\n"
+            + "<start_of_turn>model\n3+3 is 6, don't forget.<end_of_turn>\n";
+        Assert.Equal(gemma.Encode(rendered), example.Tokens);
+        Assert.Equal(rendered, gemma.Decode(example.Tokens));
+
+        // The loss: only the model turns' content and the <end_of_turn> that closes each.
+        var expected = new Expected();
+        expected.Add(GemmaBos, loss: false);
+        foreach (var (role, content, learned) in new[]
+                 {
+                     ("user", "You are terse.  \n\nWhat is 2+2?", false), ("model", "4.", true),
+                     ("user", "And 3+3? Answer in a sentence.", false), ("model", "3+3 is 6, don't forget.", true),
+                 })
+        {
+            expected.Add(StartOfTurn, loss: false);
+            expected.Add(gemma.Encode(role + "\n"), loss: false);
+            expected.Add(gemma.Encode(content), learned);
+            expected.Add(EndOfTurn, learned);
+            expected.Add(GemmaNewline, loss: false);
+        }
+        expected.AssertMatches(example);
+        Assert.Equal(gemma.Encode("4.").Length + 1 + gemma.Encode("3+3 is 6, don't forget.").Length + 1, example.LossTokens);
+
+        // At the first model turn: "model\n" predicts "4", the content predicts <end_of_turn>, which predicts nothing learned.
+        int[] four = gemma.Encode("4.");
+        int contentStart = IndexOf(example.Tokens, [StartOfTurn, .. gemma.Encode("model\n")]) + 1 + gemma.Encode("model\n").Length;
+        Assert.Equal(-1, example.Targets[contentStart - 2]);
+        Assert.Equal(four[0], example.Targets[contentStart - 1]);
+        Assert.Equal(EndOfTurn, example.Targets[contentStart + four.Length - 1]);
+        Assert.Equal(-1, example.Targets[contentStart + four.Length]);
+        Assert.Equal(-1, example.Targets[^1]);
+    }
+
+    [Fact]
+    public void Gemma_turns_without_a_system_message_and_ending_with_the_user()
+    {
+        var gemma = TestTokenizers.Gemma3;
+        (string Role, string Content)[] messages = [("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye")];
+        var example = LoadOne(gemma, MessagesLine(messages));
+        string rendered = "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n<start_of_turn>user\nBye<end_of_turn>\n";
+        Assert.Equal(gemma.Encode(rendered), example.Tokens);
+        Assert.Equal(gemma.Encode("Hello!").Length + 1, example.LossTokens);
+
+        // A text line: <bos> (add_bos_token) and Gemma's eos_token, <end_of_turn>, after it.
+        Assert.Equal([GemmaBos, .. gemma.Encode("Hello world."), EndOfTurn], LoadOne(gemma, """{"text": "Hello world."}""").Tokens);
+    }
+
+    [Theory]
+    [InlineData("""[{"role": "assistant", "content": "a"}]""", "message 0 is assistant, where user was expected")]
+    [InlineData("""[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]""", "message 1 is user, where assistant was expected")]
+    [InlineData("""[{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]""", "message 1 is system, where assistant was expected")]
+    [InlineData("""[{"role": "system", "content": "a"}, {"role": "assistant", "content": "b"}]""", "a system message must be followed by a user message")]
+    [InlineData("""[{"role": "system", "content": "a"}]""", "a system message must be followed by a user message")]
+    public void Gemma_refuses_what_its_template_refuses_at_the_line(string messages, string message)
+    {
+        string path = WriteJsonl("{\"text\": \"fine\"}\n{\"messages\": " + messages + "}\n");
+        var e = Assert.Throws<TrainingDataException>(() => TrainingData.Load(path, TestTokenizers.Gemma3));
+        Assert.StartsWith($"{path}:2: ", e.Message);
+        Assert.Contains(message, e.Message);
+    }
+
+    [Fact]
     public void Special_tokens_in_the_data_can_be_kept_as_text()
     {
         var qwen = TestTokenizers.Qwen3;
@@ -213,7 +294,7 @@ public class TrainingDataTests
         string path = WriteJsonl("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n");
         var chat = Assert.Throws<TrainingDataException>(() => TrainingData.Load(path, tiny));
         Assert.StartsWith($"{path}:1: ", chat.Message);
-        Assert.Contains("neither ChatML's <|im_start|>/<|im_end|> nor Llama 3's header tokens", chat.Message);
+        Assert.Contains("neither ChatML's <|im_start|>/<|im_end|>, Llama 3's header tokens nor Gemma's <start_of_turn>/<end_of_turn>", chat.Message);
 
         var eos = Assert.Throws<TrainingDataException>(() => TrainingData.Load(WriteJsonl("{\"text\": \"hi\"}"), tiny));
         Assert.Contains(":1: ", eos.Message);
@@ -225,6 +306,7 @@ public class TrainingDataTests
     {
         Assert.Equal(ChatFormat.ChatML, ExampleEncoder.DetectChatFormat(TestTokenizers.Qwen3));
         Assert.Equal(ChatFormat.Llama3, ExampleEncoder.DetectChatFormat(TestTokenizers.Llama3));
+        Assert.Equal(ChatFormat.Gemma, ExampleEncoder.DetectChatFormat(TestTokenizers.Gemma3));
         Assert.Null(ExampleEncoder.DetectChatFormat(BpeTokenizer.Load(TestTokenizers.WriteTiny([]))));
     }
 
