@@ -128,6 +128,8 @@ public sealed class GeneratorTests
     [Theory]
     [InlineData("tiny-qwen2", "TinyQwen2Trainer")]
     [InlineData("tiny-llama", "TinyLlamaTrainer")]
+    [InlineData("tiny-qwen3", "TinyQwen3Trainer")]
+    [InlineData("tiny-gemma3", "TinyGemma3Trainer")]
     public void Trainer_matches_its_snapshot_and_compiles(string model, string className)
     {
         var run = Run(ModelFile(model));
@@ -406,6 +408,140 @@ public sealed class GeneratorTests
         string json = Replace(ValidJson, oldText, newText);
 
         AssertSingleDiagnostic(json, "LORA0009", LineOf(json, lineMarker), field, reason);
+    }
+
+    /// <summary>A small valid Gemma 3 config for the family's diagnostics.</summary>
+    private const string ValidGemmaJson = """
+        {
+          "architectures": ["Gemma3ForCausalLM"],
+          "hidden_activation": "gelu_pytorch_tanh",
+          "hidden_size": 64,
+          "intermediate_size": 128,
+          "num_hidden_layers": 4,
+          "num_attention_heads": 4,
+          "num_key_value_heads": 1,
+          "head_dim": 16,
+          "query_pre_attn_scalar": 16,
+          "rope_local_base_freq": 10000.0,
+          "rope_scaling": null,
+          "rope_theta": 1000000.0,
+          "sliding_window": 8,
+          "sliding_window_pattern": 2,
+          "vocab_size": 320
+        }
+        """;
+
+    [Theory]
+    [InlineData("\"rope_scaling\": null", "\"rope_scaling\": {\"rope_type\": \"dynamic\", \"factor\": 2.0}", "rope_scaling", "rope_scaling", "\"dynamic\"")]
+    [InlineData("\"hidden_activation\": \"gelu_pytorch_tanh\"", "\"hidden_activation\": \"gelu\"", "hidden_activation", "hidden_activation", "\"gelu\"")]
+    [InlineData("\"sliding_window_pattern\": 2", "\"layer_types\": [\"sliding_attention\", \"chunked_attention\", \"full_attention\", \"full_attention\"]",
+                "layer_types", "layer_types", "\"chunked_attention\"")]
+    public void LORA0009_unsupported_gemma3_value(string oldText, string newText, string lineMarker, string field, string reason)
+    {
+        string json = Replace(ValidGemmaJson, oldText, newText);
+
+        AssertSingleDiagnostic(json, "LORA0009", LineOf(json, lineMarker), field, reason);
+    }
+
+    [Fact]
+    public void LORA0009_sliding_window_on_llama()
+    {
+        string json = Replace(TinyLlamaJson(), "\"vocab_size\": 300,", "\"vocab_size\": 300,\n  \"use_sliding_window\": true,");
+
+        AssertSingleDiagnostic(json, "LORA0009", LineOf(json, "use_sliding_window"), "use_sliding_window", "LlamaForCausalLM");
+    }
+
+    [Fact]
+    public void LORA0011_attn_logit_softcapping_is_a_warning_and_the_trainer_is_built()
+    {
+        string json = Replace(ValidGemmaJson, "\"rope_scaling\": null", "\"attn_logit_softcapping\": 50.0,\n  \"rope_scaling\": null");
+        var run = Run((BadPath, json));
+
+        var diagnostic = Assert.Single(run.Diagnostics);
+        Assert.Equal("LORA0011", diagnostic.Id);
+        Assert.Equal(DiagnosticSeverity.Warning, diagnostic.Severity);
+        Assert.Equal(LineOf(json, "attn_logit_softcapping"), diagnostic.Location.GetLineSpan().StartLinePosition.Line);
+        Assert.Contains("attn_logit_softcapping", diagnostic.GetMessage(System.Globalization.CultureInfo.InvariantCulture));
+        Assert.Contains(BadClass + ".g.cs", run.Sources.Keys);
+        Assert.True(run.CompileProblems.Count == 0, Describe(run.CompileProblems));
+    }
+
+    // ---- the families' configs, as Hugging Face's config classes read them ------------------------
+
+    [Fact]
+    public void Gemma3_layer_types_follow_sliding_window_pattern_when_absent()
+    {
+        // transformers' Gemma3TextConfig: layer i slides unless (i + 1) is a multiple of the pattern.
+        var spec = LoraGenerator.Parse(GoodPath, Replace(ValidGemmaJson, "\"sliding_window_pattern\": 2", "\"sliding_window_pattern\": 3")).Value!;
+        Assert.Equal(new[] { 8, 8, 0, 8 }, spec.LayerWindows);
+
+        // Neither field: the config class's default pattern, 6.
+        spec = LoraGenerator.Parse(GoodPath, Replace(ValidGemmaJson, "\"sliding_window_pattern\": 2", "\"num_key_value_heads\": 1")).Value!;
+        Assert.Equal(new[] { 8, 8, 8, 8 }, spec.LayerWindows);
+
+        // layer_types wins over the pattern.
+        spec = LoraGenerator.Parse(GoodPath, Replace(ValidGemmaJson, "\"sliding_window_pattern\": 2",
+            "\"layer_types\": [\"full_attention\", \"sliding_attention\", \"sliding_attention\", \"full_attention\"]")).Value!;
+        Assert.Equal(new[] { 0, 8, 8, 0 }, spec.LayerWindows);
+    }
+
+    [Fact]
+    public void Gemma3_reads_its_own_fields()
+    {
+        var spec = LoraGenerator.Parse(GoodPath, Replace(ValidGemmaJson, "\"query_pre_attn_scalar\": 16", "\"query_pre_attn_scalar\": 25")).Value!;
+
+        Assert.Equal(0.2, spec.AttentionScale, 12);
+        Assert.True(spec.TiedEmbeddings); // Gemma3TextConfig's default
+        Assert.Equal(1_000_000, spec.Rope.Theta);
+        Assert.Equal(new RopeSpec(10_000, null), spec.LocalRope);
+        Assert.Equal(Activation.GeluTanh, spec.Activation);
+        Assert.Equal(0, spec.FinalLogitSoftcap);
+
+        var plan = LoraGenerator.Plan(spec);
+        Assert.Equal(new[] { "Sliding", "Full" }, plan.Kinds.Select(k => k.Name));
+        Assert.Equal(new[] { 0, 1, 0, 1 }, plan.Schedule);
+        Assert.Equal(new[] { "ropeLocal", "rope" }, plan.Kinds.Select(k => k.RopeTable));
+        Assert.Equal(new[]
+            {
+                "input_layernorm", "q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "rope", "rope", "attention", "o_proj",
+                "post_attention_layernorm", "residual", "pre_feedforward_layernorm", "gate_proj", "up_proj", "geglu", "down_proj",
+                "post_feedforward_layernorm", "residual",
+            },
+            plan.Kinds[0].Ops.Select(o => o.Module));
+        // Backward reads post_feedforward_layernorm's rstd and input, so the recompute runs through it.
+        Assert.Equal("post_feedforward_layernorm", plan.Kinds[0].Ops[plan.Kinds[0].RecomputeUntil].Module);
+    }
+
+    [Fact]
+    public void Qwen3_head_dim_bias_and_sliding_layers()
+    {
+        var (_, json) = ModelFile("qwen3-0.6b");
+        var spec = LoraGenerator.Parse("/repo/models/qwen3-0.6b.json", json).Value!;
+        Assert.Equal(128, spec.HeadDim); // not 1024 / 16
+        Assert.False(spec.QkvBias);
+        Assert.All(spec.LayerWindows, w => Assert.Equal(0, w));
+        var plan = LoraGenerator.Plan(spec);
+        Assert.Equal(16 * 128, plan.Projections.Single(p => p.Name == "o_proj").InSize);
+        Assert.Contains(plan.Kinds.Single().Ops, o => o is NormOp { Module: "q_norm", Heads: "Heads" });
+
+        // attention_bias puts biases on q, k, v and o.
+        spec = LoraGenerator.Parse("/repo/models/qwen3-0.6b.json", Replace(json, "\"attention_bias\": false", "\"attention_bias\": true")).Value!;
+        Assert.True(spec.QkvBias && spec.OutputBias);
+
+        // use_sliding_window: the layers from max_window_layers on slide (transformers' Qwen3Config).
+        string sliding = Replace(Replace(Replace(json, "\"use_sliding_window\": false", "\"use_sliding_window\": true"),
+            "\"sliding_window\": null", "\"sliding_window\": 64"), "\"max_window_layers\": 28", "\"max_window_layers\": 26");
+        spec = LoraGenerator.Parse("/repo/models/qwen3-0.6b.json", sliding).Value!;
+        Assert.Equal(Enumerable.Range(0, 28).Select(i => i >= 26 ? 64 : 0), spec.LayerWindows);
+    }
+
+    [Fact]
+    public void Llama_attention_bias_adds_the_four_biases()
+    {
+        var spec = LoraGenerator.Parse(GoodPath, Replace(TinyLlamaJson(), "\"attention_bias\": false", "\"attention_bias\": true")).Value!;
+        var plan = LoraGenerator.Plan(spec);
+
+        Assert.Equal(new[] { "q_proj", "k_proj", "v_proj", "o_proj" }, plan.Projections.Where(p => p.HasBias).Select(p => p.Name));
     }
 
     [Fact]
