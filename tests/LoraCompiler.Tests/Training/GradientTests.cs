@@ -18,6 +18,10 @@ public class GradientTests
     [Theory]
     [InlineData("tiny-qwen2", 23)]  // GQA, q/k/v biases, tied embeddings; 23 tokens: a partial LM-head chunk
     [InlineData("tiny-llama", 29)]  // untied head, llama3 rope_scaling, LoRA on 5 of 7 projections
+    [InlineData("tiny-qwen3", 21)]  // q/k norms, head_dim 16 ≠ 48/4, no biases, untied head, LoRA on 5 of 7
+    [InlineData("tiny-gemma3", 23)] // sandwich norms (1 + w), GeGLU, √hidden embedding, query_pre_attn_scalar,
+                                    // sliding layers (window 7 < 23) with their own RoPE base, linear rope_scaling, softcap
+    [InlineData("tiny-gemma3", 5)]  // a sequence shorter than the window
     public void LoraGradientsMatchTorchAutograd(string modelName, int tokens)
     {
         var model = TrainerCatalog.Find(modelName)!;
@@ -52,6 +56,7 @@ public class GradientTests
     [Theory]
     [InlineData("tiny-qwen2")]
     [InlineData("tiny-llama")]
+    [InlineData("tiny-gemma3")]
     public void GradCommandWritesTheReferenceGradients(string modelName)
     {
         var model = TrainerCatalog.Find(modelName)!;
@@ -72,10 +77,13 @@ public class GradientTests
             Assert.True(ModelFixture.RelativeError(written.Read(name), expected) < GradientTolerance, name);
     }
 
-    [Fact]
-    public void TrainerAllocatesExactlyItsMemoryPlan()
+    [Theory]
+    [InlineData("tiny-llama")]
+    [InlineData("tiny-qwen3")]
+    [InlineData("tiny-gemma3")]
+    public void TrainerAllocatesExactlyItsMemoryPlan(string modelName)
     {
-        var model = TrainerCatalog.Find("tiny-llama")!;
+        var model = TrainerCatalog.Find(modelName)!;
         using var fixture = new ModelFixture(model, seed: 5, sequence: 8);
         using var trainer = fixture.CreateTrainer(new CpuBackend(), 33);
         var plan = model.Plan(33);

@@ -16,6 +16,9 @@ public class LcsbTests
     [InlineData("tiny-llama", 2, 1)] // layer 1 backpropagates, layers 0 and 2 are skipped
     [InlineData("tiny-llama", 3, 5)] // step 5 with 3 groups: layer 2 alone
     [InlineData("tiny-qwen2", 2, 1)]
+    [InlineData("tiny-qwen3", 3, 1)]
+    [InlineData("tiny-gemma3", 2, 0)] // the full layer 2 and the sliding layers 0 and 4 backpropagate
+    [InlineData("tiny-gemma3", 2, 1)]
     public void SelectiveGradientsMatchAutogradWithStopGradient(string modelName, int groups, int step)
     {
         var model = TrainerCatalog.Find(modelName)!;
