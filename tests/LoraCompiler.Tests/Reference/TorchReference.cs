@@ -5,9 +5,10 @@ using F = TorchSharp.torch.nn.functional;
 namespace LoraCompiler.Tests.Reference;
 
 /// <summary>
-/// Shape and hyper-parameters of a decoder-only transformer (Hugging Face Qwen2 / Llama semantics)
-/// with LoRA adapters. <see cref="Llama3RopeScaling"/> is <c>rope_scaling</c> with
-/// <c>rope_type: "llama3"</c>, or null for plain RoPE.
+/// Shape and hyper-parameters of a decoder-only transformer with LoRA adapters. The positional
+/// members and the defaults of the init-only ones are Hugging Face's Qwen2 / Llama; the init-only
+/// members switch on what Qwen3 and Gemma 3 (text) add. <see cref="Llama3RopeScaling"/> is
+/// <c>rope_scaling</c> with <c>rope_type: "llama3"</c>, or null for plain RoPE.
 /// </summary>
 public sealed record ReferenceConfig(
     int Hidden,
@@ -24,20 +25,79 @@ public sealed record ReferenceConfig(
     bool AttentionBias,
     int LoraR,
     double LoraAlpha,
-    string[] TargetModules);
+    string[] TargetModules)
+{
+    /// <summary>
+    /// Qwen3 / Gemma 3: <c>q_norm</c> and <c>k_norm</c>, an RMSNorm over head_dim applied to every
+    /// head of q and k after the projection and before RoPE (weights
+    /// <c>model.layers.{l}.self_attn.q_norm.weight</c> / <c>k_norm.weight</c>, [head_dim]).
+    /// </summary>
+    public bool QkNorm { get; init; }
+
+    /// <summary>
+    /// Every RMSNorm (layer norms, q/k norms, the final norm) multiplies the normalized x by
+    /// (<see cref="NormWeightOffset"/> + w): 0 for Llama / Qwen (w·x̂), 1 for Gemma ((1 + w)·x̂).
+    /// </summary>
+    public double NormWeightOffset { get; init; }
+
+    /// <summary>
+    /// Gemma 3's layer: input_layernorm → attention → post_attention_layernorm (of the attention
+    /// output) → residual add; pre_feedforward_layernorm → MLP → post_feedforward_layernorm (of the
+    /// MLP output) → residual add. Without it, Llama's: post_attention_layernorm is the pre-MLP norm.
+    /// </summary>
+    public bool SandwichNorms { get; init; }
+
+    /// <summary>
+    /// The embedding output is multiplied by this (Gemma: sqrt(hidden) rounded to float32, see
+    /// <see cref="TorchReference.GemmaEmbeddingScale"/>). A tied LM head uses the unscaled embedding.
+    /// </summary>
+    public double EmbeddingScale { get; init; } = 1;
+
+    /// <summary>The factor on q·kᵀ; null is 1/sqrt(head_dim). Gemma: <c>query_pre_attn_scalar ** -0.5</c>.</summary>
+    public double? AttentionScale { get; init; }
+
+    /// <summary>The GLU's activation on gate_proj: "silu" or "gelu_pytorch_tanh" (tanh-approximated GELU).</summary>
+    public string HiddenActivation { get; init; } = "silu";
+
+    /// <summary>
+    /// Per layer (length <see cref="Layers"/>): 0 is full causal attention, W &gt; 0 a sliding window
+    /// where query i sees key j iff 0 ≤ i − j &lt; W. Null: every layer full.
+    /// </summary>
+    public int[]? LayerWindows { get; init; }
+
+    /// <summary>
+    /// RoPE base of the sliding layers (Gemma's <c>rope_local_base_freq</c>), plain RoPE without any
+    /// scaling; null: sliding layers use the full layers' frequencies.
+    /// </summary>
+    public double? LocalRopeTheta { get; init; }
+
+    /// <summary>
+    /// <c>rope_scaling {"rope_type": "linear", "factor": f}</c> of the full layers: inv_freq / f.
+    /// Exclusive with <see cref="Llama3RopeScaling"/>.
+    /// </summary>
+    public double? LinearRopeFactor { get; init; }
+
+    /// <summary><c>final_logit_softcapping</c> c: logits = c·tanh(logits / c); null: none.</summary>
+    public double? FinalLogitSoftcap { get; init; }
+
+    /// <summary>The attention window of a layer: 0 for full causal attention.</summary>
+    public int WindowOf(int layer) => LayerWindows is { } w ? w[layer] : 0;
+}
 
 /// <summary>
 /// The independent autograd reference: the model is written forward only, with plain TorchSharp ops
 /// in float64, and libtorch's autograd computes the backward. Nothing here shares code with the
 /// hand-derived backward under test.
 ///
-/// Semantics follow transformers' modeling_qwen2.py / modeling_llama.py (batch 1, no padding, no
-/// KV cache, eval mode, LoRA dropout off), and PEFT's LoRA Linear (scaling = alpha / r).
+/// Semantics follow transformers' modeling_qwen2.py / modeling_llama.py, modeling_qwen3.py and
+/// modeling_gemma3.py (Gemma3ForCausalLM; batch 1, no padding, no KV cache, eval mode, LoRA dropout
+/// off), masking_utils.py's sliding-window mask, and PEFT's LoRA Linear (scaling = alpha / r).
 /// </summary>
 public static class TorchReference
 {
     public static readonly string[] AttentionModules = { "q_proj", "k_proj", "v_proj", "o_proj" };
     public static readonly string[] MlpModules = { "gate_proj", "up_proj", "down_proj" };
+    public static readonly string[] Activations = { "silu", "gelu_pytorch_tanh" };
 
     /// <summary>PEFT's name of a LoRA tensor: <paramref name="ab"/> is "lora_A" or "lora_B".</summary>
     public static string AdapterName(int layer, string module, string ab)
@@ -62,15 +122,34 @@ public static class TorchReference
     };
 
     /// <summary>
-    /// RoPE inverse frequencies, as transformers' default and "llama3" rope initializers compute
-    /// them (here in double precision).
+    /// Gemma's embedding multiplier: transformers holds <c>hidden_size ** 0.5</c> in a float32 tensor
+    /// and casts it to the compute dtype, so float32 compute sees the float32-rounded square root.
     /// </summary>
-    public static double[] InverseFrequencies(ReferenceConfig cfg)
+    public static double GemmaEmbeddingScale(int hidden) => (float)Math.Sqrt(hidden);
+
+    /// <summary>
+    /// <see cref="ReferenceConfig.LayerWindows"/> from an older Gemma 3 config that gives only
+    /// <c>sliding_window_pattern</c>: layer i slides iff (i + 1) % pattern ≠ 0.
+    /// </summary>
+    public static int[] SlidingWindowPattern(int layers, int window, int pattern) =>
+        Enumerable.Range(0, layers).Select(i => (i + 1) % pattern != 0 ? window : 0).ToArray();
+
+    /// <summary>
+    /// RoPE inverse frequencies, as transformers' default, "linear" and "llama3" rope initializers
+    /// compute them (here in double precision). A sliding layer with
+    /// <see cref="ReferenceConfig.LocalRopeTheta"/> set gets plain RoPE of that base, unscaled.
+    /// </summary>
+    public static double[] InverseFrequencies(ReferenceConfig cfg, bool slidingLayer = false)
     {
         int d = cfg.HeadDim;
+        bool local = slidingLayer && cfg.LocalRopeTheta is not null;
+        double theta = local ? cfg.LocalRopeTheta!.Value : cfg.RopeTheta;
         var inv = new double[d / 2];
         for (int j = 0; j < d / 2; j++)
-            inv[j] = 1.0 / Math.Pow(cfg.RopeTheta, (2.0 * j) / d);
+            inv[j] = 1.0 / Math.Pow(theta, (2.0 * j) / d);
+        if (local) return inv;
+        if (cfg.LinearRopeFactor is { } f)
+            for (int j = 0; j < inv.Length; j++) inv[j] /= f;
         if (cfg.Llama3RopeScaling is { } s)
         {
             double lowFreqWavelen = s.OriginalMaxPositionEmbeddings / s.LowFreqFactor;
@@ -92,6 +171,75 @@ public static class TorchReference
         }
         return inv;
     }
+
+    // ---------------------------------------------------------------------------------------------
+    // The ops the forward pass is made of, public so that tests can check each one by hand.
+
+    /// <summary>RMSNorm over the last dimension: (offset + w) · x · rsqrt(mean(x²) + eps).</summary>
+    public static Tensor RmsNorm(Tensor x, Tensor weight, double eps, double weightOffset = 0)
+    {
+        var normalized = x * torch.rsqrt(x.pow(2).mean(new long[] { -1 }, keepdim: true) + eps);
+        return (weightOffset == 0 ? weight : weight + weightOffset) * normalized;
+    }
+
+    /// <summary>
+    /// [T, T], true where query i may not see key j: j &gt; i (causal), or, for a sliding window
+    /// W &gt; 0, i − j ≥ W. masking_utils' sliding mask is causal ∧ (kv_idx &gt; q_idx − W).
+    /// </summary>
+    public static Tensor AttentionMask(int tokens, int window)
+    {
+        var back = torch.arange(tokens, dtype: ScalarType.Int64).unsqueeze(1)
+                   - torch.arange(tokens, dtype: ScalarType.Int64).unsqueeze(0);    // i − j
+        var masked = back.lt(0);
+        return window > 0 ? masked.logical_or(back.ge(window)) : masked;
+    }
+
+    /// <summary>
+    /// Scaled dot-product attention with a causal (optionally sliding) mask and grouped kv heads:
+    /// q [heads, T, d], k and v [kv heads, T, d] → [heads, T, d]. kv head j serves query heads
+    /// j·g .. j·g + g − 1 (transformers' repeat_kv).
+    /// </summary>
+    public static Tensor Attention(Tensor q, Tensor k, Tensor v, double scale, int window)
+    {
+        long rep = q.shape[0] / k.shape[0];
+        k = k.repeat_interleave(rep, 0);
+        v = v.repeat_interleave(rep, 0);
+        var scores = q.matmul(k.transpose(1, 2)) * scale;                        // [heads, T, T]
+        scores = scores.masked_fill(AttentionMask((int)q.shape[1], window), double.NegativeInfinity);
+        return F.softmax(scores, -1).matmul(v);
+    }
+
+    /// <summary>The GLU's activation, by its transformers name (ACT2FN).</summary>
+    public static Tensor Activation(Tensor x, string name) => name switch
+    {
+        "silu" => F.silu(x),
+        "gelu_pytorch_tanh" => F.gelu(x, TorchSharp.Modules.GELU.Approximate.tanh),
+        _ => throw new ArgumentException($"unknown hidden activation '{name}' (known: {string.Join(", ", Activations)})"),
+    };
+
+    /// <summary>Gemma's logit softcap c·tanh(x / c); the identity for a null cap.</summary>
+    public static Tensor Softcap(Tensor logits, double? cap) =>
+        cap is { } c ? torch.tanh(logits / c) * c : logits;
+
+    /// <summary>cos and sin [T, head_dim] of RoPE: emb = cat(freqs, freqs), freqs = position ⊗ inv_freq.</summary>
+    public static (Tensor Cos, Tensor Sin) RopeTables(double[] inverseFrequencies, int tokens)
+    {
+        var invFreq = torch.tensor(inverseFrequencies, dtype: ScalarType.Float64);
+        var freqs = torch.outer(torch.arange(tokens, dtype: ScalarType.Float64), invFreq);
+        var emb = torch.cat(new[] { freqs, freqs }, -1);
+        return (emb.cos(), emb.sin());
+    }
+
+    /// <summary>x·cos + rotate_half(x)·sin over the last dimension, rotate_half(x) = cat(−x2, x1).</summary>
+    public static Tensor ApplyRope(Tensor x, Tensor cos, Tensor sin)
+    {
+        long half = x.shape[^1] / 2;
+        var x1 = x.narrow(-1, 0, half);
+        var x2 = x.narrow(-1, half, half);
+        return x * cos + torch.cat(new[] { -x2, x1 }, -1) * sin;
+    }
+
+    // ---------------------------------------------------------------------------------------------
 
     public static (double Loss, Dictionary<string, float[]> Gradients) LossAndGradients(
         ReferenceConfig cfg, IReadOnlyDictionary<string, float[]> weights,
@@ -120,8 +268,9 @@ public static class TorchReference
             lora[name] = Leaf(adapter, name, shape, requiresGrad: true, "adapter");
 
         Tensor W(string name, params long[] shape) => Leaf(weights, name, shape, requiresGrad: false, "weights");
+        Tensor? Optional(string name, params long[] shape) => weights.ContainsKey(name) ? W(name, shape) : null;
 
-        int T = tokens.Length;
+        int T = tokens.Length, D = cfg.HeadDim;
         double scaling = cfg.LoraAlpha / cfg.LoraR;
         var targets = new HashSet<string>(cfg.TargetModules);
 
@@ -142,85 +291,66 @@ public static class TorchReference
             return y;
         }
 
-        Tensor RmsNorm(Tensor x, Tensor w)
-        {
-            var variance = x.pow(2).mean(new long[] { -1 }, keepdim: true);
-            return w * (x * torch.rsqrt(variance + cfg.RmsEps));
-        }
+        Tensor Norm(Tensor x, string name, int dim) => RmsNorm(x, W(name, dim), cfg.RmsEps, cfg.NormWeightOffset);
 
-        // rotate_half(x) = cat(-x2, x1), x1 the first half of the last dimension.
-        Tensor RotateHalf(Tensor x)
-        {
-            long half = x.shape[^1] / 2;
-            var x1 = x.narrow(-1, 0, half);
-            var x2 = x.narrow(-1, half, half);
-            return torch.cat(new[] { -x2, x1 }, -1);
-        }
-
-        // cos/sin [T, head_dim]: emb = cat(freqs, freqs), freqs = position ⊗ inv_freq.
-        var invFreq = torch.tensor(InverseFrequencies(cfg), dtype: ScalarType.Float64);
-        var positions = torch.arange(T, dtype: ScalarType.Float64);
-        var freqs = torch.outer(positions, invFreq);
-        var emb = torch.cat(new[] { freqs, freqs }, -1);
-        var cos = emb.cos();
-        var sin = emb.sin();
-
-        var causal = torch.ones(T, T, dtype: ScalarType.Bool).triu(1); // true above the diagonal = masked
-        int nRep = cfg.Heads / cfg.KvHeads;
-        double attnScale = 1.0 / Math.Sqrt(cfg.HeadDim);
+        var fullRope = RopeTables(InverseFrequencies(cfg), T);
+        var slidingRope = cfg.LocalRopeTheta is null ? fullRope : RopeTables(InverseFrequencies(cfg, slidingLayer: true), T);
+        double attnScale = cfg.AttentionScale ?? 1.0 / Math.Sqrt(D);
 
         var ids = torch.tensor(tokens.Select(t => (long)t).ToArray(), dtype: ScalarType.Int64);
         var embed = W("model.embed_tokens.weight", cfg.Vocab, cfg.Hidden);
         var h = embed.index_select(0, ids); // [T, hidden]
+        if (cfg.EmbeddingScale != 1) h = h * cfg.EmbeddingScale;
 
         for (int l = 0; l < cfg.Layers; l++)
         {
+            string p = $"model.layers.{l}.";
+            int window = cfg.WindowOf(l);
+            var (cos, sin) = window > 0 ? slidingRope : fullRope;
             var blockInput = h;
+
             // Self-attention block.
-            var residual = h;
-            var x = RmsNorm(h, W($"model.layers.{l}.input_layernorm.weight", cfg.Hidden));
+            var x = Norm(h, p + "input_layernorm.weight", cfg.Hidden);
             Tensor? qb = null, kb = null, vb = null;
             if (cfg.AttentionBias)
             {
-                qb = W($"model.layers.{l}.self_attn.q_proj.bias", cfg.Heads * cfg.HeadDim);
-                kb = W($"model.layers.{l}.self_attn.k_proj.bias", cfg.KvHeads * cfg.HeadDim);
-                vb = W($"model.layers.{l}.self_attn.v_proj.bias", cfg.KvHeads * cfg.HeadDim);
+                qb = W(p + "self_attn.q_proj.bias", cfg.Heads * D);
+                kb = W(p + "self_attn.k_proj.bias", cfg.KvHeads * D);
+                vb = W(p + "self_attn.v_proj.bias", cfg.KvHeads * D);
             }
-            // [T, heads*d] -> [heads, T, d]
-            var q = Proj(x, l, "q_proj", qb).view(T, cfg.Heads, cfg.HeadDim).transpose(0, 1);
-            var k = Proj(x, l, "k_proj", kb).view(T, cfg.KvHeads, cfg.HeadDim).transpose(0, 1);
-            var v = Proj(x, l, "v_proj", vb).view(T, cfg.KvHeads, cfg.HeadDim).transpose(0, 1);
+            var q = Proj(x, l, "q_proj", qb).view(T, cfg.Heads, D);
+            var k = Proj(x, l, "k_proj", kb).view(T, cfg.KvHeads, D);
+            var v = Proj(x, l, "v_proj", vb).view(T, cfg.KvHeads, D);
+            if (cfg.QkNorm)
+            {
+                q = Norm(q, p + "self_attn.q_norm.weight", D);   // per head, over head_dim
+                k = Norm(k, p + "self_attn.k_norm.weight", D);
+            }
+            // [T, heads, d] -> [heads, T, d]
+            q = ApplyRope(q.transpose(0, 1), cos, sin);
+            k = ApplyRope(k.transpose(0, 1), cos, sin);
+            v = v.transpose(0, 1);
 
-            q = q * cos + RotateHalf(q) * sin;
-            k = k * cos + RotateHalf(k) * sin;
+            var attn = Attention(q, k, v, attnScale, window).transpose(0, 1).reshape(T, cfg.Heads * D);
+            var attnOut = Proj(attn, l, "o_proj", Optional(p + "self_attn.o_proj.bias", cfg.Hidden));
+            if (cfg.SandwichNorms) attnOut = Norm(attnOut, p + "post_attention_layernorm.weight", cfg.Hidden);
+            h = h + attnOut;
 
-            // repeat_kv: kv head j serves query heads j*nRep .. j*nRep+nRep-1.
-            k = k.repeat_interleave(nRep, 0);
-            v = v.repeat_interleave(nRep, 0);
-
-            var scores = q.matmul(k.transpose(1, 2)) * attnScale;          // [heads, T, T]
-            scores = scores.masked_fill(causal, double.NegativeInfinity);
-            var probs = F.softmax(scores, -1);
-            var attn = probs.matmul(v);                                    // [heads, T, d]
-            attn = attn.transpose(0, 1).reshape(T, cfg.Heads * cfg.HeadDim);
-            string oBiasName = $"model.layers.{l}.self_attn.o_proj.bias";
-            var ob = weights.ContainsKey(oBiasName) ? W(oBiasName, cfg.Hidden) : null;
-            h = residual + Proj(attn, l, "o_proj", ob);
-
-            // MLP block (SwiGLU).
-            residual = h;
-            x = RmsNorm(h, W($"model.layers.{l}.post_attention_layernorm.weight", cfg.Hidden));
-            var gate = F.silu(Proj(x, l, "gate_proj", null));
+            // MLP block (GLU).
+            x = Norm(h, p + (cfg.SandwichNorms ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight"), cfg.Hidden);
+            var gate = Activation(Proj(x, l, "gate_proj", null), cfg.HiddenActivation);
             var up = Proj(x, l, "up_proj", null);
-            h = residual + Proj(gate * up, l, "down_proj", null);
+            var mlpOut = Proj(gate * up, l, "down_proj", null);
+            if (cfg.SandwichNorms) mlpOut = Norm(mlpOut, p + "post_feedforward_layernorm.weight", cfg.Hidden);
+            h = h + mlpOut;
 
             if (stopGradientLayers?.Contains(l) == true)
                 h = blockInput + (h - blockInput).detach();
         }
 
-        h = RmsNorm(h, W("model.norm.weight", cfg.Hidden));
+        h = Norm(h, "model.norm.weight", cfg.Hidden);
         var lmHead = cfg.TiedEmbeddings ? embed : W("lm_head.weight", cfg.Vocab, cfg.Hidden);
-        var logits = h.matmul(lmHead.t()); // [T, vocab]
+        var logits = Softcap(h.matmul(lmHead.t()), cfg.FinalLogitSoftcap); // [T, vocab]
 
         // labels = input_ids: position t predicts token t+1, mean over the T-1 predictions.
         var shiftLogits = logits.narrow(0, 0, T - 1);
@@ -263,6 +393,27 @@ public static class TorchReference
         foreach (var m in cfg.TargetModules)
             if (Array.IndexOf(AttentionModules, m) < 0 && Array.IndexOf(MlpModules, m) < 0)
                 throw new ArgumentException($"unknown LoRA target module '{m}'");
+        if (Array.IndexOf(Activations, cfg.HiddenActivation) < 0)
+            throw new ArgumentException($"unknown hidden activation '{cfg.HiddenActivation}' (known: {string.Join(", ", Activations)})");
+        if (cfg.LayerWindows is { } windows)
+        {
+            if (windows.Length != cfg.Layers)
+                throw new ArgumentException($"layer windows list {windows.Length} layers, the config has {cfg.Layers}");
+            if (windows.Any(w => w < 0))
+                throw new ArgumentException($"layer windows must be 0 (full attention) or positive: {string.Join(",", windows)}");
+        }
+        if (cfg.LinearRopeFactor is { } f && !(f > 0))
+            throw new ArgumentException($"linear rope factor {f} must be positive");
+        if (cfg.LinearRopeFactor is not null && cfg.Llama3RopeScaling is not null)
+            throw new ArgumentException("rope scaling is either linear or llama3, not both");
+        if (cfg.LocalRopeTheta is { } lt && !(lt > 0))
+            throw new ArgumentException($"local rope theta {lt} must be positive");
+        if (cfg.AttentionScale is { } a && !(a > 0 && double.IsFinite(a)))
+            throw new ArgumentException($"attention scale {a} must be positive and finite");
+        if (cfg.FinalLogitSoftcap is { } c && !(c > 0))
+            throw new ArgumentException($"final logit softcap {c} must be positive");
+        if (!double.IsFinite(cfg.EmbeddingScale) || !double.IsFinite(cfg.NormWeightOffset))
+            throw new ArgumentException("embedding scale and norm weight offset must be finite");
         if (tokens is null || tokens.Length < 2)
             throw new ArgumentException("need at least two tokens for a next-token loss");
         foreach (var t in tokens)
