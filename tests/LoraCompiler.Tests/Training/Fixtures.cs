@@ -7,7 +7,7 @@ namespace LoraCompiler.Tests.Training;
 
 /// <summary>
 /// Random models for the gradient tests, written to real files: weights large enough that every
-/// path carries signal (N(0, 0.1²) linears, norms 1 ± 0.1) and an adapter with both A and B nonzero,
+/// path carries signal (N(0, 0.1²) linears, norms 1 ± 0.1 in effect) and an adapter with both A and B nonzero,
 /// so that every LoRA gradient is nonzero.
 /// </summary>
 public sealed class ModelFixture : IDisposable
@@ -19,7 +19,8 @@ public sealed class ModelFixture : IDisposable
         var rng = new Random(seed);
 
         Weights = model.BaseTensors.ToDictionary(t => t.Name, t => Normal(rng, t.Elements,
-            mean: t.Name.EndsWith("norm.weight") ? 1f : 0f,
+            // Norm weights around their identity: 1 for w·x̂, 0 for Gemma's (1 + w)·x̂.
+            mean: t.Name.EndsWith("norm.weight") ? 1f - model.NormWeightOffset : 0f,
             std: t.Name.Contains("embed_tokens") || t.Name.StartsWith("lm_head") ? 0.5f : 0.1f));
         WeightsPath = Path.Combine(Dir, "model");
         Directory.CreateDirectory(WeightsPath);
@@ -45,11 +46,19 @@ public sealed class ModelFixture : IDisposable
     public Dictionary<string, float[]> Adapter { get; }
     public int[] Tokens { get; }
 
-    public ReferenceConfig ReferenceConfig => new(
-        Model.Hidden, Model.Intermediate, Model.Layers, Model.Heads, Model.KvHeads, Model.HeadDim, Model.Vocab,
-        Model.RmsEps, Model.RopeTheta,
-        Model.RopeScaling is Llama3RopeScaling s ? (s.Factor, s.LowFreqFactor, s.HighFreqFactor, s.OriginalMaxPositionEmbeddings) : null,
-        Model.TiedEmbeddings, Model.AttentionBias, Model.Lora.R, Model.Lora.Alpha, Model.Lora.TargetModules);
+    /// <summary>
+    /// The reference's configuration: the model's JSON read as transformers' config classes read it
+    /// (<see cref="HuggingFaceConfig"/>), not the generator's parse of it.
+    /// </summary>
+    public ReferenceConfig ReferenceConfig => HuggingFaceConfig.Read(Path.Combine(RepoRoot(), Model.SourceFile));
+
+    private static string RepoRoot([System.Runtime.CompilerServices.CallerFilePath] string testFile = "")
+    {
+        for (var dir = new DirectoryInfo(Path.GetDirectoryName(testFile)!); dir is not null; dir = dir.Parent)
+            if (File.Exists(Path.Combine(dir.FullName, "LoraCompiler.sln")))
+                return dir.FullName;
+        throw new InvalidOperationException("No folder above the tests holds LoraCompiler.sln.");
+    }
 
     /// <summary>The TorchSharp autograd loss and LoRA gradients on the same weights, adapter and tokens.</summary>
     public (double Loss, Dictionary<string, float[]> Gradients) Reference(IReadOnlySet<int>? stopGradientLayers = null) =>
