@@ -21,6 +21,9 @@ public static class ReferenceBench
             throw new UsageException("memory-reference measures one sequence length: give --seq.");
         if (options.Backend != "cpu")
             throw new UsageException("The TorchSharp reference runs on the CPU (TorchSharp-cpu): leave out --backend.");
+        if (!BenchMemory.HasTorchReference(options.Model))
+            throw new UsageException($"The TorchSharp reference implements Qwen2 and Llama; {options.Model.Name} is {options.Model.Architecture}: " +
+                                     "measure it with --no-reference.");
         var result = Measure(options, options.Sequences[0], Console.Out);
         BenchMemory.Print(result, Console.Out);
         Console.WriteLine(BenchMemory.JsonPrefix + JsonSerializer.Serialize(result));

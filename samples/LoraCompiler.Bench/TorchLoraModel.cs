@@ -207,7 +207,7 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
     {
         int d = m.HeadDim;
         var inv = Enumerable.Range(0, d / 2).Select(j => 1.0 / Math.Pow(m.RopeTheta, 2.0 * j / d)).ToArray();
-        if (m.RopeScaling is not Llama3RopeScaling s)
+        if (m.RopeScaling is not LoraCompiler.Runtime.Backends.Llama3RopeScaling s)
             return inv;
         double lowWavelen = s.OriginalMaxPositionEmbeddings / s.LowFreqFactor;
         double highWavelen = s.OriginalMaxPositionEmbeddings / s.HighFreqFactor;

@@ -38,9 +38,15 @@ public static class BenchMemory
         "RssAnon (resident anonymous memory: resident minus shared pages of /proc/self/statm) read by a thread every 1 ms, " +
         "and at every layer's LayerGradientsReady and after every optimizer step; file-backed pages (the mapped weights) are not counted";
 
+    /// <summary>Whether lora-bench's TorchSharp model (samples/LoraCompiler.Bench/TorchLoraModel.cs) implements the architecture.</summary>
+    public static bool HasTorchReference(ModelInfo model) => model.Architecture is "Qwen2ForCausalLM" or "LlamaForCausalLM";
+
     public static int Run(Args args)
     {
         var options = MemoryBenchOptions.Parse(args);
+        if (!options.NoReference && !HasTorchReference(options.Model))
+            throw new UsageException($"The TorchSharp reference implements Qwen2 and Llama; {options.Model.Name} is {options.Model.Architecture}: " +
+                                     "measure it with --no-reference.");
         if (!options.NoReference)
             return LoraBench.Run(["memory", .. args.Raw.Where(a => a != "--no-reference")]);
         if (options.SeveralSequences)
