@@ -5,7 +5,8 @@ namespace LoraCompiler.Runtime.Weights;
 /// <summary>
 /// Writes a full-size model of random weights with the right names and shapes, so memory and speed
 /// can be measured on real shapes without downloading anything. Initialised as Hugging Face does:
-/// linear and embedding weights ~ N(0, std²) with std = 0.02 by default, norms 1, biases N(0, std²).
+/// linear and embedding weights ~ N(0, std²) with std = 0.02 by default, norms at their identity (1
+/// for w·x̂; 0 for Gemma's (1 + w)·x̂), biases N(0, std²).
 /// </summary>
 public static class RandomWeights
 {
@@ -33,7 +34,7 @@ public static class RandomWeights
                     (start, destination) =>
                     {
                         if (start == 0)
-                            stream = new NormalStream(spec, seed, std);
+                            stream = new NormalStream(spec, seed, std, Identity(model));
                         stream!.Fill(start, destination);
                     });
             }).ToList();
@@ -46,25 +47,28 @@ public static class RandomWeights
         SafeTensorsWriter.Write(path, model.BaseTensors, spec =>
         {
             progress?.Invoke($"[{++index}/{model.BaseTensors.Count}] {spec}");
-            return Values(spec, seed, std);
+            return Values(spec, seed, std, Identity(model));
         }, dtype, new Dictionary<string, string> { ["format"] = "pt", ["generator"] = generator });
         return path;
     }
 
-    /// <summary>The values of one tensor: a function of its name and the seed only.</summary>
-    public static float[] Values(TensorSpec spec, int seed, float std = InitStd)
+    /// <summary>The values of one tensor: a function of its name, the seed and a norm's identity value only.</summary>
+    public static float[] Values(TensorSpec spec, int seed, float std = InitStd, float normIdentity = 1f)
     {
         var values = new float[spec.Elements];
-        new NormalStream(spec, seed, std).Fill(0, values);
+        new NormalStream(spec, seed, std, normIdentity).Fill(0, values);
         return values;
     }
 
+    /// <summary>The norm weight that makes a norm the plain normalization: 1, or 0 where the model multiplies by (1 + w).</summary>
+    private static float Identity(ModelInfo model) => 1f - model.NormWeightOffset;
+
     /// <summary>
-    /// A tensor's values in order, a piece at a time: ones for a norm, otherwise normals from a
+    /// A tensor's values in order, a piece at a time: the identity value for a norm, otherwise normals from a
     /// generator seeded by the name and the seed, two per Box–Muller draw (cos then sin), so any split
     /// into pieces gives the same values as the whole tensor at once.
     /// </summary>
-    private sealed class NormalStream(TensorSpec spec, int seed, float std)
+    private sealed class NormalStream(TensorSpec spec, int seed, float std, float normIdentity)
     {
         private readonly Random _rng = new(HashCode(spec.Name) ^ seed);
         private readonly bool _ones = spec.Name.EndsWith("norm.weight", StringComparison.Ordinal);
@@ -78,7 +82,7 @@ public static class RandomWeights
             _next += destination.Length;
             if (_ones)
             {
-                destination.Fill(1f);
+                destination.Fill(normIdentity);
                 return;
             }
             int i = 0;
