@@ -160,10 +160,10 @@ public sealed class CpuBackend : IBackend
     }
 
     public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset)
-        => CpuKernels.RmsNormForward(S(y), S(rstd), S(x), S(w), T, C, eps, _threads + NotYet(weightOffset));
+        => CpuKernels.RmsNormForward(S(y), S(rstd), S(x), S(w), T, C, eps, weightOffset, _threads);
 
     public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
-        => CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, _threads + NotYet(weightOffset) + NotYet(accumulate));
+        => CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, weightOffset, accumulate, _threads);
 
     public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim)
         => CpuKernels.RopeForward(S(x), S(cos), S(sin), T, heads, headDim);
@@ -173,18 +173,18 @@ public sealed class CpuBackend : IBackend
 
     public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim,
                                  float scale, int window)
-        => CpuKernels.AttentionForward(S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim, _threads + NotYet(scale, headDim) + NotYet(window));
+        => CpuKernels.AttentionForward(S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim, scale, window, _threads);
 
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
                                   int T, int heads, int kvHeads, int headDim, float scale, int window)
         => CpuKernels.AttentionBackward(S(dq), S(dk), S(dv), S(dOutput), S(output), S(lse), S(q), S(k), S(v), T, heads, kvHeads, headDim,
-            _threads + NotYet(scale, headDim) + NotYet(window));
+            scale, window, _threads);
 
     public void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation)
-        => CpuKernels.SwiGluForward(S(h), S(gate), S(up), n, _threads + NotYet(activation));
+        => CpuKernels.GluForward(S(h), S(gate), S(up), n, activation, _threads);
 
     public void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation)
-        => CpuKernels.SwiGluBackward(S(dGate), S(dUp), S(dh), S(gate), S(up), n, _threads + NotYet(activation));
+        => CpuKernels.GluBackward(S(dGate), S(dUp), S(dh), S(gate), S(up), n, activation, _threads);
 
     public void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout)
     {
@@ -212,15 +212,8 @@ public sealed class CpuBackend : IBackend
     public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
                                     float softcap)
         => w is CpuQ4Tensor q4
-            ? CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, _threads + NotYet(softcap))
-            : CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, _threads + NotYet(softcap));
-
-    // TEMPORARY: the new parameters, until the kernels take them.
-    private static int NotYet(float f) => f == 0 ? 0 : throw new NotSupportedException("not yet");
-    private static int NotYet(bool b) => b ? 0 : throw new NotSupportedException("not yet");
-    private static int NotYet(int w) => w == 0 ? 0 : throw new NotSupportedException("not yet");
-    private static int NotYet(GluActivation a) => a == GluActivation.Silu ? 0 : throw new NotSupportedException("not yet");
-    private static int NotYet(float scale, int hd) => Math.Abs(scale * MathF.Sqrt(hd) - 1) < 1e-6 ? 0 : throw new NotSupportedException("not yet");
+            ? CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, softcap, _threads)
+            : CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, softcap, _threads);
 
     // ---------------------------------------------------------------- helpers
 

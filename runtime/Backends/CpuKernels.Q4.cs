@@ -89,17 +89,18 @@ internal static unsafe partial class CpuKernels
     }
 
     /// <summary>
-    /// <see cref="LmHeadCrossEntropy(Span{float}, Span{float}, ReadOnlySpan{float}, ReadOnlySpan{float}, ReadOnlySpan{int}, int, int, int, int, int)"/>
+    /// <see cref="LmHeadCrossEntropy(Span{float}, Span{float}, ReadOnlySpan{float}, ReadOnlySpan{float}, ReadOnlySpan{int}, int, int, int, int, float, int)"/>
     /// with a 4-bit w [V, C]: each vocabulary chunk's logits and its dx term are products with the
-    /// chunk's rows of w dequantized a tile at a time; no chunk is ever held in float.
+    /// chunk's rows of w dequantized a tile at a time; no chunk is ever held in float. The softcap is
+    /// the float kernel's.
     /// </summary>
     public static float LmHeadCrossEntropy(Span<float> dx, Span<float> logits, ReadOnlySpan<float> x, Q4Weight w, ReadOnlySpan<int> targets,
-                                           int T, int C, int V, int chunk, int threads)
+                                           int T, int C, int V, int chunk, float softcap, int threads)
     {
         if (w.Columns != C || w.Rows < V)
             throw new ArgumentException($"'{w.Name}' is [{w.Rows}, {w.Columns}], the LM head needs [{V}, {C}].", nameof(w));
         using var pin = new Q4Pin(w);
-        return LmHeadCrossEntropy(dx, logits, x, new HeadWeight(null, pin.Matrix), targets, T, C, V, chunk, threads);
+        return LmHeadCrossEntropy(dx, logits, x, new HeadWeight(null, pin.Matrix), targets, T, C, V, chunk, softcap, threads);
     }
 
     private static void CheckShape(Q4Weight w, int dout, int din)

@@ -38,11 +38,16 @@ internal static unsafe partial class CpuKernels
 
     // ================================================================ RMSNorm
 
-    /// <summary>y[t] = x[t]·rstd[t]·w, rstd[t] = 1/sqrt(mean(x[t]²) + eps); saves rstd [T].</summary>
-    public static void RmsNormForward(Span<float> y, Span<float> rstd, ReadOnlySpan<float> x, ReadOnlySpan<float> w, int T, int C, float eps, int threads)
+    /// <summary>
+    /// y[t] = x[t]·rstd[t]·(weightOffset + w), rstd[t] = 1/sqrt(mean(x[t]²) + eps); saves rstd [T].
+    /// weightOffset 0 is Llama's form, 1 Gemma's (1 + w, rounded to float first, as Hugging Face does).
+    /// </summary>
+    public static void RmsNormForward(Span<float> y, Span<float> rstd, ReadOnlySpan<float> x, ReadOnlySpan<float> w, int T, int C, float eps,
+                                      float weightOffset, int threads)
     {
         Need(y, (long)T * C, nameof(y)); Need(rstd, T, nameof(rstd)); Need(x, (long)T * C, nameof(x)); Need(w, C, nameof(w));
-        fixed (float* py = y) fixed (float* pr = rstd) fixed (float* px = x) fixed (float* pw = w)
+        float[]? shifted = OffsetWeight(w, C, weightOffset);
+        fixed (float* py = y) fixed (float* pr = rstd) fixed (float* px = x) fixed (float* pw = shifted is null ? w : shifted)
         {
             float* Y = py, R = pr, X = px, W = pw;
             For(T, threads, (long)T * C, t =>
@@ -57,32 +62,57 @@ internal static unsafe partial class CpuKernels
                 TensorPrimitives.Multiply(row, new ReadOnlySpan<float>(W, C), row);
             });
         }
+        if (shifted is not null)
+            ArrayPool<float>.Shared.Return(shifted);
     }
 
     /// <summary>
-    /// dx[t] += r·(dy⊙w − x·r²·⟨dy⊙w, x⟩/C) with r = rstd[t]: the gradient of y = x·r(x)·w, since
-    /// ∂r/∂x = −r³·x/C.
+    /// dx[t] (+= with accumulate, else =) r·(dy⊙w′ − x·r²·⟨dy⊙w′, x⟩/C) with r = rstd[t] and
+    /// w′ = weightOffset + w: the gradient of y = x·r(x)·w′, since ∂r/∂x = −r³·x/C.
     /// </summary>
-    public static void RmsNormBackward(Span<float> dx, ReadOnlySpan<float> dy, ReadOnlySpan<float> x, ReadOnlySpan<float> w, ReadOnlySpan<float> rstd, int T, int C, int threads)
+    public static void RmsNormBackward(Span<float> dx, ReadOnlySpan<float> dy, ReadOnlySpan<float> x, ReadOnlySpan<float> w, ReadOnlySpan<float> rstd,
+                                       int T, int C, float weightOffset, bool accumulate, int threads)
     {
         Need(dx, (long)T * C, nameof(dx)); Need(dy, (long)T * C, nameof(dy)); Need(x, (long)T * C, nameof(x));
         Need(w, C, nameof(w)); Need(rstd, T, nameof(rstd));
-        fixed (float* pdx = dx) fixed (float* pdy = dy) fixed (float* px = x) fixed (float* pw = w) fixed (float* pr = rstd)
+        float[]? shifted = OffsetWeight(w, C, weightOffset);
+        fixed (float* pdx = dx) fixed (float* pdy = dy) fixed (float* px = x) fixed (float* pw = shifted is null ? w : shifted) fixed (float* pr = rstd)
         {
             float* DX = pdx, DY = pdy, X = px, W = pw, R = pr;
             For(T, threads, (long)T * C, t =>
             {
                 float* xt = X + (long)t * C, dyt = DY + (long)t * C, dxt = DX + (long)t * C;
                 double r = R[t];
-                double dot = 0; // ⟨dy⊙w, x⟩
+                double dot = 0; // ⟨dy⊙w′, x⟩
                 for (int i = 0; i < C; i++)
                     dot += (double)dyt[i] * W[i] * xt[i];
                 float coef = (float)(r * r * r * dot / C);
                 float rf = (float)r;
-                for (int i = 0; i < C; i++)
-                    dxt[i] += rf * dyt[i] * W[i] - coef * xt[i];
+                if (accumulate)
+                    for (int i = 0; i < C; i++)
+                        dxt[i] += rf * dyt[i] * W[i] - coef * xt[i];
+                else
+                    for (int i = 0; i < C; i++)
+                        dxt[i] = rf * dyt[i] * W[i] - coef * xt[i];
             });
         }
+        if (shifted is not null)
+            ArrayPool<float>.Shared.Return(shifted);
+    }
+
+    /// <summary>
+    /// weightOffset + w[..C] in a pooled array (the caller returns it), or null for offset 0, where the
+    /// kernels read w itself.
+    /// </summary>
+    private static float[]? OffsetWeight(ReadOnlySpan<float> w, int C, float weightOffset)
+    {
+        if (weightOffset == 0)
+            return null;
+        if (!float.IsFinite(weightOffset))
+            throw new ArgumentOutOfRangeException(nameof(weightOffset), weightOffset, "weightOffset must be finite.");
+        float[] shifted = ArrayPool<float>.Shared.Rent(Math.Max(C, 1));
+        TensorPrimitives.Add(w[..C], weightOffset, shifted.AsSpan(0, C));
+        return shifted;
     }
 
     // ================================================================ RoPE
@@ -132,12 +162,23 @@ internal static unsafe partial class CpuKernels
         }
     }
 
-    // ================================================================ SwiGLU
+    // ================================================================ GLU
 
-    /// <summary>h = silu(gate)·up = gate·σ(gate)·up.</summary>
-    public static void SwiGluForward(Span<float> h, ReadOnlySpan<float> gate, ReadOnlySpan<float> up, long n, int threads)
+    /// <summary>√(2/π), the tanh-GELU's inner factor.</summary>
+    private const float GeluC = 0.7978845608028654f;
+
+    /// <summary>The tanh-GELU's cubic coefficient.</summary>
+    private const float GeluA = 0.044715f;
+
+    /// <summary>
+    /// h = act(gate)·up. SiLU: silu(g) = g·σ(g). GeluTanh: gelu(g) = 0.5·g·(1 + tanh(u)) with
+    /// u = √(2/π)·(g + 0.044715·g³), computed as g·σ(2u), the same function (0.5·(1 + tanh(u)) = σ(2u))
+    /// without the cancellation of 1 + tanh(u) for negative g.
+    /// </summary>
+    public static void GluForward(Span<float> h, ReadOnlySpan<float> gate, ReadOnlySpan<float> up, long n, GluActivation activation, int threads)
     {
         Need(h, n, nameof(h)); Need(gate, n, nameof(gate)); Need(up, n, nameof(up));
+        bool gelu = IsGelu(activation);
         fixed (float* ph = h) fixed (float* pg = gate) fixed (float* pu = up)
         {
             float* H = ph, G = pg, U = pu;
@@ -145,7 +186,13 @@ internal static unsafe partial class CpuKernels
             {
                 var hs = new Span<float>(H + start, len);
                 var gs = new ReadOnlySpan<float>(G + start, len);
-                TensorPrimitives.Sigmoid(gs, hs);
+                if (gelu)
+                {
+                    GeluArgument(H + start, G + start, len); // 2u
+                    TensorPrimitives.Sigmoid(hs, hs);
+                }
+                else
+                    TensorPrimitives.Sigmoid(gs, hs);
                 TensorPrimitives.Multiply(hs, gs, hs);
                 TensorPrimitives.Multiply(hs, new ReadOnlySpan<float>(U + start, len), hs);
             });
@@ -153,40 +200,119 @@ internal static unsafe partial class CpuKernels
     }
 
     /// <summary>
-    /// dUp = dh·silu(gate), dGate = dh·up·silu'(gate) with silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+    /// dUp = dh·act(gate), dGate = dh·up·act′(gate), with s = σ(g) for SiLU and σ(2u) for GeluTanh:
+    /// silu′(g) = s·(1 + g·(1 − s)) and gelu′(g) = s + 2·g·s·(1 − s)·u′, u′ = √(2/π)·(1 + 3·0.044715·g²).
+    /// dUp may be dh itself.
     /// </summary>
-    public static void SwiGluBackward(Span<float> dGate, Span<float> dUp, ReadOnlySpan<float> dh, ReadOnlySpan<float> gate, ReadOnlySpan<float> up, long n, int threads)
+    public static void GluBackward(Span<float> dGate, Span<float> dUp, ReadOnlySpan<float> dh, ReadOnlySpan<float> gate, ReadOnlySpan<float> up, long n,
+                                   GluActivation activation, int threads)
     {
         Need(dGate, n, nameof(dGate)); Need(dUp, n, nameof(dUp)); Need(dh, n, nameof(dh)); Need(gate, n, nameof(gate)); Need(up, n, nameof(up));
+        bool gelu = IsGelu(activation);
         fixed (float* pdg = dGate) fixed (float* pdu = dUp) fixed (float* pdh = dh) fixed (float* pg = gate) fixed (float* pu = up)
         {
             float* DG = pdg, DU = pdu, DH = pdh, G = pg, U = pu;
             ForChunks(n, threads, (start, len) =>
             {
                 float* dg = DG + start, du = DU + start, d = DH + start, g = G + start, u = U + start;
-                // σ(g) into dGate first (dh, gate and up are inputs, so they may not be overwritten;
+                // s into dGate first (dh, gate and up are inputs, so they may not be overwritten;
                 // dUp may be dh itself: each element of dh is read before dUp's is written).
-                TensorPrimitives.Sigmoid(new ReadOnlySpan<float>(g, len), new Span<float>(dg, len));
-                int i = 0;
-                if (Vector.IsHardwareAccelerated)
+                var sg = new Span<float>(dg, len);
+                if (gelu)
                 {
-                    var one = Vector<float>.One;
-                    for (; i <= len - Vector<float>.Count; i += Vector<float>.Count)
-                    {
-                        var sg = Vector.Load(dg + i);
-                        var gi = Vector.Load(g + i);
-                        var di = Vector.Load(d + i);
-                        Vector.Store(di * gi * sg, du + i);
-                        Vector.Store(di * Vector.Load(u + i) * sg * (one + gi * (one - sg)), dg + i);
-                    }
+                    GeluArgument(dg, g, len);
+                    TensorPrimitives.Sigmoid(sg, sg);
+                    GeluBackward(dg, du, d, g, u, len);
                 }
-                for (; i < len; i++)
+                else
                 {
-                    float sg = dg[i], di = d[i]; // di read first: dUp may be dh itself
-                    du[i] = di * g[i] * sg;
-                    dg[i] = di * u[i] * sg * (1f + g[i] * (1f - sg));
+                    TensorPrimitives.Sigmoid(new ReadOnlySpan<float>(g, len), sg);
+                    SiluBackward(dg, du, d, g, u, len);
                 }
             });
+        }
+    }
+
+    private static bool IsGelu(GluActivation activation) => activation switch
+    {
+        GluActivation.Silu => false,
+        GluActivation.GeluTanh => true,
+        _ => throw new ArgumentOutOfRangeException(nameof(activation), activation, "not a GLU activation."),
+    };
+
+    /// <summary>arg[i] = 2u = 2·√(2/π)·g·(1 + 0.044715·g²), the argument of σ in gelu(g) = g·σ(2u).</summary>
+    private static void GeluArgument(float* arg, float* g, int len)
+    {
+        const float c2 = 2 * GeluC, c2a = 2 * GeluC * GeluA;
+        int i = 0;
+        if (Vector.IsHardwareAccelerated)
+        {
+            var vc2 = new Vector<float>(c2);
+            var vc2a = new Vector<float>(c2a);
+            for (; i <= len - Vector<float>.Count; i += Vector<float>.Count)
+            {
+                var gi = Vector.Load(g + i);
+                Vector.Store(gi * Vector.MultiplyAddEstimate(vc2a, gi * gi, vc2), arg + i);
+            }
+        }
+        for (; i < len; i++)
+            arg[i] = g[i] * (c2a * g[i] * g[i] + c2);
+    }
+
+    /// <summary>dUp = dh·g·s, dGate = dh·up·s·(1 + g·(1 − s)), with s = σ(g) already in dGate.</summary>
+    private static void SiluBackward(float* dg, float* du, float* d, float* g, float* u, int len)
+    {
+        int i = 0;
+        if (Vector.IsHardwareAccelerated)
+        {
+            var one = Vector<float>.One;
+            for (; i <= len - Vector<float>.Count; i += Vector<float>.Count)
+            {
+                var sg = Vector.Load(dg + i);
+                var gi = Vector.Load(g + i);
+                var di = Vector.Load(d + i);
+                Vector.Store(di * gi * sg, du + i);
+                Vector.Store(di * Vector.Load(u + i) * sg * (one + gi * (one - sg)), dg + i);
+            }
+        }
+        for (; i < len; i++)
+        {
+            float sg = dg[i], di = d[i]; // di read first: dUp may be dh itself
+            du[i] = di * g[i] * sg;
+            dg[i] = di * u[i] * sg * (1f + g[i] * (1f - sg));
+        }
+    }
+
+    /// <summary>
+    /// dUp = dh·g·s, dGate = dh·up·(s + 2·g·s·(1 − s)·u′), u′ = √(2/π)·(1 + 3·0.044715·g²), with
+    /// s = σ(2u) already in dGate.
+    /// </summary>
+    private static void GeluBackward(float* dg, float* du, float* d, float* g, float* u, int len)
+    {
+        const float c = GeluC, c3a = 3 * GeluC * GeluA;
+        int i = 0;
+        if (Vector.IsHardwareAccelerated)
+        {
+            var one = Vector<float>.One;
+            var two = new Vector<float>(2f);
+            var vc = new Vector<float>(c);
+            var vc3a = new Vector<float>(c3a);
+            for (; i <= len - Vector<float>.Count; i += Vector<float>.Count)
+            {
+                var sg = Vector.Load(dg + i);
+                var gi = Vector.Load(g + i);
+                var di = Vector.Load(d + i);
+                var uPrime = Vector.MultiplyAddEstimate(vc3a, gi * gi, vc);
+                Vector.Store(di * gi * sg, du + i);
+                Vector.Store(di * Vector.Load(u + i) * (sg + two * gi * sg * (one - sg) * uPrime), dg + i);
+            }
+        }
+        for (; i < len; i++)
+        {
+            float sg = dg[i], gi = g[i], di = d[i]; // di read first: dUp may be dh itself
+            float uPrime = c3a * gi * gi + c;
+            du[i] = di * gi * sg;
+            dg[i] = di * u[i] * (sg + 2f * gi * sg * (1f - sg) * uPrime);
         }
     }
 
@@ -238,23 +364,27 @@ internal static unsafe partial class CpuKernels
 
     /// <summary>
     /// Mean cross-entropy over the labelled rows of logits = x·wᵀ, never holding more than one
-    /// [T, chunk] block of logits. Rows labelled −1 are left out of the products altogether (their
-    /// dx is 0): when there are any, the labelled rows of x are gathered first. Returns the loss; dx (=).
+    /// [T, chunk] block of logits. With softcap c &gt; 0 the softmax is over z = c·tanh(logits/c)
+    /// (Gemma's final_logit_softcapping); 0 leaves the logits as they are. Rows labelled −1 are left
+    /// out of the products altogether (their dx is 0): when there are any, the labelled rows of x are
+    /// gathered first. Returns the loss; dx (=).
     /// </summary>
     public static float LmHeadCrossEntropy(Span<float> dx, Span<float> logits, ReadOnlySpan<float> x, ReadOnlySpan<float> w, ReadOnlySpan<int> targets,
-                                           int T, int C, int V, int chunk, int threads)
+                                           int T, int C, int V, int chunk, float softcap, int threads)
     {
         Need(w, (long)V * C, nameof(w));
         fixed (float* pw = w)
-            return LmHeadCrossEntropy(dx, logits, x, new HeadWeight(pw, default), targets, T, C, V, chunk, threads);
+            return LmHeadCrossEntropy(dx, logits, x, new HeadWeight(pw, default), targets, T, C, V, chunk, softcap, threads);
     }
 
     /// <summary>The LM head with its weight float32 or 4-bit (<see cref="HeadWeight"/>).</summary>
     private static float LmHeadCrossEntropy(Span<float> dx, Span<float> logits, ReadOnlySpan<float> x, HeadWeight w, ReadOnlySpan<int> targets,
-                                            int T, int C, int V, int chunk, int threads)
+                                            int T, int C, int V, int chunk, float softcap, int threads)
     {
         if (chunk <= 0)
             throw new ArgumentOutOfRangeException(nameof(chunk), chunk, "chunk must be positive.");
+        if (!(softcap >= 0) || float.IsPositiveInfinity(softcap))
+            throw new ArgumentOutOfRangeException(nameof(softcap), softcap, "softcap must be 0 (none) or a positive cap.");
         chunk = Math.Min(chunk, V);
         Need(dx, (long)T * C, nameof(dx)); Need(logits, (long)T * chunk, nameof(logits));
         Need(x, (long)T * C, nameof(x));
@@ -275,7 +405,7 @@ internal static unsafe partial class CpuKernels
         if (count == T)
         {
             targets[..T].CopyTo(rows);
-            lossSum = LmHeadLabelled(dx, logits, x, w, rows, T, C, V, chunk, threads);
+            lossSum = LmHeadLabelled(dx, logits, x, w, rows, T, C, V, chunk, softcap, threads);
         }
         else if (count > 0)
         {
@@ -287,7 +417,7 @@ internal static unsafe partial class CpuKernels
                 x.Slice(rows[i] * C, C).CopyTo(xs.AsSpan(i * C, C));
                 labels[i] = targets[rows[i]];
             }
-            lossSum = LmHeadLabelled(dxs, logits, xs, w, labels, count, C, V, chunk, threads);
+            lossSum = LmHeadLabelled(dxs, logits, xs, w, labels, count, C, V, chunk, softcap, threads);
             for (int i = 0; i < count; i++)
                 dxs.AsSpan(i * C, C).CopyTo(dx.Slice(rows[i] * C, C));
             ArrayPool<float>.Shared.Return(xs);
@@ -300,12 +430,14 @@ internal static unsafe partial class CpuKernels
 
     /// <summary>
     /// The LM head on N rows that all have a label: returns Σ_t CE_t and writes dx = ∂(Σ CE / N)/∂x.
-    /// Pass 1 runs an online log-sum-exp over the vocabulary chunks (running max m and Σexp(l − m)
+    /// Pass 1 runs an online log-sum-exp over the vocabulary chunks (running max m and Σexp(z − m)
     /// per row, in double) and picks out each target logit; pass 2 recomputes each chunk, turns it
-    /// into dlogits = (softmax − onehot)/N in place and accumulates dx += dlogits·w_chunk.
+    /// into dlogits = (softmax − onehot)/N in place and accumulates dx += dlogits·w_chunk. With a
+    /// softcap c, z = c·tanh(l/c) and dlogits = (softmax(z) − onehot)/N·(1 − tanh²(l/c)); without,
+    /// z = l.
     /// </summary>
     private static double LmHeadLabelled(Span<float> dx, Span<float> logits, ReadOnlySpan<float> x, HeadWeight w, ReadOnlySpan<int> labels,
-                                         int N, int C, int V, int chunk, int threads)
+                                         int N, int C, int V, int chunk, float softcap, int threads)
     {
         double[] stats = ArrayPool<double>.Shared.Rent(3 * N);
         double lossSum = 0;
@@ -331,6 +463,8 @@ internal static unsafe partial class CpuKernels
                 For(N, threads, (long)N * n, t =>
                 {
                     Span<float> row = new(L + (long)t * n, n);
+                    if (softcap > 0)
+                        SoftCap(row, softcap);
                     int j = label[t] - vStart;
                     if ((uint)j < (uint)n)
                         target[t] = row[j];
@@ -354,12 +488,17 @@ internal static unsafe partial class CpuKernels
                 w.Logits(L, X, N, v0, n, C, threads);
                 For(N, threads, (long)N * n, t =>
                 {
-                    // exp(l − lse)/N, minus 1/N at the label
                     Span<float> row = new(L + (long)t * n, n);
+                    int j = label[t] - vStart;
+                    if (softcap > 0)
+                    {
+                        SoftCapGradient(row, softcap, (float)max[t], inv, j);
+                        return;
+                    }
+                    // exp(l − lse)/N, minus 1/N at the label
                     TensorPrimitives.Subtract(row, (float)max[t], row);
                     TensorPrimitives.Exp(row, row);
                     TensorPrimitives.Multiply(row, inv, row);
-                    int j = label[t] - vStart;
                     if ((uint)j < (uint)n)
                         row[j] -= inv;
                 });
@@ -368,6 +507,49 @@ internal static unsafe partial class CpuKernels
         }
         ArrayPool<double>.Shared.Return(stats);
         return lossSum;
+    }
+
+    /// <summary>row = c·tanh(row/c), the order Hugging Face rounds in.</summary>
+    private static void SoftCap(Span<float> row, float c)
+    {
+        TensorPrimitives.Divide(row, c, row);
+        TensorPrimitives.Tanh(row, row);
+        TensorPrimitives.Multiply(row, c, row);
+    }
+
+    /// <summary>
+    /// A row of logits l becomes ∂(CE/N)/∂l through the softcap: with τ = tanh(l/c) and z = c·τ,
+    /// (exp(z − lse)/N − onehot/N)·(1 − τ²); the label, if in this chunk, is at j.
+    /// </summary>
+    private static void SoftCapGradient(Span<float> row, float c, float lse, float inv, int j)
+    {
+        TensorPrimitives.Divide(row, c, row);
+        TensorPrimitives.Tanh(row, row);
+        float labelTanh = (uint)j < (uint)row.Length ? row[j] : 0f;
+        int i = 0, n = row.Length;
+        fixed (float* p = row)
+        {
+            if (Vector.IsHardwareAccelerated)
+            {
+                var vc = new Vector<float>(c);
+                var vl = new Vector<float>(lse);
+                var vInv = new Vector<float>(inv);
+                var one = Vector<float>.One;
+                for (; i <= n - Vector<float>.Count; i += Vector<float>.Count)
+                {
+                    var tau = Vector.Load(p + i);
+                    var prob = Vector.Exp(tau * vc - vl) * vInv;
+                    Vector.Store(prob * (one - tau * tau), p + i);
+                }
+            }
+            for (; i < n; i++)
+            {
+                float tau = p[i];
+                p[i] = MathF.Exp(tau * c - lse) * inv * (1f - tau * tau);
+            }
+        }
+        if ((uint)j < (uint)n)
+            row[j] -= inv * (1f - labelTanh * labelTanh);
     }
 
     /// <summary>Σ exp(row − m) in double; overwrites row.</summary>

@@ -330,11 +330,13 @@ public sealed class Q4Tests : IDisposable
     }
 
     [Theory]
-    [InlineData(9, 48, 301, 64, 1, true)]    // partial last chunk, rows labelled −1
-    [InlineData(9, 48, 301, 64, 2, false)]
-    [InlineData(64, 96, 1001, 256, 2, true)]
-    [InlineData(64, 96, 1001, 2000, 2, false)] // one chunk bigger than V
-    public void LmHead_with_a_4bit_weight_matches_the_float_kernel(int T, int C, int V, int chunk, int threads, bool someIgnored)
+    [InlineData(9, 48, 301, 64, 1, true, 0f)]    // partial last chunk, rows labelled −1
+    [InlineData(9, 48, 301, 64, 2, false, 0f)]
+    [InlineData(64, 96, 1001, 256, 2, true, 0f)]
+    [InlineData(64, 96, 1001, 2000, 2, false, 0f)] // one chunk bigger than V
+    [InlineData(9, 48, 301, 64, 2, true, 5f)]      // softcapped, partial last chunk
+    [InlineData(64, 96, 1001, 256, 2, false, 8f)]
+    public void LmHead_with_a_4bit_weight_matches_the_float_kernel(int T, int C, int V, int chunk, int threads, bool someIgnored, float softcap)
     {
         var (q4, w) = RandomQ4(V, C, 16, seed: V);
         float[] x = Rand(T * C, 6);
@@ -343,10 +345,58 @@ public sealed class Q4Tests : IDisposable
         targets[0] = V - 1;
         float[] logits = new float[T * Math.Min(chunk, V)];
         float[] expectedDx = new float[T * C], actualDx = Rand(T * C, 8);
-        float expected = CpuKernels.LmHeadCrossEntropy(expectedDx, logits, x, w, targets, T, C, V, chunk, threads);
-        float actual = CpuKernels.LmHeadCrossEntropy(actualDx, logits, x, q4, targets, T, C, V, chunk, threads);
+        float expected = CpuKernels.LmHeadCrossEntropy(expectedDx, logits, x, w, targets, T, C, V, chunk, softcap, threads);
+        float actual = CpuKernels.LmHeadCrossEntropy(actualDx, logits, x, q4, targets, T, C, V, chunk, softcap, threads);
         Assert.True(Math.Abs(actual - expected) <= SameMath * Math.Abs(expected), $"loss {actual} vs {expected}");
         AssertSame(expectedDx, actualDx, "dx");
+    }
+
+    [Theory]
+    [InlineData(9, 48, 301, 64, 1, 5f)]   // partial last chunk (301 = 4·64 + 45)
+    [InlineData(13, 32, 200, 64, 2, 3f)]  // partial last chunk of 8
+    [InlineData(13, 32, 200, 500, 2, 3f)] // one chunk bigger than V
+    public void LmHead_with_a_4bit_weight_and_a_softcap_matches_a_float64_reference(int T, int C, int V, int chunk, int threads, float softcap)
+    {
+        // Against cross-entropy over z = c·tanh(x·wᵀ/c) in double on the dequantized weights.
+        var (q4, w) = RandomQ4(V, C, 16, seed: V + 1);
+        float[] x = Rand(T * C, 9);
+        var rng = new Random(10);
+        int[] targets = Enumerable.Range(0, T).Select(t => t % 3 == 2 ? -1 : rng.Next(V)).ToArray();
+        targets[0] = V - 1; // a label in the partial last chunk
+        float[] logits = new float[T * Math.Min(chunk, V)], dx = Rand(T * C, 11);
+        float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, x, q4, targets, T, C, V, chunk, softcap, threads);
+
+        double wantLoss = 0;
+        var wantDx = new double[T * C];
+        int count = targets.Count(t => t >= 0);
+        for (int t = 0; t < T; t++)
+        {
+            if (targets[t] < 0)
+                continue;
+            var z = new double[V];
+            for (int v = 0; v < V; v++)
+            {
+                double l = 0;
+                for (int i = 0; i < C; i++)
+                    l += (double)x[t * C + i] * w[v * C + i];
+                z[v] = softcap * Math.Tanh(l / softcap);
+            }
+            double max = z.Max(), sum = z.Sum(zv => Math.Exp(zv - max));
+            wantLoss += (max + Math.Log(sum) - z[targets[t]]) / count;
+            for (int v = 0; v < V; v++)
+            {
+                double tau = z[v] / softcap; // ∂z/∂l = 1 − tanh²
+                double d = (Math.Exp(z[v] - max) / sum - (v == targets[t] ? 1 : 0)) / count * (1 - tau * tau);
+                for (int i = 0; i < C; i++)
+                    wantDx[t * C + i] += d * w[v * C + i];
+            }
+        }
+        Assert.True(Math.Abs(loss - wantLoss) <= 1e-5 * wantLoss, $"loss {loss} vs {wantLoss}");
+        double error = ModelFixture.RelativeError(dx, Array.ConvertAll(wantDx, d => (float)d));
+        Assert.True(error < 1e-4, $"dx: relative error {error:E2}");
+        for (int t = 0; t < T; t++)
+            if (targets[t] < 0)
+                Assert.All(dx.AsSpan(t * C, C).ToArray(), d => Assert.Equal(0f, d));
     }
 
     [Fact]

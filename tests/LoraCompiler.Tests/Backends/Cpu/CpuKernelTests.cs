@@ -118,7 +118,8 @@ public sealed class CpuKernelTests
 
     // ================================================================ RMSNorm
 
-    private static double[] RmsNormRef(double[] x, double[] w, int T, int C, double eps, double[]? rstd = null)
+    /// <summary>y = x·rstd·(offset + w) in double (offset 0: Llama, 1: Gemma).</summary>
+    private static double[] RmsNormRef(double[] x, double[] w, int T, int C, double eps, double offset, double[]? rstd = null)
     {
         var y = new double[T * C];
         for (int t = 0; t < T; t++)
@@ -130,34 +131,52 @@ public sealed class CpuKernelTests
             if (rstd is not null)
                 rstd[t] = r;
             for (int i = 0; i < C; i++)
-                y[t * C + i] = x[t * C + i] * r * w[i];
+                y[t * C + i] = x[t * C + i] * r * (offset + w[i]);
         }
         return y;
     }
 
     [Theory]
-    [InlineData(7, 37, 1)]
-    [InlineData(300, 259, 2)] // parallel rows
-    public void RmsNorm_forward_and_backward(int T, int C, int threads)
+    [InlineData(7, 37, 1, 0f, true)]
+    [InlineData(300, 259, 2, 0f, true)]  // parallel rows
+    [InlineData(7, 37, 1, 0f, false)]    // (=): garbage in dx is overwritten
+    [InlineData(7, 37, 1, 1f, true)]     // Gemma's 1 + w
+    [InlineData(7, 37, 2, 1f, false)]
+    [InlineData(300, 259, 2, 1f, false)]
+    [InlineData(5 * 4, 256, 2, 1f, false)] // a per-head norm: T·heads rows of headDim
+    public void RmsNorm_forward_and_backward(int T, int C, int threads, float weightOffset, bool accumulate)
     {
         const float eps = 1e-6f;
-        float[] x = Rand(T * C, 12), w = Rand(C, 13, 0.5, 1.5), y = new float[T * C], rstd = new float[T];
-        CpuKernels.RmsNormForward(y, rstd, x, w, T, C, eps, threads);
+        // Gemma's weights lie around 0, Llama's around 1.
+        float[] x = Rand(T * C, 12), w = weightOffset == 0 ? Rand(C, 13, 0.5, 1.5) : Rand(C, 13, -0.5, 0.5);
+        float[] y = Rand(T * C, 72), rstd = Rand(T, 73);
+        CpuKernels.RmsNormForward(y, rstd, x, w, T, C, eps, weightOffset, threads);
         var wantRstd = new double[T];
-        AssertClose(RmsNormRef(ToDouble(x), ToDouble(w), T, C, eps, wantRstd), y, ForwardTolerance, "y");
+        AssertClose(RmsNormRef(ToDouble(x), ToDouble(w), T, C, eps, weightOffset, wantRstd), y, ForwardTolerance, "y");
         AssertClose(wantRstd, rstd, ForwardTolerance, "rstd");
 
         float[] R = Rand(T * C, 14), dx = Rand(T * C, 15);
         double[] before = ToDouble(dx);
-        CpuKernels.RmsNormBackward(dx, R, x, w, rstd, T, C, threads);
+        CpuKernels.RmsNormBackward(dx, R, x, w, rstd, T, C, weightOffset, accumulate, threads);
         double[] want = T * C <= 1000
-            ? Gradient(xs => Dot(RmsNormRef(xs, ToDouble(w), T, C, eps), R), ToDouble(x))
-            : RmsNormBackwardRef(ToDouble(R), ToDouble(x), ToDouble(w), T, C, eps);
-        AssertClose(Add(before, want), dx, BackwardTolerance, "dx (+=)");
+            ? Gradient(xs => Dot(RmsNormRef(xs, ToDouble(w), T, C, eps, weightOffset), R), ToDouble(x))
+            : RmsNormBackwardRef(ToDouble(R), ToDouble(x), ToDouble(w), T, C, eps, weightOffset);
+        AssertClose(accumulate ? Add(before, want) : want, dx, BackwardTolerance, accumulate ? "dx (+=)" : "dx (=)");
+    }
+
+    [Fact]
+    public void RmsNorm_backward_reference_matches_finite_differences()
+    {
+        const int T = 3, C = 7;
+        const double eps = 1e-6;
+        double[] x = ToDouble(Rand(T * C, 74)), w = ToDouble(Rand(C, 75, -0.5, 0.5));
+        float[] R = Rand(T * C, 76);
+        foreach (double offset in new[] { 0.0, 1.0 })
+            Assert.True(RelErr(Gradient(xs => Dot(RmsNormRef(xs, w, T, C, eps, offset), R), x), RmsNormBackwardRef(ToDouble(R), x, w, T, C, eps, offset)) < 1e-7);
     }
 
     /// <summary>The exact RMSNorm input gradient, via the chain rule through mean(x²) written out.</summary>
-    private static double[] RmsNormBackwardRef(double[] dy, double[] x, double[] w, int T, int C, double eps)
+    private static double[] RmsNormBackwardRef(double[] dy, double[] x, double[] w, int T, int C, double eps, double offset)
     {
         var dx = new double[T * C];
         for (int t = 0; t < T; t++)
@@ -168,10 +187,10 @@ public sealed class CpuKernelTests
             ms /= C;
             double r = 1 / Math.Sqrt(ms + eps), dr = 0;
             for (int i = 0; i < C; i++)
-                dr += dy[t * C + i] * w[i] * x[t * C + i];
+                dr += dy[t * C + i] * (offset + w[i]) * x[t * C + i];
             double dms = dr * -0.5 * Math.Pow(ms + eps, -1.5); // ∂r/∂ms
             for (int i = 0; i < C; i++)
-                dx[t * C + i] = dy[t * C + i] * w[i] * r + dms * 2 * x[t * C + i] / C;
+                dx[t * C + i] = dy[t * C + i] * (offset + w[i]) * r + dms * 2 * x[t * C + i] / C;
         }
         return dx;
     }
@@ -213,33 +232,39 @@ public sealed class CpuKernelTests
 
     // ================================================================ attention
 
-    /// <summary>Naive causal GQA in double: the output, the probabilities [heads, T, T] and each row's log-sum-exp [heads, T].</summary>
-    private static (double[] Out, double[] Probs, double[] Lse) AttentionRef(double[] q, double[] k, double[] v, int T, int heads, int kvHeads, int hd)
+    /// <summary>
+    /// Naive causal GQA in double: the output, the probabilities [heads, T, T] and each row's log-sum-exp
+    /// [heads, T]. Scores are scaled by scale (1/√hd when null); with window W &gt; 0 query t sees only the
+    /// keys s with t − s &lt; W.
+    /// </summary>
+    private static (double[] Out, double[] Probs, double[] Lse) AttentionRef(double[] q, double[] k, double[] v, int T, int heads, int kvHeads, int hd,
+                                                                              double? scale = null, int window = 0)
     {
         var output = new double[T * heads * hd];
         var probs = new double[heads * T * T];
         var lse = new double[heads * T];
-        double scale = 1 / Math.Sqrt(hd);
+        double sc = scale ?? 1 / Math.Sqrt(hd);
         for (int h = 0; h < heads; h++)
         {
             int g = h / (heads / kvHeads);
             for (int t = 0; t < T; t++)
             {
+                int first = window > 0 ? Math.Max(0, t - window + 1) : 0;
                 var scores = new double[t + 1];
                 double max = double.NegativeInfinity;
-                for (int s = 0; s <= t; s++)
+                for (int s = first; s <= t; s++)
                 {
                     double dot = 0;
                     for (int i = 0; i < hd; i++)
                         dot += q[(t * heads + h) * hd + i] * k[(s * kvHeads + g) * hd + i];
-                    scores[s] = dot * scale;
+                    scores[s] = dot * sc;
                     max = Math.Max(max, scores[s]);
                 }
                 double sum = 0;
-                for (int s = 0; s <= t; s++)
+                for (int s = first; s <= t; s++)
                     sum += scores[s] = Math.Exp(scores[s] - max);
                 lse[h * T + t] = max + Math.Log(sum);
-                for (int s = 0; s <= t; s++)
+                for (int s = first; s <= t; s++)
                 {
                     double p = scores[s] / sum;
                     probs[(h * T + t) * T + s] = p;
@@ -252,17 +277,18 @@ public sealed class CpuKernelTests
     }
 
     /// <summary>The attention backward written from the math, for sizes too big for finite differences.</summary>
-    private static (double[] Dq, double[] Dk, double[] Dv) AttentionBackwardRef(double[] dOut, double[] q, double[] k, double[] v, int T, int heads, int kvHeads, int hd)
+    private static (double[] Dq, double[] Dk, double[] Dv) AttentionBackwardRef(double[] dOut, double[] q, double[] k, double[] v, int T, int heads, int kvHeads, int hd,
+                                                                                 double? scale = null, int window = 0)
     {
-        var (_, P, _) = AttentionRef(q, k, v, T, heads, kvHeads, hd);
+        var (_, P, _) = AttentionRef(q, k, v, T, heads, kvHeads, hd, scale, window);
         double[] dq = new double[q.Length], dk = new double[k.Length], dv = new double[v.Length];
-        double scale = 1 / Math.Sqrt(hd);
+        double sc = scale ?? 1 / Math.Sqrt(hd);
         for (int h = 0; h < heads; h++)
         {
             int g = h / (heads / kvHeads);
             for (int t = 0; t < T; t++)
             {
-                // dP[s] = dOut[t]·v[s]; dv[s] += P[t,s]·dOut[t]
+                // dP[s] = dOut[t]·v[s]; dv[s] += P[t,s]·dOut[t] (P is 0 outside the window)
                 var dP = new double[t + 1];
                 for (int s = 0; s <= t; s++)
                     for (int i = 0; i < hd; i++)
@@ -275,7 +301,7 @@ public sealed class CpuKernelTests
                     pdp += P[(h * T + t) * T + s] * dP[s];
                 for (int s = 0; s <= t; s++)
                 {
-                    double dScore = P[(h * T + t) * T + s] * (dP[s] - pdp) * scale;
+                    double dScore = P[(h * T + t) * T + s] * (dP[s] - pdp) * sc;
                     for (int i = 0; i < hd; i++)
                     {
                         dq[(t * heads + h) * hd + i] += dScore * k[(s * kvHeads + g) * hd + i];
@@ -298,12 +324,27 @@ public sealed class CpuKernelTests
     [InlineData(150, 2, 1, 64, 2, false)] // three tiles at a real head dimension
     [InlineData(70, 2, 1, 256, 2, false)] // the largest head dimension the Vulkan shaders take
     public void Attention_forward_and_backward(int T, int heads, int kvHeads, int hd, int threads, bool finiteDifferences)
+        => CheckAttention(T, heads, kvHeads, hd, threads, 1 / Math.Sqrt(hd), 0, finiteDifferences);
+
+    [Theory]
+    [InlineData(37, 4, 2, 6, 1, 0.3, 5, true)]      // W = 5 < T, GQA
+    [InlineData(37, 4, 2, 6, 2, 0.3, 1, true)]      // W = 1: each query sees only its own key
+    [InlineData(37, 2, 1, 5, 2, 0.7, 0, true)]      // a scale that is not 1/√hd, plain causal
+    [InlineData(150, 4, 2, 10, 2, 0.2, 5, false)]   // a window inside one tile: later tiles start fully masked columns
+    [InlineData(200, 6, 2, 17, 2, 0.25, 70, false)] // W > the 64-key tile, not a multiple of it
+    [InlineData(200, 3, 3, 9, 1, 0.5, 64, false)]   // W = the tile
+    [InlineData(130, 4, 1, 8, 2, 0.35, 129, false)] // W = T − 1
+    [InlineData(150, 2, 1, 64, 2, 0.0625, 100, false)] // Gemma's head scale at a real head dimension
+    public void Attention_with_a_scale_and_a_sliding_window(int T, int heads, int kvHeads, int hd, int threads, double scale, int window, bool finiteDifferences)
+        => CheckAttention(T, heads, kvHeads, hd, threads, scale, window, finiteDifferences);
+
+    private void CheckAttention(int T, int heads, int kvHeads, int hd, int threads, double scale, int window, bool finiteDifferences)
     {
         float[] q = Rand(T * heads * hd, 18), k = Rand(T * kvHeads * hd, 19), v = Rand(T * kvHeads * hd, 20);
         // Garbage in the outputs: all of it must be written.
         float[] output = Rand(q.Length, 31), lse = Rand(heads * T, 21);
-        CpuKernels.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, hd, threads);
-        var (wantOut, _, wantLse) = AttentionRef(ToDouble(q), ToDouble(k), ToDouble(v), T, heads, kvHeads, hd);
+        CpuKernels.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, hd, (float)scale, window, threads);
+        var (wantOut, _, wantLse) = AttentionRef(ToDouble(q), ToDouble(k), ToDouble(v), T, heads, kvHeads, hd, scale, window);
         AssertClose(wantOut, output, ForwardTolerance, "output");
         AssertClose(wantLse, lse, ForwardTolerance, "lse");
         for (int i = 0; i < wantLse.Length; i++)
@@ -311,20 +352,84 @@ public sealed class CpuKernelTests
 
         float[] R = Rand(q.Length, 22);
         float[] dq = Rand(q.Length, 23), dk = Rand(k.Length, 24), dv = Rand(v.Length, 25); // (=): garbage is overwritten
-        CpuKernels.AttentionBackward(dq, dk, dv, R, output, lse, q, k, v, T, heads, kvHeads, hd, threads);
+        CpuKernels.AttentionBackward(dq, dk, dv, R, output, lse, q, k, v, T, heads, kvHeads, hd, (float)scale, window, threads);
         double[] qd = ToDouble(q), kd = ToDouble(k), vd = ToDouble(v);
         double[] wantDq, wantDk, wantDv;
         if (finiteDifferences)
         {
-            wantDq = Gradient(xs => Dot(AttentionRef(xs, kd, vd, T, heads, kvHeads, hd).Out, R), qd);
-            wantDk = Gradient(xs => Dot(AttentionRef(qd, xs, vd, T, heads, kvHeads, hd).Out, R), kd);
-            wantDv = Gradient(xs => Dot(AttentionRef(qd, kd, xs, T, heads, kvHeads, hd).Out, R), vd);
+            wantDq = Gradient(xs => Dot(AttentionRef(xs, kd, vd, T, heads, kvHeads, hd, scale, window).Out, R), qd);
+            wantDk = Gradient(xs => Dot(AttentionRef(qd, xs, vd, T, heads, kvHeads, hd, scale, window).Out, R), kd);
+            wantDv = Gradient(xs => Dot(AttentionRef(qd, kd, xs, T, heads, kvHeads, hd, scale, window).Out, R), vd);
         }
         else
-            (wantDq, wantDk, wantDv) = AttentionBackwardRef(ToDouble(R), qd, kd, vd, T, heads, kvHeads, hd);
+            (wantDq, wantDk, wantDv) = AttentionBackwardRef(ToDouble(R), qd, kd, vd, T, heads, kvHeads, hd, scale, window);
         AssertClose(wantDq, dq, BackwardTolerance, "dq");
         AssertClose(wantDk, dk, BackwardTolerance, "dk");
         AssertClose(wantDv, dv, BackwardTolerance, "dv");
+    }
+
+    [Theory]
+    [InlineData(148)] // W = T
+    [InlineData(149)]
+    [InlineData(int.MaxValue)]
+    public void Attention_with_a_window_of_at_least_T_is_plain_causal(int window)
+    {
+        const int T = 148, heads = 4, kvHeads = 2, hd = 12;
+        const float scale = 0.3f;
+        float[] q = Rand(T * heads * hd, 77), k = Rand(T * kvHeads * hd, 78), v = Rand(T * kvHeads * hd, 79), R = Rand(q.Length, 80);
+        var (causal, causalLse, causalGrads) = RunAttention(q, k, v, R, T, heads, kvHeads, hd, scale, 0);
+        var (windowed, windowedLse, windowedGrads) = RunAttention(q, k, v, R, T, heads, kvHeads, hd, scale, window);
+        Assert.Equal(causal, windowed);
+        Assert.Equal(causalLse, windowedLse);
+        for (int i = 0; i < 3; i++)
+            Assert.Equal(causalGrads[i], windowedGrads[i]);
+    }
+
+    private static (float[] Out, float[] Lse, float[][] Grads) RunAttention(float[] q, float[] k, float[] v, float[] R, int T, int heads, int kvHeads, int hd,
+                                                                            float scale, int window)
+    {
+        float[] output = new float[q.Length], lse = new float[heads * T];
+        float[] dq = new float[q.Length], dk = new float[k.Length], dv = new float[v.Length];
+        CpuKernels.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, hd, scale, window, 2);
+        CpuKernels.AttentionBackward(dq, dk, dv, R, output, lse, q, k, v, T, heads, kvHeads, hd, scale, window, 2);
+        return (output, lse, [dq, dk, dv]);
+    }
+
+    [Theory]
+    [InlineData(700, 0)]
+    [InlineData(700, 1)]
+    [InlineData(700, 5)]
+    [InlineData(700, 64)]
+    [InlineData(700, 100)]
+    [InlineData(700, 699)]
+    [InlineData(1000, 130)]
+    public void A_sliding_window_skips_the_tiles_it_does_not_see(int T, int window)
+    {
+        // Tiles of 64 queries × 64 keys: the kernels compute exactly the tiles that hold a pair (t, s)
+        // with 0 ≤ t − s < W, counted here pair by pair. Forward computes each once per head; backward
+        // twice (its dq pass by query block and its dk/dv pass by key block).
+        const int B = 64, heads = 2, kvHeads = 1, hd = 4;
+        int blocks = (T + B - 1) / B;
+        long seen = 0;
+        for (int qb = 0; qb < blocks; qb++)
+            for (int kb = 0; kb <= qb; kb++)
+            {
+                bool any = false;
+                for (int t = qb * B; t < Math.Min(T, qb * B + B) && !any; t++)
+                    for (int s = kb * B; s < Math.Min(T, kb * B + B) && !any; s++)
+                        any = s <= t && (window == 0 || t - s < window);
+                seen += any ? 1 : 0;
+            }
+        if (window is > 0 and <= 100)
+            Assert.True(seen <= 3L * blocks, $"{seen} tiles of {blocks} block rows"); // O(T·W), not O(T²)
+
+        float[] q = Rand(T * heads * hd, 81), k = Rand(T * kvHeads * hd, 82), v = Rand(T * kvHeads * hd, 83), R = Rand(q.Length, 84);
+        float[] output = new float[q.Length], lse = new float[heads * T];
+        float[] dq = new float[q.Length], dk = new float[k.Length], dv = new float[v.Length];
+        Assert.Equal(heads * seen, CpuKernels.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, hd, 0.5f, window, 2));
+        Assert.Equal(2 * heads * seen, CpuKernels.AttentionBackward(dq, dk, dv, R, output, lse, q, k, v, T, heads, kvHeads, hd, 0.5f, window, 2));
+        Assert.All(output, x => Assert.True(float.IsFinite(x)));
+        Assert.All(dk, x => Assert.True(float.IsFinite(x)));
     }
 
     [Fact]
@@ -340,14 +445,14 @@ public sealed class CpuKernelTests
             for (int i = 0; i < hd; i++)
                 k[s * hd + i] += 0.05f * s;
         float[] output = new float[q.Length], lse = new float[heads * T];
-        CpuKernels.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, hd, 2);
+        CpuKernels.AttentionForward(output, lse, q, k, v, T, heads, kvHeads, hd, 1 / MathF.Sqrt(hd), 0, 2);
         var (wantOut, _, wantLse) = AttentionRef(ToDouble(q), ToDouble(k), ToDouble(v), T, heads, kvHeads, hd);
         AssertClose(wantOut, output, ForwardTolerance, "output");
         AssertClose(wantLse, lse, ForwardTolerance, "lse");
         Assert.Contains(wantLse, x => x > 100);
 
         float[] R = Rand(q.Length, 35), dq = new float[q.Length], dk = new float[k.Length], dv = new float[v.Length];
-        CpuKernels.AttentionBackward(dq, dk, dv, R, output, lse, q, k, v, T, heads, kvHeads, hd, 2);
+        CpuKernels.AttentionBackward(dq, dk, dv, R, output, lse, q, k, v, T, heads, kvHeads, hd, 1 / MathF.Sqrt(hd), 0, 2);
         var (wantDq, wantDk, wantDv) = AttentionBackwardRef(ToDouble(R), ToDouble(q), ToDouble(k), ToDouble(v), T, heads, kvHeads, hd);
         AssertClose(wantDq, dq, BackwardTolerance, "dq");
         AssertClose(wantDk, dk, BackwardTolerance, "dk");
@@ -357,46 +462,66 @@ public sealed class CpuKernelTests
     [Fact]
     public void Attention_backward_reference_matches_finite_differences()
     {
-        // Guards the naive backward used for the big attention cases.
-        const int T = 5, heads = 4, kvHeads = 2, hd = 3;
+        // Guards the naive backward used for the big attention cases, causal and with a window.
+        const int T = 7, heads = 4, kvHeads = 2, hd = 3;
         double[] q = ToDouble(Rand(T * heads * hd, 27)), k = ToDouble(Rand(T * kvHeads * hd, 28)), v = ToDouble(Rand(T * kvHeads * hd, 29));
         float[] R = Rand(q.Length, 30);
-        var (dq, dk, dv) = AttentionBackwardRef(ToDouble(R), q, k, v, T, heads, kvHeads, hd);
-        Assert.True(RelErr(Gradient(xs => Dot(AttentionRef(xs, k, v, T, heads, kvHeads, hd).Out, R), q), dq) < 1e-7);
-        Assert.True(RelErr(Gradient(xs => Dot(AttentionRef(q, xs, v, T, heads, kvHeads, hd).Out, R), k), dk) < 1e-7);
-        Assert.True(RelErr(Gradient(xs => Dot(AttentionRef(q, k, xs, T, heads, kvHeads, hd).Out, R), v), dv) < 1e-7);
+        foreach (var (scale, window) in new (double?, int)[] { (null, 0), (0.8, 3) })
+        {
+            var (dq, dk, dv) = AttentionBackwardRef(ToDouble(R), q, k, v, T, heads, kvHeads, hd, scale, window);
+            Assert.True(RelErr(Gradient(xs => Dot(AttentionRef(xs, k, v, T, heads, kvHeads, hd, scale, window).Out, R), q), dq) < 1e-7);
+            Assert.True(RelErr(Gradient(xs => Dot(AttentionRef(q, xs, v, T, heads, kvHeads, hd, scale, window).Out, R), k), dk) < 1e-7);
+            Assert.True(RelErr(Gradient(xs => Dot(AttentionRef(q, k, xs, T, heads, kvHeads, hd, scale, window).Out, R), v), dv) < 1e-7);
+        }
     }
 
-    // ================================================================ SwiGLU
+    // ================================================================ GLU
 
     private static double Sigmoid(double x) => 1 / (1 + Math.Exp(-x));
 
+    /// <summary>act(g) in double: silu(g) = g·σ(g), or PyTorch's gelu(approximate="tanh") written as its formula.</summary>
+    private static double Activation(double g, GluActivation activation) => activation == GluActivation.Silu
+        ? g * Sigmoid(g)
+        : 0.5 * g * (1 + Math.Tanh(Math.Sqrt(2 / Math.PI) * (g + 0.044715 * g * g * g)));
+
     [Theory]
-    [InlineData(1001, 1)]
-    [InlineData(70001, 2)] // parallel chunks
-    public void SwiGlu_forward_and_backward(int n, int threads)
+    [InlineData(1001, 1, GluActivation.Silu)]
+    [InlineData(70001, 2, GluActivation.Silu)] // parallel chunks
+    [InlineData(1001, 1, GluActivation.GeluTanh)]
+    [InlineData(70001, 2, GluActivation.GeluTanh)]
+    public void Glu_forward_and_backward(int n, int threads, GluActivation activation)
     {
-        float[] gate = Rand(n, 31, -4, 4), up = Rand(n, 32), h = new float[n];
-        CpuKernels.SwiGluForward(h, gate, up, n, threads);
+        float[] gate = Rand(n, 31, -4, 4), up = Rand(n, 32), h = Rand(n, 85);
+        // Saturated gates as well: σ and tanh at their tails.
+        gate[0] = -30; gate[1] = 30; gate[2] = -9; gate[3] = 9; gate[4] = 0;
+        CpuKernels.GluForward(h, gate, up, n, activation, threads);
         var want = new double[n];
         for (int i = 0; i < n; i++)
-            want[i] = gate[i] * Sigmoid(gate[i]) * up[i];
+            want[i] = Activation(gate[i], activation) * up[i];
         AssertClose(want, h, ForwardTolerance, "h");
+        for (int i = 0; i < 5; i++)
+            Assert.True(Math.Abs(h[i] - want[i]) <= 1e-6 * (1 + Math.Abs(want[i])), $"h[{i}] = {h[i]} for gate {gate[i]}, want {want[i]}");
 
         float[] dh = Rand(n, 33), dGate = Rand(n, 34), dUp = Rand(n, 35);
-        CpuKernels.SwiGluBackward(dGate, dUp, dh, gate, up, n, threads);
+        CpuKernels.GluBackward(dGate, dUp, dh, gate, up, n, activation, threads);
         // h is elementwise, so ∂L/∂gate[i] is a one-variable central difference of dh[i]·h(gate[i], up[i]).
         double[] wantGate = new double[n], wantUp = new double[n];
         const double step = 1e-5;
         for (int i = 0; i < n; i++)
         {
             double g = gate[i], u = up[i];
-            double F(double gg, double uu) => dh[i] * gg * Sigmoid(gg) * uu;
+            double F(double gg, double uu) => dh[i] * Activation(gg, activation) * uu;
             wantGate[i] = (F(g + step, u) - F(g - step, u)) / (2 * step);
             wantUp[i] = (F(g, u + step) - F(g, u - step)) / (2 * step);
         }
         AssertClose(wantGate, dGate, BackwardTolerance, "dGate");
         AssertClose(wantUp, dUp, BackwardTolerance, "dUp");
+
+        // dUp in place over dh gives the same values.
+        float[] inPlace = (float[])dh.Clone(), dGate2 = Rand(n, 86);
+        CpuKernels.GluBackward(dGate2, inPlace, inPlace, gate, up, n, activation, threads);
+        Assert.Equal(dUp, inPlace);
+        Assert.Equal(dGate, dGate2);
     }
 
     // ================================================================ linear and LoRA
@@ -532,7 +657,21 @@ public sealed class CpuKernelTests
 
     // ================================================================ LM head + cross-entropy
 
-    private static double LmHeadLossRef(double[] x, double[] w, int[] targets, int T, int C, int V)
+    /// <summary>The logits of row t in double, capped as c·tanh(l/c) when softcap c &gt; 0.</summary>
+    private static double[] LogitsRef(double[] x, double[] w, int t, int C, int V, double softcap)
+    {
+        var logits = new double[V];
+        for (int v = 0; v < V; v++)
+        {
+            for (int i = 0; i < C; i++)
+                logits[v] += x[t * C + i] * w[v * C + i];
+            if (softcap > 0)
+                logits[v] = softcap * Math.Tanh(logits[v] / softcap);
+        }
+        return logits;
+    }
+
+    private static double LmHeadLossRef(double[] x, double[] w, int[] targets, int T, int C, int V, double softcap = 0)
     {
         double loss = 0;
         int count = 0;
@@ -540,10 +679,7 @@ public sealed class CpuKernelTests
         {
             if (targets[t] < 0)
                 continue;
-            var logits = new double[V];
-            for (int v = 0; v < V; v++)
-                for (int i = 0; i < C; i++)
-                    logits[v] += x[t * C + i] * w[v * C + i];
+            var logits = LogitsRef(x, w, t, C, V, softcap);
             double max = logits.Max(), sum = 0;
             foreach (double l in logits)
                 sum += Math.Exp(l - max);
@@ -553,8 +689,11 @@ public sealed class CpuKernelTests
         return count == 0 ? 0 : loss / count;
     }
 
-    /// <summary>∂(mean CE)/∂x = Σ_v (softmax − onehot)[t, v]·w[v] / count, from the math.</summary>
-    private static double[] LmHeadGradRef(double[] x, double[] w, int[] targets, int T, int C, int V)
+    /// <summary>
+    /// ∂(mean CE)/∂x = Σ_v (softmax − onehot)[t, v]·w[v] / count, from the math; with a softcap each term
+    /// also carries ∂z/∂l = 1 − tanh²(l/c) = 1 − (z/c)².
+    /// </summary>
+    private static double[] LmHeadGradRef(double[] x, double[] w, int[] targets, int T, int C, int V, double softcap = 0)
     {
         var dx = new double[T * C];
         int count = targets.Take(T).Count(t => t >= 0);
@@ -562,16 +701,15 @@ public sealed class CpuKernelTests
         {
             if (targets[t] < 0)
                 continue;
-            var logits = new double[V];
-            for (int v = 0; v < V; v++)
-                for (int i = 0; i < C; i++)
-                    logits[v] += x[t * C + i] * w[v * C + i];
+            var logits = LogitsRef(x, w, t, C, V, softcap);
             double max = logits.Max(), sum = 0;
             foreach (double l in logits)
                 sum += Math.Exp(l - max);
             for (int v = 0; v < V; v++)
             {
                 double d = (Math.Exp(logits[v] - max) / sum - (v == targets[t] ? 1 : 0)) / count;
+                if (softcap > 0)
+                    d *= 1 - logits[v] / softcap * (logits[v] / softcap);
                 for (int i = 0; i < C; i++)
                     dx[t * C + i] += d * w[v * C + i];
             }
@@ -580,12 +718,15 @@ public sealed class CpuKernelTests
     }
 
     [Theory]
-    [InlineData(9, 24, 301, 64, 1, true, true)]    // partial last chunk (301 = 4·64 + 45), rows labelled −1
-    [InlineData(9, 24, 301, 64, 2, true, false)]   // every row labelled
-    [InlineData(9, 24, 301, 1000, 1, true, true)]  // one chunk bigger than V
-    [InlineData(64, 48, 1001, 256, 2, false, true)] // parallel products, partial last chunk
-    [InlineData(64, 48, 1001, 256, 2, false, false)]
-    public void LmHeadCrossEntropy_matches_full_softmax(int T, int C, int V, int chunk, int threads, bool finiteDifferences, bool someIgnored)
+    [InlineData(9, 24, 301, 64, 1, true, true, 0f)]    // partial last chunk (301 = 4·64 + 45), rows labelled −1
+    [InlineData(9, 24, 301, 64, 2, true, false, 0f)]   // every row labelled
+    [InlineData(9, 24, 301, 1000, 1, true, true, 0f)]  // one chunk bigger than V
+    [InlineData(64, 48, 1001, 256, 2, false, true, 0f)] // parallel products, partial last chunk
+    [InlineData(64, 48, 1001, 256, 2, false, false, 0f)]
+    [InlineData(9, 24, 301, 64, 1, true, true, 2f)]    // softcap 2: logits of about ±4 are capped hard
+    [InlineData(9, 24, 301, 64, 2, true, false, 30f)]  // Gemma 2's final cap, mild here
+    [InlineData(64, 48, 1001, 256, 2, false, true, 3f)]
+    public void LmHeadCrossEntropy_matches_full_softmax(int T, int C, int V, int chunk, int threads, bool finiteDifferences, bool someIgnored, float softcap)
     {
         float[] x = Rand(T * C, 52), w = Rand(V * C, 53);
         var rng = new Random(54);
@@ -593,18 +734,20 @@ public sealed class CpuKernelTests
         targets[0] = V - 1; // a label in the partial last chunk
         float[] dx = Rand(T * C, 55), logits = new float[T * Math.Min(chunk, V)];
 
-        float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, chunk, threads);
+        float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, chunk, softcap, threads);
 
         double[] xd = ToDouble(x), wd = ToDouble(w);
-        double wantLoss = LmHeadLossRef(xd, wd, targets, T, C, V);
+        double wantLoss = LmHeadLossRef(xd, wd, targets, T, C, V, softcap);
         Assert.True(Math.Abs(loss - wantLoss) / Math.Abs(wantLoss) < ForwardTolerance, $"loss {loss} vs {wantLoss}");
         double[] wantDx = finiteDifferences
-            ? Gradient(xs => LmHeadLossRef(xs, wd, targets, T, C, V), xd)
-            : LmHeadGradRef(xd, wd, targets, T, C, V);
+            ? Gradient(xs => LmHeadLossRef(xs, wd, targets, T, C, V, softcap), xd)
+            : LmHeadGradRef(xd, wd, targets, T, C, V, softcap);
         AssertClose(wantDx, dx, BackwardTolerance, "dx (=)");
         for (int t = 0; t < T; t++)
             if (targets[t] < 0)
                 Assert.All(dx.AsSpan(t * C, C).ToArray(), d => Assert.Equal(0f, d));
+        if (softcap > 0 && softcap < 5)
+            Assert.True(Math.Abs(wantLoss - LmHeadLossRef(xd, wd, targets, T, C, V)) > 0.01, "the cap changes the loss");
     }
 
     [Fact]
@@ -613,7 +756,8 @@ public sealed class CpuKernelTests
         const int T = 4, C = 5, V = 23;
         double[] x = ToDouble(Rand(T * C, 56)), w = ToDouble(Rand(V * C, 57));
         int[] targets = [3, -1, 22, 0];
-        Assert.True(RelErr(Gradient(xs => LmHeadLossRef(xs, w, targets, T, C, V), x), LmHeadGradRef(x, w, targets, T, C, V)) < 1e-7);
+        foreach (double softcap in new[] { 0, 1.5 })
+            Assert.True(RelErr(Gradient(xs => LmHeadLossRef(xs, w, targets, T, C, V, softcap), x), LmHeadGradRef(x, w, targets, T, C, V, softcap)) < 1e-7);
     }
 
     [Fact]
@@ -621,7 +765,7 @@ public sealed class CpuKernelTests
     {
         const int T = 3, C = 8, V = 50;
         float[] dx = Rand(T * C, 58), logits = new float[T * 16];
-        float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, Rand(T * C, 59), Rand(V * C, 60), [-1, -1, -1], T, C, V, 16, 1);
+        float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, Rand(T * C, 59), Rand(V * C, 60), [-1, -1, -1], T, C, V, 16, 0f, 1);
         Assert.Equal(0f, loss);
         Assert.All(dx, d => Assert.Equal(0f, d));
     }
@@ -633,10 +777,13 @@ public sealed class CpuKernelTests
         const int T = 4, C = 16, V = 97;
         float[] x = Rand(T * C, 61, -6, 6), w = Rand(V * C, 62, -6, 6), dx = new float[T * C], logits = new float[T * 32];
         int[] targets = [5, 96, -1, 40];
-        float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, 32, 1);
-        double want = LmHeadLossRef(ToDouble(x), ToDouble(w), targets, T, C, V);
-        Assert.True(float.IsFinite(loss) && Math.Abs(loss - want) / want < ForwardTolerance, $"loss {loss} vs {want}");
-        AssertClose(LmHeadGradRef(ToDouble(x), ToDouble(w), targets, T, C, V), dx, BackwardTolerance, "dx");
+        foreach (float softcap in new[] { 0f, 30f })
+        {
+            float loss = CpuKernels.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, 32, softcap, 1);
+            double want = LmHeadLossRef(ToDouble(x), ToDouble(w), targets, T, C, V, softcap);
+            Assert.True(float.IsFinite(loss) && Math.Abs(loss - want) / want < ForwardTolerance, $"softcap {softcap}: loss {loss} vs {want}");
+            AssertClose(LmHeadGradRef(ToDouble(x), ToDouble(w), targets, T, C, V, softcap), dx, BackwardTolerance, $"softcap {softcap}: dx");
+        }
     }
 
     // ================================================================ the backend
@@ -787,6 +934,8 @@ public sealed class NarrowVectorWidthTests
             }
             kernels.Attention_forward_and_backward(33, 6, 2, 10, 1, false);
             kernels.Attention_forward_and_backward(70, 4, 2, 17, 2, false);
+            kernels.Attention_with_a_scale_and_a_sliding_window(150, 4, 2, 10, 2, 0.2, 5, false);
+            kernels.Attention_with_a_scale_and_a_sliding_window(200, 6, 2, 17, 2, 0.25, 70, false);
         }
         finally
         {
