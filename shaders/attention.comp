@@ -1,12 +1,13 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-// FlashAttention-2 forward, causal GQA. For row t of head h (kv head g) with scores
-// S[s] = scale·q[t, h]·k[s, g] for s ≤ t:
+// FlashAttention-2 forward, causal GQA, optionally within a sliding window. For row t of head h
+// (kv head g) with scores S[s] = scale·q[t, h]·k[s, g] for the keys it sees (s ≤ t, and t − s < W
+// with a window W: common/attention.glsl):
 //   output[t, h] = Σ_s exp(S[s] − lse)·v[s, g],   lse[h, t] = log Σ_s exp(S[s]).
 // One workgroup per (h, block of query rows), one invocation per query row. The workgroup stages
-// tiles of k and v rows in shared memory; each invocation runs an online softmax over them, four keys
-// at a time: a running max m and sum l, and an accumulator rescaled by exp(m_old − m_new) whenever
-// the max grows.
+// tiles of k and v rows in shared memory, only those some row of the block sees (so a sliding layer
+// costs O(T·W)); each invocation runs an online softmax over its keys, four at a time: a running max
+// m and sum l, and an accumulator rescaled by exp(m_old − m_new) whenever the max grows.
 #include "attention.glsl"
 #include "attention_tiles.glsl"
 
@@ -35,6 +36,7 @@ void main()
     uint h = item / blocks, g = kv_head(h);
     uint t0 = (item % blocks) * gl_WorkGroupSize.x, t = t0 + gl_LocalInvocationID.x;
     uint keyEnd = min(T, t0 + gl_WorkGroupSize.x);   // keys past the block's last query are masked for all its rows
+    uint keyStart = first_key(t0);                   // and keys before its first query's window are skipped
     bool inRange = t < T;
     uint qBase = (t * p.heads + h) * hd, kvStride = p.kvHeads * hd;
     uint rows = p.tileRows, valueTile = rows * chunks;
@@ -47,7 +49,7 @@ void main()
     }
     float m = LOWEST, l = 0.0;
 
-    for (uint s0 = 0; s0 < keyEnd; s0 += rows)
+    for (uint s0 = keyStart; s0 < keyEnd; s0 += rows)
     {
         uint n = min(rows, keyEnd - s0);
         // Stage k and v rows s0..s0+n, zero-padded to whole chunks and to a multiple of four rows.
@@ -69,8 +71,15 @@ void main()
             tile[valueTile + e] = value;
         }
         barrier();
-        uint end = inRange && t >= s0 ? min(n, t + 1 - s0) : 0;   // keys s ≤ t
-        for (uint r = 0; r < end; r += 4)
+        // This row's keys in the tile: first_key(t) ≤ s ≤ t, rows [first, end).
+        uint first = 0, end = 0;
+        if (inRange && t >= s0)
+        {
+            end = min(n, t + 1 - s0);
+            uint from = first_key(t);
+            first = from > s0 ? min(from - s0, end) : 0;
+        }
+        for (uint r = first & ~3u; r < end; r += 4)
         {
             vec4 dots = vec4(0.0);
             for (uint c = 0; c < chunks; c++)
@@ -79,7 +88,7 @@ void main()
                 dots += vec4(dot(qv[c], tile[at]), dot(qv[c], tile[at + chunks]),
                              dot(qv[c], tile[at + 2 * chunks]), dot(qv[c], tile[at + 3 * chunks]));
             }
-            bvec4 valid = rows_within(r, 0, end);
+            bvec4 valid = rows_within(r, first, end);
             vec4 score = mix(vec4(LOWEST), p.scale * dots, valid);
             float blockMax = max(max(score.x, score.y), max(score.z, score.w));
             if (blockMax > m)

@@ -1,12 +1,12 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
 // The attention backward's key and value gradients, FlashAttention-2 style: for key s of kv head g,
-// summed over the query heads h of g and the queries t ≥ s, with P = exp(scale·q[t, h]·k[s] − lse[h, t])
-// and dS = P·(dOut[t, h]·v[s] − D[h, t]):
+// summed over the query heads h of g and the queries that see it (t ≥ s, and t − s < W with a sliding
+// window W), with P = exp(scale·q[t, h]·k[s] − lse[h, t]) and dS = P·(dOut[t, h]·v[s] − D[h, t]):
 //   dk[s, g] (=) scale·Σ dS·q[t, h],   dv[s, g] (=) Σ P·dOut[t, h].
 // One workgroup per (g, block of key rows), one invocation per key, so no two invocations write the
-// same row; tiles of q and dOut rows with their (lse, D) are staged in shared memory and consumed four
-// queries at a time.
+// same row; tiles of the q and dOut rows that see the block, with their (lse, D), are staged in shared
+// memory and consumed four queries at a time.
 #include "attention.glsl"
 #include "attention_tiles.glsl"
 
@@ -28,6 +28,7 @@ void main()
     uint g = item / blocks, group = p.heads / p.kvHeads;
     uint s0 = (item % blocks) * gl_WorkGroupSize.x, s = s0 + gl_LocalInvocationID.x;
     bool inRange = s < T;
+    uint queryEnd = query_end(s0 + gl_WorkGroupSize.x - 1);   // the queries any key of the block is seen by
     uint qStride = p.heads * hd, kvBase = (s * p.kvHeads + g) * hd;
     uint rows = p.tileRows, gradientTile = rows * chunks, statsTile = 2 * rows * chunks;
 
@@ -49,10 +50,11 @@ void main()
     for (uint j = 0; j < group; j++)
     {
         uint h = g * group + j;
-        // Queries before the block's first key see none of its keys.
-        for (uint t0 = s0; t0 < T; t0 += rows)
+        // Queries before the block's first key see none of its keys, nor (with a sliding window)
+        // those past its last key's window.
+        for (uint t0 = s0; t0 < queryEnd; t0 += rows)
         {
-            uint n = min(rows, T - t0), padded = (n + 3) & ~3u;
+            uint n = min(rows, queryEnd - t0), padded = (n + 3) & ~3u;
             for (uint e = gl_LocalInvocationID.x; e < padded * chunks; e += gl_WorkGroupSize.x)
             {
                 uint r = e / chunks, d = 4 * (e % chunks);
@@ -73,9 +75,15 @@ void main()
             for (uint r = gl_LocalInvocationID.x; r < padded; r += gl_WorkGroupSize.x)
                 tile[statsTile + r] = r < n ? vec4(stats[h * T + t0 + r], 0.0, 0.0) : vec4(0.0);
             barrier();
-            // Queries t ≥ s: rows from s − t0 on.
-            uint first = inRange ? (s > t0 ? s - t0 : 0) : padded;
-            for (uint r = first & ~3u; r < n; r += 4)
+            // The queries that see key s: s ≤ t < query_end(s), rows [first, end).
+            uint first = 0, end = 0;
+            if (inRange)
+            {
+                uint stop = query_end(s);
+                first = s > t0 ? s - t0 : 0;
+                end = stop > t0 ? min(n, stop - t0) : 0;
+            }
+            for (uint r = first & ~3u; r < end; r += 4)
             {
                 vec4 qk = vec4(0.0), dp = vec4(0.0);
                 for (uint c = 0; c < chunks; c++)
@@ -88,7 +96,7 @@ void main()
                 }
                 vec4 lse = vec4(tile[statsTile + r].x, tile[statsTile + r + 1].x, tile[statsTile + r + 2].x, tile[statsTile + r + 3].x);
                 vec4 delta = vec4(tile[statsTile + r].y, tile[statsTile + r + 1].y, tile[statsTile + r + 2].y, tile[statsTile + r + 3].y);
-                vec4 prob = mix(vec4(0.0), exp(p.scale * qk - lse), rows_within(r, first, n));
+                vec4 prob = mix(vec4(0.0), exp(p.scale * qk - lse), rows_within(r, first, end));
                 vec4 dScore = prob * (dp - delta);
                 for (uint c = 0; c < chunks; c++)
                 {

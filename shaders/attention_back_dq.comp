@@ -1,10 +1,11 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
 // The attention backward's query gradient, FlashAttention-2 style: for row t of head h (kv head g)
-// and keys s ≤ t, P = exp(scale·q[t]·k[s] − lse[t]), dS = P·(dOut[t]·v[s] − D[t]), and
+// and the keys s it sees (s ≤ t, and t − s < W with a sliding window W), P = exp(scale·q[t]·k[s] − lse[t]),
+// dS = P·(dOut[t]·v[s] − D[t]), and
 //   dq[t, h] (=) scale·Σ_s dS·k[s, g].
-// One workgroup per (h, block of query rows), one invocation per query row; tiles of k and v rows
-// are staged in shared memory and consumed four keys at a time. lse and D come from
+// One workgroup per (h, block of query rows), one invocation per query row; tiles of the k and v rows
+// the block sees are staged in shared memory and consumed four keys at a time. lse and D come from
 // attention_back_delta.
 #include "attention.glsl"
 #include "attention_tiles.glsl"
@@ -25,7 +26,7 @@ void main()
         return;   // uniform across the workgroup
     uint h = item / blocks, g = kv_head(h);
     uint t0 = (item % blocks) * gl_WorkGroupSize.x, t = t0 + gl_LocalInvocationID.x;
-    uint keyEnd = min(T, t0 + gl_WorkGroupSize.x);
+    uint keyEnd = min(T, t0 + gl_WorkGroupSize.x), keyStart = first_key(t0);   // the keys any row of the block sees
     bool inRange = t < T;
     uint qBase = (t * p.heads + h) * hd, kvStride = p.kvHeads * hd;
     uint rows = p.tileRows, valueTile = rows * chunks;
@@ -45,7 +46,7 @@ void main()
         }
     vec2 row = inRange ? stats[h * T + t] : vec2(0.0);   // (lse, D)
 
-    for (uint s0 = 0; s0 < keyEnd; s0 += rows)
+    for (uint s0 = keyStart; s0 < keyEnd; s0 += rows)
     {
         uint n = min(rows, keyEnd - s0);
         for (uint e = gl_LocalInvocationID.x; e < ((n + 3) & ~3u) * chunks; e += gl_WorkGroupSize.x)
@@ -66,8 +67,15 @@ void main()
             tile[valueTile + e] = value;
         }
         barrier();
-        uint end = inRange && t >= s0 ? min(n, t + 1 - s0) : 0;
-        for (uint r = 0; r < end; r += 4)
+        // This row's keys in the tile: first_key(t) ≤ s ≤ t, rows [first, end).
+        uint first = 0, end = 0;
+        if (inRange && t >= s0)
+        {
+            end = min(n, t + 1 - s0);
+            uint from = first_key(t);
+            first = from > s0 ? min(from - s0, end) : 0;
+        }
+        for (uint r = first & ~3u; r < end; r += 4)
         {
             vec4 qk = vec4(0.0), dp = vec4(0.0);
             for (uint c = 0; c < chunks; c++)
@@ -78,7 +86,7 @@ void main()
                 dp += vec4(dot(dov[c], tile[vt]), dot(dov[c], tile[vt + chunks]),
                            dot(dov[c], tile[vt + 2 * chunks]), dot(dov[c], tile[vt + 3 * chunks]));
             }
-            vec4 prob = mix(vec4(0.0), exp(p.scale * qk - row.x), rows_within(r, 0, end));
+            vec4 prob = mix(vec4(0.0), exp(p.scale * qk - row.x), rows_within(r, first, end));
             vec4 dScore = prob * (dp - row.y);
             for (uint c = 0; c < chunks; c++)
             {

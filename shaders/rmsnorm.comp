@@ -1,7 +1,8 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-// y[t] = (x[t]·rstd[t])·w with rstd[t] = 1/sqrt(mean(x[t]²) + eps); saves rstd [T].
-// One workgroup per row t.
+// y[t] = (x[t]·rstd[t])·(weightOffset + w) with rstd[t] = 1/sqrt(mean(x[t]²) + eps); saves rstd [T].
+// weightOffset is 0 for Llama's form (w) and 1 for Gemma's (1 + w). One workgroup per row t; a per-head
+// norm (q_norm, k_norm) is T·heads rows of headDim.
 #include "rows.glsl"
 
 layout(std430, binding = 0) writeonly buffer Output { float y[]; };
@@ -14,6 +15,7 @@ layout(push_constant) uniform RmsNormParameters
     uint tokenCount;   // T, the rows
     uint width;        // C
     float epsilon;
+    float weightOffset; // 0: w, 1: 1 + w
 } p;
 
 void main()
@@ -30,5 +32,5 @@ void main()
     if (gl_LocalInvocationID.x == 0)
         rstd[t] = r;
     for (uint i = gl_LocalInvocationID.x; i < p.width; i += gl_WorkGroupSize.x)
-        y[base + i] = (x[base + i] * r) * w[i];
+        y[base + i] = (x[base + i] * r) * (p.weightOffset + w[i]);
 }

@@ -1,7 +1,8 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
-// dx[t] += r·dy⊙w − x·r³·⟨dy⊙w, x⟩/C with r = rstd[t] (the residual-stream gradient accumulates).
-// One workgroup per row t.
+// dx[t] (+= or =) r·dy⊙w' − x·r³·⟨dy⊙w', x⟩/C with r = rstd[t] and w' = weightOffset + w: += for the
+// residual stream's gradient (accumulate 1), = otherwise (accumulate 0: dx's old contents, which may
+// be anything, are never read). One workgroup per row t.
 #include "rows.glsl"
 
 layout(std430, binding = 0) buffer InputGradient { float dx[]; };
@@ -14,6 +15,8 @@ layout(push_constant) uniform RmsNormBackParameters
 {
     uint tokenCount;
     uint width;
+    float weightOffset; // 0: w, 1: 1 + w
+    uint accumulate;    // 1: dx += gradient, 0: dx = gradient
 } p;
 
 void main()
@@ -24,10 +27,13 @@ void main()
     uint base = t * p.width;
     float partial = 0.0;
     for (uint i = gl_LocalInvocationID.x; i < p.width; i += gl_WorkGroupSize.x)
-        partial += dy[base + i] * w[i] * x[base + i];
+        partial += dy[base + i] * (p.weightOffset + w[i]) * x[base + i];
     float dot = workgroup_sum(partial);
     float r = rstd[t];
     float coefficient = r * r * r * dot / float(p.width);
     for (uint i = gl_LocalInvocationID.x; i < p.width; i += gl_WorkGroupSize.x)
-        dx[base + i] += r * dy[base + i] * w[i] - coefficient * x[base + i];
+    {
+        float gradient = r * dy[base + i] * (p.weightOffset + w[i]) - coefficient * x[base + i];
+        dx[base + i] = p.accumulate != 0 ? dx[base + i] + gradient : gradient;
+    }
 }

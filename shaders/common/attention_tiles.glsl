@@ -6,7 +6,7 @@
 // Rows of a tile are consumed four at a time: four dot products share one pass over the chunks. That
 // also keeps the loop count per invocation low, which matters on lavapipe: llvmpipe stops every loop
 // of an invocation after 65,535 iterations in all (LP_MAX_TGSI_LOOP_ITERATIONS), silently, so the
-// backend refuses sizes that would reach it there (VulkanBackend.CheckLoopBudget).
+// backend refuses sizes that would reach it there (VulkanBackend.AttentionLoops, which takes the sliding window into account).
 //
 // Specialization constant 0 is the workgroup width (rows per block), 1 the vec4s of shared memory the
 // tile may use; the backend sets both within the device's maxComputeWorkGroupSize,

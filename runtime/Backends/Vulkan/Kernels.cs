@@ -35,6 +35,7 @@ internal static unsafe class Kernels
     public static readonly KernelSpec Zero = new("zero", 1, 0b1, sizeof(CountParameters), KernelShape.Elementwise);
     public static readonly KernelSpec Copy = new("copy", 2, 0b01, sizeof(CountParameters), KernelShape.Elementwise);
     public static readonly KernelSpec Add = new("add", 2, 0b01, sizeof(CountParameters), KernelShape.Elementwise);
+    public static readonly KernelSpec Scale = new("scale", 1, 0b1, sizeof(ScaleParameters), KernelShape.Elementwise);
     public static readonly KernelSpec Embedding = new("embedding", 3, 0b001, sizeof(EmbeddingParameters), KernelShape.Elementwise);
     public static readonly KernelSpec RmsNorm = new("rmsnorm", 4, 0b0011, sizeof(RmsNormParameters), KernelShape.Rows);
     public static readonly KernelSpec RmsNormBack = new("rmsnorm_back", 5, 0b00001, sizeof(RmsNormBackParameters), KernelShape.Rows);
@@ -46,6 +47,8 @@ internal static unsafe class Kernels
     public static readonly KernelSpec AttentionBackDkv = new("attention_back_dkv", 7, 0b0000011, sizeof(AttentionParameters), KernelShape.Attention);
     public static readonly KernelSpec SwiGlu = new("swiglu", 3, 0b001, sizeof(CountParameters), KernelShape.Elementwise);
     public static readonly KernelSpec SwiGluBack = new("swiglu_back", 5, 0b00011, sizeof(CountParameters), KernelShape.Elementwise);
+    public static readonly KernelSpec GeGlu = new("geglu", 3, 0b001, sizeof(CountParameters), KernelShape.Elementwise);
+    public static readonly KernelSpec GeGluBack = new("geglu_back", 5, 0b00011, sizeof(CountParameters), KernelShape.Elementwise);
     public static readonly KernelSpec GemmNT = new("gemm_nt", 4, 0b0001, sizeof(GemmParameters), KernelShape.Gemm);
     public static readonly KernelSpec GemmNN = new("gemm_nn", 4, 0b0001, sizeof(GemmParameters), KernelShape.Gemm);
     public static readonly KernelSpec GemmTN = new("gemm_tn", 4, 0b0001, sizeof(GemmParameters), KernelShape.Gemm);
@@ -58,8 +61,8 @@ internal static unsafe class Kernels
 
     public static IEnumerable<KernelSpec> All =>
     [
-        Zero, Copy, Add, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, Attention, AttentionBackDelta, AttentionBackDq,
-        AttentionBackDkv, SwiGlu, SwiGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4, EmbeddingQ4,
+        Zero, Copy, Add, Scale, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, Attention, AttentionBackDelta, AttentionBackDq,
+        AttentionBackDkv, SwiGlu, SwiGluBack, GeGlu, GeGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4, EmbeddingQ4,
         CrossEntropy, CrossEntropyBack, AdamW,
     ];
 }
@@ -70,6 +73,14 @@ internal static unsafe class Kernels
 internal struct CountParameters
 {
     public uint Count;
+}
+
+/// <summary>scale: x[0..Count) *= Factor.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct ScaleParameters
+{
+    public uint Count;
+    public float Factor;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -90,12 +101,17 @@ internal struct RmsNormParameters
 {
     public uint TokenCount, Width;
     public float Epsilon;
+    /// <summary>0: y = x·rstd·w (Llama); 1: y = x·rstd·(1 + w) (Gemma).</summary>
+    public float WeightOffset;
 }
 
 [StructLayout(LayoutKind.Sequential)]
 internal struct RmsNormBackParameters
 {
     public uint TokenCount, Width;
+    public float WeightOffset;
+    /// <summary>1: dx += the gradient; 0: dx = the gradient.</summary>
+    public uint Accumulate;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -110,6 +126,8 @@ internal struct AttentionParameters
     public uint TokenCount, Heads, KvHeads, HeadDim;
     public float Scale;
     public uint TileRows;
+    /// <summary>0: causal; W &gt; 0: query t sees key s iff 0 ≤ t − s &lt; W.</summary>
+    public uint Window;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -139,6 +157,8 @@ internal struct CrossEntropyParameters
 {
     public uint TokenCount, ChunkWidth, ChunkFirst, FirstChunk;
     public float InverseCount;
+    /// <summary>c &gt; 0: the loss sees c·tanh(logit / c); 0: the logits as they are.</summary>
+    public float Softcap;
 }
 
 [StructLayout(LayoutKind.Sequential)]

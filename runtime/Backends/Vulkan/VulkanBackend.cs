@@ -299,20 +299,31 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     public void AddInPlace(Tensor dst, Tensor src, long n) => Elementwise(Kernels.Add, n, [Vulkan(dst, n, nameof(dst)), Vulkan(src, n, nameof(src))]);
 
-    // TEMPORARY: the new parameters, until the shaders take them.
-    private static void NotYet(bool supported) { if (!supported) throw new NotSupportedException("not yet"); }
+    public void Scale(Tensor x, float factor, long n) =>
+        Elementwise(Kernels.Scale, n, [Vulkan(x, n, nameof(x))], count => new ScaleParameters { Count = count, Factor = factor });
 
-    public void Scale(Tensor x, float factor, long n) => NotYet(factor == 1);
-
+    /// <summary>swiglu.comp (SiLU) or geglu.comp (tanh-approximated GELU).</summary>
     public void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation) =>
-        Elementwise(Kernels.SwiGlu, n, [Vulkan(h, n, nameof(h)), Vulkan(gate, n, nameof(gate)), Vulkan(up, n, nameof(up))]);
+        Elementwise(Glu(activation, backward: false), n, [Vulkan(h, n, nameof(h)), Vulkan(gate, n, nameof(gate)), Vulkan(up, n, nameof(up))]);
 
+    /// <summary>swiglu_back.comp or geglu_back.comp; dUp may be dh's own tensor.</summary>
     public void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation) =>
-        Elementwise(Kernels.SwiGluBack, n,
+        Elementwise(Glu(activation, backward: true), n,
             [Vulkan(dGate, n, nameof(dGate)), Vulkan(dUp, n, nameof(dUp)), Vulkan(dh, n, nameof(dh)), Vulkan(gate, n, nameof(gate)), Vulkan(up, n, nameof(up))]);
 
+    private static KernelSpec Glu(GluActivation activation, bool backward) => activation switch
+    {
+        GluActivation.Silu => backward ? Kernels.SwiGluBack : Kernels.SwiGlu,
+        GluActivation.GeluTanh => backward ? Kernels.GeGluBack : Kernels.GeGlu,
+        _ => throw new ArgumentOutOfRangeException(nameof(activation), activation, "Not a GLU activation."),
+    };
+
     /// <summary>One dispatch per part: the tensors' parts line up, so part k of each holds the same elements.</summary>
-    private void Elementwise(KernelSpec kernel, long n, VulkanTensor[] tensors)
+    private void Elementwise(KernelSpec kernel, long n, VulkanTensor[] tensors) =>
+        Elementwise(kernel, n, tensors, static count => new CountParameters { Count = count });
+
+    /// <summary>As above, with the push constants <paramref name="push"/> makes for a part of <c>count</c> elements.</summary>
+    private void Elementwise<T>(KernelSpec kernel, long n, VulkanTensor[] tensors, Func<uint, T> push) where T : unmanaged
     {
         Span<VkBuffer> buffers = stackalloc VkBuffer[tensors.Length];
         for (int k = 0; (long)k * PartLength < n; k++)
@@ -320,7 +331,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
             long count = Math.Min(PartLength, n - (long)k * PartLength);
             for (int i = 0; i < tensors.Length; i++)
                 buffers[i] = tensors[i].Part(k);
-            RunElements(kernel, new CountParameters { Count = (uint)count }, count, buffers);
+            RunElements(kernel, push((uint)count), count, buffers);
         }
     }
 
@@ -365,21 +376,19 @@ public sealed unsafe partial class VulkanBackend : IBackend
         }
     }
 
+    /// <summary>rmsnorm.comp, one workgroup per row (a per-head norm passes T·heads rows of headDim).</summary>
     public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset)
     {
-        NotYet(weightOffset == 0);
         long n = (long)T * C;
-        var push = new RmsNormParameters { TokenCount = (uint)T, Width = (uint)C, Epsilon = eps };
+        var push = new RmsNormParameters { TokenCount = (uint)T, Width = (uint)C, Epsilon = eps, WeightOffset = weightOffset };
         RunRows(Kernels.RmsNorm, push, T, [Single(y, n, nameof(y)), Single(rstd, T, nameof(rstd)), Single(x, n, nameof(x)), Single(w, C, nameof(w))]);
     }
 
+    /// <summary>rmsnorm_back.comp: without <paramref name="accumulate"/> dx's old contents are never read.</summary>
     public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
     {
-        NotYet(weightOffset == 0);
-        if (!accumulate)
-            Zero(dx, (long)T * C);
         long n = (long)T * C;
-        var push = new RmsNormBackParameters { TokenCount = (uint)T, Width = (uint)C };
+        var push = new RmsNormBackParameters { TokenCount = (uint)T, Width = (uint)C, WeightOffset = weightOffset, Accumulate = accumulate ? 1u : 0u };
         RunRows(Kernels.RmsNormBack, push, T,
             [Single(dx, n, nameof(dx)), Single(dy, n, nameof(dy)), Single(x, n, nameof(x)), Single(w, C, nameof(w)), Single(rstd, T, nameof(rstd))]);
     }
@@ -409,12 +418,14 @@ public sealed unsafe partial class VulkanBackend : IBackend
     /// </summary>
     private const long LavapipeLoopLimit = 65535;
 
-    /// <summary>FlashAttention forward (attention.comp): one workgroup per (head, block of query rows).</summary>
+    /// <summary>
+    /// FlashAttention forward (attention.comp): one workgroup per (head, block of query rows), staging only
+    /// the key tiles some row of the block sees, so a sliding window of W costs O(T·W).
+    /// </summary>
     public void AttentionForward(Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int heads, int kvHeads, int headDim,
                                  float scale, int window)
     {
-        NotYet(window == 0);
-        var push = Attention(T, heads, kvHeads, headDim, scale, backward: false);
+        var push = Attention(T, heads, kvHeads, headDim, scale, window, backward: false);
         long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim;
         VkBuffer o = Single(output, qn, nameof(output)), l = Single(lse, (long)heads * T, nameof(lse));
         VkBuffer qb = Single(q, qn, nameof(q)), kb = Single(k, kn, nameof(k)), vb = Single(v, kn, nameof(v));
@@ -424,13 +435,12 @@ public sealed unsafe partial class VulkanBackend : IBackend
     /// <summary>
     /// FlashAttention backward in three passes: the row statistics (lse, D) into a buffer of the backend's,
     /// [heads, T, 2] (attention_back_delta.comp); dq per (head, query block) (attention_back_dq.comp);
-    /// dk and dv per (kv head, key block) (attention_back_dkv.comp).
+    /// dk and dv per (kv head, key block) (attention_back_dkv.comp). Both skip the tiles outside the window.
     /// </summary>
     public void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
                                   int T, int heads, int kvHeads, int headDim, float scale, int window)
     {
-        NotYet(window == 0);
-        var push = Attention(T, heads, kvHeads, headDim, scale, backward: true);
+        var push = Attention(T, heads, kvHeads, headDim, scale, window, backward: true);
         long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim, rows = (long)heads * T;
         VkBuffer dqb = Single(dq, qn, nameof(dq)), dkb = Single(dk, kn, nameof(dk)), dvb = Single(dv, kn, nameof(dv));
         VkBuffer dob = Single(dOutput, qn, nameof(dOutput)), ob = Single(output, qn, nameof(output)), lb = Single(lse, rows, nameof(lse));
@@ -442,8 +452,9 @@ public sealed unsafe partial class VulkanBackend : IBackend
         RunBlocks(Kernels.AttentionBackDkv, push, kvHeads, T, [dkb, dvb, dob, stats, qb, kb, vb]);
     }
 
-    private AttentionParameters Attention(int T, int heads, int kvHeads, int headDim, float scale, bool backward)
+    private AttentionParameters Attention(int T, int heads, int kvHeads, int headDim, float scale, int window, bool backward)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(window);
         if (kvHeads <= 0 || heads % kvHeads != 0)
             throw new ArgumentException($"heads {heads} is not a multiple of kvHeads {kvHeads}.", nameof(kvHeads));
         if (headDim <= 0 || headDim > MaxAttentionHeadDim)
@@ -456,17 +467,18 @@ public sealed unsafe partial class VulkanBackend : IBackend
             throw new VulkanException($"{_device.Name} has too little shared memory for attention with head dimension {headDim}.");
         if (_device.Name.Contains("llvmpipe", StringComparison.OrdinalIgnoreCase))
         {
-            long loops = AttentionLoops(T, heads / kvHeads, headDim, (int)tileRows, (int)_pipelines.AttentionWorkgroup, backward);
+            long loops = AttentionLoops(T, heads / kvHeads, headDim, (int)tileRows, (int)_pipelines.AttentionWorkgroup, backward, window);
             if (loops > LavapipeLoopLimit)
                 throw new VulkanException(
-                    $"Attention over {T} tokens (head dimension {headDim}, {heads / kvHeads} query heads per kv head) needs about {loops} loop " +
+                    $"Attention over {T} tokens (head dimension {headDim}, {heads / kvHeads} query heads per kv head" +
+                    (window > 0 && window < T ? $", a sliding window of {window}" : "") + $") needs about {loops} loop " +
                     $"iterations in one shader invocation; {_device.Name} silently stops a shader after {LavapipeLoopLimit}. " +
                     "Use a shorter --seq, or a GPU.");
         }
         return new AttentionParameters
         {
             TokenCount = (uint)T, Heads = (uint)heads, KvHeads = (uint)kvHeads, HeadDim = (uint)headDim,
-            Scale = scale, TileRows = tileRows,
+            Scale = scale, TileRows = tileRows, Window = (uint)window,
         };
     }
 
@@ -475,13 +487,17 @@ public sealed unsafe partial class VulkanBackend : IBackend
     /// walks up to T keys once, with up to three loops over the vec4 chunks per four keys (the dot
     /// products, the rescale, the accumulation); the dk/dv pass walks up to T queries once per query
     /// head of its kv head, with two (the dq pass, which walks T keys once, does no more). Add the tile
-    /// staging loops and the loops before and after.
+    /// staging loops and the loops before and after. With a sliding window W &lt; T a block stages at
+    /// most W + width − 1 rows and a row visits at most W, starting anywhere in a tile (one more partial
+    /// quad per tile).
     /// </summary>
-    internal static long AttentionLoops(int T, int queryHeadsPerKvHead, int headDim, int tileRows, int width, bool backward)
+    internal static long AttentionLoops(int T, int queryHeadsPerKvHead, int headDim, int tileRows, int width, bool backward, int window = 0)
     {
         long chunks = (headDim + 3) / 4;
-        long tiles = (T + tileRows - 1) / tileRows + 1;
-        long quads = (T + 3) / 4 + tiles;
+        bool sliding = window > 0 && window < T;
+        long staged = sliding ? Math.Min(T, (long)window + width - 1) : T, visited = sliding ? window : T;
+        long tiles = (staged + tileRows - 1) / tileRows + 1;
+        long quads = (visited + 3) / 4 + (sliding ? 2 : 1) * tiles;
         long staging = (tileRows * chunks + width - 1) / width + (tileRows + width - 1) / width + 3;
         long walks = backward ? queryHeadsPerKvHead : 1, perQuad = (backward ? 2 : 3) * chunks + 1;
         return 2 * headDim + 2 * chunks + walks * (tiles * staging + quads * perQuad);
@@ -564,7 +580,8 @@ public sealed unsafe partial class VulkanBackend : IBackend
     public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
                                     float softcap)
     {
-        NotYet(softcap == 0);
+        if (!(softcap >= 0) || float.IsPositiveInfinity(softcap))
+            throw new ArgumentOutOfRangeException(nameof(softcap), softcap, "softcap must be 0 (none) or a positive cap.");
         if (chunk <= 0)
             throw new ArgumentOutOfRangeException(nameof(chunk), chunk, "chunk must be positive.");
         chunk = Math.Min(chunk, V);
@@ -590,20 +607,23 @@ public sealed unsafe partial class VulkanBackend : IBackend
         var stats = _stats!.Handle;
         float inverse = 1f / count;
 
-        // Pass 1: logits chunk by chunk, an online log-sum-exp per row.
+        // Pass 1: logits chunk by chunk (softcapped in the shader when softcap > 0), an online log-sum-exp per row.
         for (int v0 = 0; v0 < V; v0 += chunk)
         {
             int n = Math.Min(chunk, V - v0);
             Logits(lb, xb, wt, v0, n, T, C);
-            var push = new CrossEntropyParameters { TokenCount = (uint)T, ChunkWidth = (uint)n, ChunkFirst = (uint)v0, FirstChunk = v0 == 0 ? 1u : 0u, InverseCount = inverse };
+            var push = new CrossEntropyParameters
+            {
+                TokenCount = (uint)T, ChunkWidth = (uint)n, ChunkFirst = (uint)v0, FirstChunk = v0 == 0 ? 1u : 0u, InverseCount = inverse, Softcap = softcap,
+            };
             RunRows(Kernels.CrossEntropy, push, T, [stats, lb, labels]);
         }
-        // Pass 2: recompute each chunk, turn it into dlogits, dx += dlogits·w_chunk.
+        // Pass 2: recompute each chunk, turn it into dlogits (through the cap's derivative), dx += dlogits·w_chunk.
         for (int v0 = 0; v0 < V; v0 += chunk)
         {
             int n = Math.Min(chunk, V - v0);
             Logits(lb, xb, wt, v0, n, T, C);
-            var push = new CrossEntropyParameters { TokenCount = (uint)T, ChunkWidth = (uint)n, ChunkFirst = (uint)v0, InverseCount = inverse };
+            var push = new CrossEntropyParameters { TokenCount = (uint)T, ChunkWidth = (uint)n, ChunkFirst = (uint)v0, InverseCount = inverse, Softcap = softcap };
             RunElements(Kernels.CrossEntropyBack, push, (long)T * n, [lb, stats, labels]);
             foreach (var s in RowSegments(wt, v0, n, C))
                 WeightGemm(transposed: false, dxb, lb, s, _dummy.Handle, new GemmParameters
@@ -615,7 +635,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
                 });
         }
 
-        // The loss: Σ (lse − target logit) over labelled rows, from the statistics (waits for the device).
+        // The loss: Σ (lse − target's capped logit) over labelled rows, from the statistics (waits for the device).
         var host = new float[3 * T];
         ReadBack(stats, 0, MemoryMarshal.AsBytes(host.AsSpan()));
         double loss = 0;

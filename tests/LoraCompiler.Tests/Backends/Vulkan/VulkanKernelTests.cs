@@ -24,6 +24,9 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
 
     private Operand Out(string name, long n, float scale = 1f) => new(name, Random(n, scale), Compare: true);
 
+    /// <summary>An output a kernel must overwrite (=): prefilled with NaN, which any read of it would spread.</summary>
+    private static Operand Overwritten(string name, long n) => new(name, Enumerable.Repeat(float.NaN, (int)n).ToArray(), Compare: true);
+
     private float[] Random(long n, float scale = 1f) => ModelFixture.Normal(_rng, n, 0, scale);
 
     /// <summary>Runs <paramref name="op"/> on both backends from the same tensors and compares the marked ones.</summary>
@@ -76,12 +79,39 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     }
 
     [VulkanFact]
-    public void SwiGlu()
+    public void Scale()
     {
         const int n = 1003;
-        Parity(Forward, (b, t) => b.GluForward(t("h"), t("gate"), t("up"), n, GluActivation.Silu), Out("h", n), In("gate", n, 2), In("up", n));
-        Parity(Backward, (b, t) => b.GluBackward(t("dGate"), t("dUp"), t("dh"), t("gate"), t("up"), n, GluActivation.Silu),
-            Out("dGate", n), Out("dUp", n), In("dh", n), In("gate", n, 2), In("up", n));
+        var r = Parity(Forward, (b, t) =>
+        {
+            b.Scale(t("x"), MathF.Sqrt(640), n - 2); // Gemma 3 270m's embedding scale
+            b.Scale(t("y"), -0.5f, n);
+        }, Out("x", n), Out("y", n));
+        Assert.NotEqual(0f, r["x"][n - 1]); // beyond n: untouched (and compared)
+    }
+
+    [VulkanTheory]
+    [InlineData(GluActivation.Silu)]
+    [InlineData(GluActivation.GeluTanh)]
+    public void Glu(GluActivation activation)
+    {
+        const int n = 1003;
+        var gate = In("gate", n, 3);
+        Parity(Forward, (b, t) => b.GluForward(t("h"), t("gate"), t("up"), n, activation), Overwritten("h", n), gate, In("up", n));
+        Parity(Backward, (b, t) => b.GluBackward(t("dGate"), t("dUp"), t("dh"), t("gate"), t("up"), n, activation),
+            Overwritten("dGate", n), Overwritten("dUp", n), In("dh", n), gate, In("up", n));
+        // In place: dUp is dh's own tensor, as the trainer passes it.
+        Parity(Backward, (b, t) => b.GluBackward(t("dGate"), t("dh"), t("dh"), t("gate"), t("up"), n, activation),
+            Out("dGate", n), Out("dh", n), gate, In("up", n));
+
+        // Gates far out, where e^x overflows: a tanh computed as (e^2x − 1)/(e^2x + 1) gives NaN there.
+        float[] far = [-1e4f, -300f, -60f, -20f, -9.5f, -4f, 4f, 9.5f, 20f, 60f, 300f];
+        var farGate = new Operand("gate", far);
+        int m = far.Length;
+        var h = Parity(Forward, (b, t) => b.GluForward(t("h"), t("gate"), t("up"), m, activation), Out("h", m), farGate, In("up", m));
+        var d = Parity(Backward, (b, t) => b.GluBackward(t("dGate"), t("dh"), t("dh"), t("gate"), t("up"), m, activation),
+            Out("dGate", m), Out("dh", m), farGate, In("up", m));
+        Assert.All(h["h"].Concat(d["dGate"]).Concat(d["dh"]), v => Assert.True(float.IsFinite(v)));
     }
 
     [VulkanFact]
@@ -95,17 +125,25 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     // ---------------------------------------------------------------- norms and RoPE
 
     [VulkanTheory]
-    [InlineData(7, 37)]
-    [InlineData(3, 533)]  // wider than a workgroup: the strided loops and the reduction
-    public void RmsNorm(int T, int C)
+    [InlineData(7, 37, 0f)]
+    [InlineData(3, 533, 0f)]      // wider than a workgroup: the strided loops and the reduction
+    [InlineData(7, 37, 1f)]       // Gemma's (1 + w)
+    [InlineData(3, 533, 1f)]
+    [InlineData(13 * 3, 16, 0f)]  // a per-head norm (Qwen3's q_norm): T·heads rows of headDim, narrower than a workgroup
+    [InlineData(7 * 4, 16, 1f)]   // Gemma 3's q_norm on narrow heads
+    [InlineData(5 * 4, 256, 1f)]  // Gemma 3's heads of 256
+    public void RmsNorm(int T, int C, float weightOffset)
     {
-        Parity(Forward, (b, t) => b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-5f, 0f),
-            Out("y", T * C), Out("rstd", T), In("x", T * C), In("w", C));
-        Parity(Backward, (b, t) =>
-        {
-            b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-6f, 0f);
-            b.RmsNormBackward(t("dx"), t("dy"), t("x"), t("w"), t("rstd"), T, C, 0f, accumulate: true);
-        }, Out("dx", T * C), In("dy", T * C), In("x", T * C), In("w", C), In("y", T * C), In("rstd", T));
+        // Gemma stores its norm weights around 0, Llama around 1.
+        var w = new Operand("w", Random(C, 0.3f).Select(v => v + 1 - weightOffset).ToArray());
+        Parity(Forward, (b, t) => b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-5f, weightOffset),
+            Out("y", T * C), Out("rstd", T), In("x", T * C), w);
+        foreach (bool accumulate in new[] { true, false })
+            Parity(Backward, (b, t) =>
+            {
+                b.RmsNormForward(t("y"), t("rstd"), t("x"), t("w"), T, C, 1e-6f, weightOffset);
+                b.RmsNormBackward(t("dx"), t("dy"), t("x"), t("w"), t("rstd"), T, C, weightOffset, accumulate);
+            }, accumulate ? Out("dx", T * C) : Overwritten("dx", T * C), In("dy", T * C), In("x", T * C), w, In("y", T * C), In("rstd", T));
     }
 
     [VulkanFact]
@@ -142,6 +180,55 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
            In("q", qn), In("k", kn), In("v", kn));
     }
 
+    /// <summary>Attention with a scale other than 1/√hd, causal and within sliding windows (Gemma 3's local layers).</summary>
+    [VulkanTheory]
+    [InlineData(33, 6, 2, 10, 0)]     // causal, another scale
+    [InlineData(37, 4, 2, 10, 5)]     // W = 5: every block starts past the first keys
+    [InlineData(37, 2, 1, 8, 1)]      // W = 1: each query sees only itself
+    [InlineData(37, 2, 2, 8, 37)]     // W = T: causal
+    [InlineData(20, 3, 1, 8, 64)]     // W > T: causal
+    [InlineData(150, 2, 2, 32, 64)]   // W = the block width, three blocks, the last partial
+    [InlineData(200, 2, 1, 64, 70)]   // windows that straddle shared-memory tiles (60 rows at head dimension 64)
+    [InlineData(70, 4, 1, 256, 9)]    // Gemma 3 1B's heads: four of 256 on one kv head
+    public void AttentionWithScaleAndWindow(int T, int heads, int kvHeads, int headDim, int window)
+    {
+        float scale = 1.7f / MathF.Sqrt(headDim);
+        long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim, rows = (long)heads * T;
+        Parity(Forward, (b, t) => b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, scale, window),
+            Out("out", qn), Out("lse", rows), In("q", qn), In("k", kn), In("v", kn));
+        // With W = 1 each row's softmax is the constant 1, so dq and dk are 0 but for rounding (in both
+        // backends, differently): they are checked against 0 instead of compared.
+        bool single = window == 1;
+        var r = Parity(Backward, (b, t) =>
+        {
+            b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, scale, window);
+            b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, scale, window);
+        }, Overwritten("dq", qn) with { Compare = !single }, Overwritten("dk", kn) with { Compare = !single }, Overwritten("dv", kn),
+           In("dOut", qn), In("out", qn), In("lse", rows), In("q", qn), In("k", kn), In("v", kn));
+        if (single)
+            Assert.All(r["dq"].Concat(r["dk"]), d => Assert.InRange(d, -1e-5f, 1e-5f));
+    }
+
+    [VulkanFact]
+    public void SlidingWindowAttentionRunsWhereCausalWouldNot()
+    {
+        // Eight query heads per kv head at T = 1200: causal attention would pass lavapipe's loop limit
+        // (and is refused there), a window of 64 stays far below it because the shaders skip the key
+        // tiles outside the window. Were those keys only masked inside the causal loops, lavapipe would
+        // cut the dk/dv pass short and the gradients would be wrong.
+        const int T = 1200, heads = 8, kvHeads = 1, headDim = 64, window = 64;
+        Assert.True(VulkanBackend.AttentionLoops(T, heads / kvHeads, headDim, 60, 64, backward: true) > 65535);
+        Assert.True(VulkanBackend.AttentionLoops(T, heads / kvHeads, headDim, 60, 64, backward: true, window) < 65535 / 8);
+        Assert.True(VulkanBackend.AttentionLoops(4096, 8, 64, 60, 64, backward: true, window: 512) < 65535); // Gemma 3's window
+        float scale = 1f / MathF.Sqrt(headDim);
+        long qn = (long)T * heads * headDim, kn = (long)T * kvHeads * headDim, rows = (long)heads * T;
+        Parity(Backward, (b, t) =>
+        {
+            b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, scale, window);
+            b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), T, heads, kvHeads, headDim, scale, window);
+        }, Out("out", qn), Out("lse", rows), Out("dq", qn), Out("dk", kn), Out("dv", kn), In("dOut", qn), In("q", qn), In("k", kn), In("v", kn));
+    }
+
     [VulkanFact]
     public void Attention_beyond_what_the_shaders_can_do_is_refused()
     {
@@ -150,6 +237,7 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         {
             var e = Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionForward(o, l, q, q, q, 4, 1, 1, 260, 1f / 16, 0));
             Assert.Contains("256", e.Message);
+            Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionForward(o, l, q, q, q, 4, 1, 1, 8, 1f / 16, -1));
         }
 
         // lavapipe silently cuts a shader short after 65,535 loop iterations: long sequences are an
@@ -196,19 +284,22 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     }
 
     [VulkanTheory]
-    [InlineData(7, 37, 301, 64)]   // a partial last chunk
-    [InlineData(5, 16, 50, 128)]   // one chunk wider than the vocabulary
-    [InlineData(9, 20, 600, 600)]  // rows longer than a workgroup
-    public void LmHeadCrossEntropy(int T, int C, int V, int chunk)
+    [InlineData(7, 37, 301, 64, 0f, 0.5f)]   // a partial last chunk
+    [InlineData(5, 16, 50, 128, 0f, 0.5f)]   // one chunk wider than the vocabulary
+    [InlineData(9, 20, 600, 600, 0f, 0.5f)]  // rows longer than a workgroup
+    [InlineData(7, 37, 301, 64, 30f, 0.5f)]  // softcapped (Gemma 2's final_logit_softcapping), a partial last chunk
+    [InlineData(7, 37, 301, 64, 2f, 0.5f)]   // a cap below most logits
+    [InlineData(9, 20, 600, 600, 5f, 20f)]   // logits around ±100, deep in the cap's saturation
+    public void LmHeadCrossEntropy(int T, int C, int V, int chunk, float softcap, float weightScale)
     {
         var targets = Enumerable.Range(0, T).Select(t => t % 3 == 1 ? -1 : _rng.Next(V)).ToArray();
         targets[0] = V - 1;
         float cpuLoss = 0, vkLoss = 0;
         Parity(Backward, (b, t) =>
         {
-            float loss = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, chunk, 0f);
+            float loss = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, chunk, softcap);
             if (b is CpuBackend) cpuLoss = loss; else vkLoss = loss;
-        }, Out("dx", T * C), In("logits", T * Math.Min(chunk, V)), In("x", T * C), In("w", V * C, 0.5f));
+        }, Out("dx", T * C), In("logits", T * Math.Min(chunk, V)), In("x", T * C), In("w", V * C, weightScale));
         output.WriteLine($"loss cpu {cpuLoss} vulkan {vkLoss}");
         Assert.InRange(Math.Abs(vkLoss - cpuLoss), 0, Forward * Math.Abs(cpuLoss));
     }
@@ -283,6 +374,8 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             Out("dx", T * C), In("dy", T * dout), In("w", dout * C));
         Parity(vk, Backward, (b, t) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, 16, 0f),
             Out("dx", T * C), In("logits", T * 16), In("x", T * C), In("w", V * C));
+        Parity(vk, Backward, (b, t) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, 16, 1.5f),
+            Out("dx", T * C), In("logits", T * 16), In("x", T * C), In("w", V * C));
         const int n = 333;
         Parity(vk, Forward, (b, t) =>
         {
@@ -290,7 +383,9 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             b.Copy(t("c"), t("src"), n - 7);
             b.Zero(t("z"), n - 50);
             b.GluForward(t("h"), t("a"), t("src"), n, GluActivation.Silu);
-        }, Out("a", n), Out("c", n), Out("z", n), Out("h", n), In("src", n));
+            b.GluForward(t("g"), t("a"), t("src"), n, GluActivation.GeluTanh);
+            b.Scale(t("s"), 3.5f, n - 3);
+        }, Out("a", n), Out("c", n), Out("z", n), Out("h", n), Out("g", n), Out("s", n), In("src", n));
 
         // Upload, Write and Download across parts.
         var data = Random(250);

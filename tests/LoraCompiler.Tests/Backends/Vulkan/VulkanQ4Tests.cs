@@ -109,16 +109,18 @@ public sealed class VulkanQ4Tests(VulkanBackendFixture fixture, ITestOutputHelpe
     }
 
     [VulkanTheory]
-    [InlineData(7, 32, 301, 64, 16)]   // a partial last chunk
-    [InlineData(5, 16, 50, 128, 16)]   // one chunk wider than the vocabulary
-    [InlineData(9, 64, 600, 600, 32)]  // rows longer than a workgroup
-    public void LmHeadCrossEntropy(int T, int C, int V, int chunk, int groupSize)
+    [InlineData(7, 32, 301, 64, 16, 0f)]   // a partial last chunk
+    [InlineData(5, 16, 50, 128, 16, 0f)]   // one chunk wider than the vocabulary
+    [InlineData(9, 64, 600, 600, 32, 0f)]  // rows longer than a workgroup
+    [InlineData(7, 32, 301, 64, 16, 3f)]   // softcapped logits, a partial last chunk
+    [InlineData(9, 64, 600, 256, 32, 30f)] // softcapped, chunks across a workgroup's width, the last partial
+    public void LmHeadCrossEntropy(int T, int C, int V, int chunk, int groupSize, float softcap)
     {
         var targets = Enumerable.Range(0, T).Select(t => t % 3 == 1 ? -1 : _rng.Next(V)).ToArray();
         targets[0] = V - 1;
         var losses = new Dictionary<string, float>();
         var w = RandomQ4("lm_head", V, C, groupSize, 0.5f);
-        Parity(fixture.Backend, w, (b, t, wt) => losses[b.Name] = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, chunk, 0f),
+        Parity(fixture.Backend, w, (b, t, wt) => losses[b.Name] = b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, chunk, softcap),
             ["dx"], ("dx", Random(T * C)), ("logits", Random(T * Math.Min(chunk, V))), ("x", Random(T * C)));
         float cpu = losses.Single(l => l.Key.StartsWith("cpu")).Value, vk = losses.Single(l => l.Key.StartsWith("vulkan")).Value;
         output.WriteLine($"loss cpu {cpu} vulkan {vk}");
