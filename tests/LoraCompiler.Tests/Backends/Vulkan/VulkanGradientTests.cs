@@ -23,6 +23,8 @@ public sealed class VulkanGradientTests(ITestOutputHelper output)
     [InlineData("tiny-llama", 29, null)]     // untied head, llama3 rope_scaling, LoRA on 5 of 7 projections
     [InlineData("tiny-qwen2", 19, 60_000L)]  // the embedding (and tied head) split over two buffers, a row straddling them
     [InlineData("tiny-llama", 17, 40_000L)]  // embedding and LM head split, each with a straddling row
+    [InlineData("tiny-qwen3", 21, null)]     // q/k norms over head_dim ≠ hidden/heads, untied head
+    [InlineData("tiny-gemma3", 23, null)]    // sandwich (1 + w) norms, GeGLU, sliding layers (window 7 < 23), softcap
     public void GradientsMatchCpuAndTorch(string modelName, int tokens, long? maxBufferBytes)
     {
         var model = TrainerCatalog.Find(modelName)!;
