@@ -53,10 +53,12 @@ public class TrainingTests
         }
     }
 
-    [Fact]
-    public void MeZOProjectedGradientIsTheDirectionalDerivative()
+    [Theory]
+    [InlineData("tiny-qwen2")]
+    [InlineData("tiny-gemma3")]
+    public void MeZOProjectedGradientIsTheDirectionalDerivative(string modelName)
     {
-        var model = TrainerCatalog.Find("tiny-qwen2")!;
+        var model = TrainerCatalog.Find(modelName)!;
         using var fixture = new ModelFixture(model, seed: 29, sequence: 24);
         var targets = TrainerBase.NextTokenTargets(fixture.Tokens);
         using var trainer = fixture.CreateTrainer(new CpuBackend());
@@ -88,11 +90,12 @@ public class TrainingTests
     }
 
     [Theory]
-    [InlineData("backprop")]
-    [InlineData("mezo")]
-    public void KilledRunResumesToTheSameAdapter(string method)
+    [InlineData("tiny-qwen2", "backprop")]
+    [InlineData("tiny-qwen2", "mezo")]
+    [InlineData("tiny-gemma3", "backprop")]
+    public void KilledRunResumesToTheSameAdapter(string modelName, string method)
     {
-        var model = TrainerCatalog.Find("tiny-qwen2")!;
+        var model = TrainerCatalog.Find(modelName)!;
         using var fixture = new ModelFixture(model, seed: 31, sequence: 8);
         string data = Path.Combine(fixture.Dir, "data.txt");
         File.WriteAllText(data, string.Concat(Enumerable.Repeat("The quick brown fox jumps over the lazy dog. ", 40)));
