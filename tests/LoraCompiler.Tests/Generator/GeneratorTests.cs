@@ -513,6 +513,23 @@ public sealed class GeneratorTests
     }
 
     [Fact]
+    public void Gemma3_rope_parameters_per_layer_type()
+    {
+        // transformers' newer form: one RoPE per layer type instead of rope_theta, rope_local_base_freq and rope_scaling.
+        string json = Replace(ValidGemmaJson, "\"rope_scaling\": null,", """
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}
+              },
+            """);
+        json = Replace(Replace(json, "  \"rope_local_base_freq\": 10000.0,\n", ""), "  \"rope_theta\": 1000000.0,\n", "");
+        var spec = LoraGenerator.Parse(GoodPath, json).Value!;
+
+        Assert.Equal(new RopeSpec(1_000_000, new RopeScalingSpec("linear", 8)), spec.Rope);
+        Assert.Equal(new RopeSpec(10_000, null), spec.LocalRope);
+    }
+
+    [Fact]
     public void Qwen3_head_dim_bias_and_sliding_layers()
     {
         var (_, json) = ModelFile("qwen3-0.6b");
