@@ -78,7 +78,7 @@ public sealed partial class LoraGenerator
         Projection Proj(string name) => projections.First(p => p.Name == name);
         NormOp Norm(string module, string path, string field, string input, string output, string rstd, string? heads = null) =>
             new(module, path, field, input, output, rstd, heads is null ? "Hidden" : "HeadDim", heads is null ? s.Hidden : s.HeadDim,
-                heads, Grad(input), Grad(output), Accumulate: false);
+                heads, heads switch { null => 1, "Heads" => s.Heads, _ => s.KvHeads }, Grad(input), Grad(output), Accumulate: false);
         LinearOp Linear(string name) => new(Proj(name), Accumulate: false);
 
         var ops = new List<LayerOp>
@@ -196,6 +196,16 @@ public sealed partial class LoraGenerator
         _ => Array.Empty<string>(),
     };
 
+    /// <summary>The floats per token of each value an op writes in forward.</summary>
+    private static IEnumerable<(string Value, long Width)> WrittenWidths(ModelSpec s, LayerOp op) => op switch
+    {
+        NormOp n => new[] { (n.Output, (long)n.WidthSize * n.HeadCount), (n.Rstd, (long)n.HeadCount) },
+        LinearOp l => new[] { (l.Projection.Output, (long)l.Projection.OutSize) },
+        AttentionOp a => new[] { (a.Output, (long)s.Heads * s.HeadDim), (a.Lse, (long)s.Heads) },
+        GluOp g => new[] { (g.Output, (long)s.Intermediate) },
+        _ => Array.Empty<(string, long)>(), // RoPE and the residual add work in place
+    };
+
     /// <summary>What an op reads in forward.</summary>
     private static IEnumerable<string> Read(LayerOp op) => op switch
     {
@@ -251,17 +261,11 @@ public sealed partial class LoraGenerator
     {
         long c = s.Hidden;
         var ops = layer.Ops;
-        long Width(string value) => value switch
-        {
-            "q" or "qRaw" or "att" => s.Heads * s.HeadDim,
-            "k" or "kRaw" or "v" => s.KvHeads * s.HeadDim,
-            "gate" or "up" or "act" => s.Intermediate,
-            "rstdQ" or "lse" => s.Heads,
-            "rstdK" => s.KvHeads,
-            _ when value.StartsWith("rstd", StringComparison.Ordinal) => 1,
-            _ => c,
-        };
-        long WidthOfGrad(string grad) => Width(ops.SelectMany(Written).First(v => Grad(v) == grad));
+        var widths = new Dictionary<string, long>();
+        foreach (var op in ops)
+            foreach (var (value, width) in WrittenWidths(s, op))
+                widths[value] = width;
+        long WidthOfGrad(string grad) => widths[ops.SelectMany(Written).First(v => Grad(v) == grad)];
 
         var result = new List<PlannedBuffer>();
         for (int i = 0; i <= s.Layers; i++)
@@ -272,7 +276,7 @@ public sealed partial class LoraGenerator
         foreach (var op in ops)
             foreach (var value in Written(op))
                 if (value is not ("x" or "output") && !result.Any(b => b.Field == value))
-                    result.Add(new(value, BufferRole.Activation, 0, Width(value), Purpose(s, op, value)));
+                    result.Add(new(value, BufferRole.Activation, 0, widths[value], Purpose(s, op, value)));
 
         // Gradients, in the order backward first writes them.
         foreach (var op in ops.Reverse())

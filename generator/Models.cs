@@ -136,11 +136,12 @@ internal abstract record LayerOp(string Module);
 
 /// <summary>
 /// RMSNorm: output = input·rstd·(offset + w) over rows of <see cref="Width"/>. A token norm has T rows of
-/// Hidden; a head norm (q_norm, k_norm) T·heads rows of HeadDim. Backward: InputGrad (= or +=) from OutputGrad.
+/// Hidden; a head norm (q_norm, k_norm) T·heads rows of HeadDim (<see cref="Heads"/> names the count,
+/// <see cref="HeadCount"/> is its value, 1 for a token norm). Backward: InputGrad (= or +=) from OutputGrad.
 /// </summary>
 internal sealed record NormOp(
     string Module, string WeightPath, string WeightField, string Input, string Output, string Rstd,
-    string Width, int WidthSize, string? Heads, string InputGrad, string OutputGrad, bool Accumulate) : LayerOp(Module);
+    string Width, int WidthSize, string? Heads, int HeadCount, string InputGrad, string OutputGrad, bool Accumulate) : LayerOp(Module);
 
 /// <summary>A projection with its bias and LoRA: output = input·Wᵀ + b + s·(input·Aᵀ)·Bᵀ.</summary>
 internal sealed record LinearOp(Projection Projection, bool Accumulate) : LayerOp(Projection.Name);
