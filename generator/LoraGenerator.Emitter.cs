@@ -421,7 +421,7 @@ public sealed partial class LoraGenerator
             Line();
             for (int i = 0; i < kind.Ops.Count; i++)
             {
-                EmitForward(kind, kind.Ops[i]);
+                EmitForward(kind.Ops[i]);
                 if (i == kind.RecomputeUntil && stopsEarly)
                 {
                     Line("if (recompute)");
@@ -446,7 +446,7 @@ public sealed partial class LoraGenerator
             Line("var lora = _lora[layer];");
             Line();
             for (int i = kind.Ops.Count - 1; i >= 0; i--)
-                EmitBackward(kind, kind.Ops[i]);
+                EmitBackward(kind.Ops[i]);
             Line("ReleaseLayer();");
             Close();
             Line();
@@ -456,7 +456,7 @@ public sealed partial class LoraGenerator
         private static string Shape(string value, long width) => $"{value}[T,{width}]";
 
         /// <summary>One op of forward: a shape comment, then its kernel calls.</summary>
-        private void EmitForward(LayerKind kind, LayerOp op)
+        private void EmitForward(LayerOp op)
         {
             switch (op)
             {
@@ -497,7 +497,7 @@ public sealed partial class LoraGenerator
         }
 
         /// <summary>One op of backward, the reverse of <see cref="EmitForward"/>.</summary>
-        private void EmitBackward(LayerKind kind, LayerOp op)
+        private void EmitBackward(LayerOp op)
         {
             switch (op)
             {

@@ -130,8 +130,11 @@ public sealed partial class LoraGenerator
 
             // Gemma 3 scales the scores by query_pre_attn_scalar^-1/2; everyone else by head_dim^-1/2.
             double attentionScale = 1 / Math.Sqrt(traits.Family == Family.Gemma3
-                ? PositiveNumber(config, "query_pre_attn_scalar", headDim)
+                ? PositiveNumber(config, "query_pre_attn_scalar", 256) // Gemma3TextConfig's default
                 : headDim);
+            if (traits.Family == Family.Gemma3 && Bool(config, "use_bidirectional_attention", false))
+                throw Fail("LORA0009", config["use_bidirectional_attention"]!,
+                    $"{fileName}: use_bidirectional_attention = true (EmbeddingGemma) is not supported: the trainer is a causal language model");
             var windows = ReadLayerWindows(config, traits, layers);
             double softcap = traits.Family == Family.Gemma3 ? PositiveNumber(config, "final_logit_softcapping", 0) : 0;
             var warnings = new List<DiagnosticInfo>();

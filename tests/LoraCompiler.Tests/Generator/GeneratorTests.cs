@@ -436,6 +436,8 @@ public sealed class GeneratorTests
     [InlineData("\"hidden_activation\": \"gelu_pytorch_tanh\"", "\"hidden_activation\": \"gelu\"", "hidden_activation", "hidden_activation", "\"gelu\"")]
     [InlineData("\"sliding_window_pattern\": 2", "\"layer_types\": [\"sliding_attention\", \"chunked_attention\", \"full_attention\", \"full_attention\"]",
                 "layer_types", "layer_types", "\"chunked_attention\"")]
+    [InlineData("\"sliding_window\": 8", "\"sliding_window\": 8,\n  \"use_bidirectional_attention\": true", "use_bidirectional_attention",
+                "use_bidirectional_attention", "causal")]
     public void LORA0009_unsupported_gemma3_value(string oldText, string newText, string lineMarker, string field, string reason)
     {
         string json = Replace(ValidGemmaJson, oldText, newText);
