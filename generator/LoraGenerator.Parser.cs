@@ -198,9 +198,10 @@ public sealed partial class LoraGenerator
             if (explicitSliding == false)
                 return windows.ToEquatableArray();
 
-            int window = config["sliding_window"] is null or JsonNull
-                ? (traits.Family == Family.Gemma3 ? 4096 : throw Missing(config, "sliding_window"))
-                : PositiveInt(config, "sliding_window");
+            // Absent: the config classes' default, 4096. null: no window, so every layer attends fully.
+            if (config["sliding_window"] is JsonNull)
+                return windows.ToEquatableArray();
+            int window = config["sliding_window"] is null ? 4096 : PositiveInt(config, "sliding_window");
             bool[] sliding;
             if (config["layer_types"] is { } typesValue and not JsonNull)
             {

@@ -552,6 +552,10 @@ public sealed class GeneratorTests
             "\"sliding_window\": null", "\"sliding_window\": 64"), "\"max_window_layers\": 28", "\"max_window_layers\": 26");
         spec = LoraGenerator.Parse("/repo/models/qwen3-0.6b.json", sliding).Value!;
         Assert.Equal(Enumerable.Range(0, 28).Select(i => i >= 26 ? 64 : 0), spec.LayerWindows);
+
+        // use_sliding_window with sliding_window null: no window, every layer attends fully.
+        spec = LoraGenerator.Parse("/repo/models/qwen3-0.6b.json", Replace(json, "\"use_sliding_window\": false", "\"use_sliding_window\": true")).Value!;
+        Assert.All(spec.LayerWindows, w => Assert.Equal(0, w));
     }
 
     [Fact]

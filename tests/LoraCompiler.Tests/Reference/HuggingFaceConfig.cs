@@ -41,8 +41,9 @@ public static class HuggingFaceConfig
         // layer i sliding iff (i + 1) % pattern != 0. Qwen2Config / Qwen3Config: sliding_window only with
         // use_sliding_window, layer_types else the layers i >= max_window_layers.
         int[] windows = new int[layers];
-        int? window = gemma ? Int(c, "sliding_window") ?? 4096
-                    : (qwen2 || qwen3) && Bool(c, "use_sliding_window") == true ? Int(c, "sliding_window") : null;
+        // sliding_window defaults to 4096 when absent; an explicit null means no window.
+        int? configured = c.TryGetProperty("sliding_window", out _) ? Int(c, "sliding_window") : 4096;
+        int? window = gemma || ((qwen2 || qwen3) && Bool(c, "use_sliding_window") == true) ? configured : null;
         if (window is int w)
         {
             bool[] sliding;
