@@ -215,6 +215,29 @@ public sealed class CpuBackend : IBackend
             ? CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, softcap, _threads)
             : CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, softcap, _threads);
 
+    public void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim)
+    {
+        int half = headDim / 2;
+        CpuKernels.RopeForward(S(x), S(cos)[(position * half)..], S(sin)[(position * half)..], T, heads, headDim);
+    }
+
+    public void CopyRange(Tensor dst, long dstOffset, Tensor src, long srcOffset, long n)
+    {
+        if (dstOffset < 0 || srcOffset < 0 || n < 0)
+            throw new ArgumentOutOfRangeException(nameof(n), "offsets and lengths must not be negative.");
+        S(src, srcOffset + n)[(int)srcOffset..].CopyTo(S(dst, dstOffset + n)[(int)dstOffset..]);
+    }
+
+    public void AttentionDecode(Tensor output, Tensor q, Tensor kCache, Tensor vCache, int count, int heads, int kvHeads, int headDim, float scale)
+        => CpuKernels.AttentionDecode(S(output), S(q), S(kCache), S(vCache), count, heads, kvHeads, headDim, scale);
+
+    public void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap)
+    {
+        LinearForward(logits, x, w, null, T, C, V);
+        if (softcap > 0)
+            CpuKernels.SoftCap(S(logits, (long)T * V), softcap);
+    }
+
     // ---------------------------------------------------------------- helpers
 
     private static Span<float> S(Tensor t) => Cpu(t).Span;

@@ -124,6 +124,52 @@ internal static unsafe partial class CpuKernels
     public static void RopeForward(Span<float> x, ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int T, int heads, int headDim)
         => Rotate(x, cos, sin, T, heads, headDim, 1f);
 
+    /// <summary>
+    /// One decoding step's attention (see IBackend.AttentionDecode): q [heads, hd] against the first
+    /// count rows of kCache and vCache [capacity, kvHeads, hd], into output [heads, hd]. Each head is a
+    /// softmax over count scores, computed in float64 as the row is short.
+    /// </summary>
+    public static void AttentionDecode(Span<float> output, ReadOnlySpan<float> q, ReadOnlySpan<float> kCache, ReadOnlySpan<float> vCache,
+        int count, int heads, int kvHeads, int headDim, float scale)
+    {
+        if (kvHeads <= 0 || heads % kvHeads != 0)
+            throw new ArgumentException($"heads {heads} is not a multiple of kvHeads {kvHeads}.", nameof(kvHeads));
+        if (count <= 0)
+            throw new ArgumentOutOfRangeException(nameof(count), count, "a decoding step attends to at least its own key.");
+        int kvWidth = kvHeads * headDim;
+        Need(output, (long)heads * headDim, nameof(output)); Need(q, (long)heads * headDim, nameof(q));
+        Need(kCache, (long)count * kvWidth, nameof(kCache)); Need(vCache, (long)count * kvWidth, nameof(vCache));
+        var scores = ArrayPool<float>.Shared.Rent(count);
+        try
+        {
+            for (int h = 0; h < heads; h++)
+            {
+                int g = h / (heads / kvHeads);
+                ReadOnlySpan<float> qh = q.Slice(h * headDim, headDim);
+                float max = float.MinValue;
+                for (int s = 0; s < count; s++)
+                {
+                    scores[s] = TensorPrimitives.Dot(qh, kCache.Slice(s * kvWidth + g * headDim, headDim)) * scale;
+                    max = Math.Max(max, scores[s]);
+                }
+                Span<float> oh = output.Slice(h * headDim, headDim);
+                oh.Clear();
+                double sum = 0;
+                for (int s = 0; s < count; s++)
+                {
+                    float p = MathF.Exp(scores[s] - max);
+                    sum += p;
+                    TensorPrimitives.MultiplyAdd(vCache.Slice(s * kvWidth + g * headDim, headDim), p, oh, oh);
+                }
+                TensorPrimitives.Multiply(oh, (float)(1 / sum), oh);
+            }
+        }
+        finally
+        {
+            ArrayPool<float>.Shared.Return(scores);
+        }
+    }
+
     /// <summary>The transpose of <see cref="RopeForward"/> on dx in place: rotation by −θ.</summary>
     public static void RopeBackward(Span<float> dx, ReadOnlySpan<float> cos, ReadOnlySpan<float> sin, int T, int heads, int headDim)
         => Rotate(dx, cos, sin, T, heads, headDim, -1f);
@@ -510,7 +556,7 @@ internal static unsafe partial class CpuKernels
     }
 
     /// <summary>row = c·tanh(row/c), the order Hugging Face rounds in.</summary>
-    private static void SoftCap(Span<float> row, float c)
+    internal static void SoftCap(Span<float> row, float c)
     {
         TensorPrimitives.Divide(row, c, row);
         TensorPrimitives.Tanh(row, row);

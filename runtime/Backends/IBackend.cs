@@ -63,6 +63,9 @@ public interface IBackend : IDisposable
     /// <summary>dst[0..n) = src[0..n).</summary>
     void Copy(Tensor dst, Tensor src, long n);
 
+    /// <summary>dst[dstOffset..dstOffset+n) = src[srcOffset..srcOffset+n); the ranges may not overlap within one tensor.</summary>
+    void CopyRange(Tensor dst, long dstOffset, Tensor src, long srcOffset, long n);
+
     /// <summary>dst[0..n) += src[0..n) (the residual connection).</summary>
     void AddInPlace(Tensor dst, Tensor src, long n);
 
@@ -88,6 +91,12 @@ public interface IBackend : IDisposable
     /// cos/sin [T, headDim/2] tables from <see cref="Rope"/>.
     /// </summary>
     void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim);
+
+    /// <summary>
+    /// <see cref="RopeForward"/> for T rows at positions position..position+T−1: row t is rotated with
+    /// the tables' row position + t (decoding, where the rows are the newest tokens of a sequence).
+    /// </summary>
+    void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim);
 
     /// <summary>The transpose of <see cref="RopeForward"/>, in place on dx (rotation by −θ).</summary>
     void RopeBackward(Tensor dx, Tensor cos, Tensor sin, int T, int heads, int headDim);
@@ -119,6 +128,15 @@ public interface IBackend : IDisposable
     /// </summary>
     void AttentionBackward(Tensor dq, Tensor dk, Tensor dv, Tensor dOutput, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v,
                            int T, int heads, int kvHeads, int headDim, float scale, int window);
+
+    /// <summary>
+    /// One decoding step's attention: the newest token's queries q [heads, hd] against the first
+    /// <paramref name="count"/> rows of a KV cache, kCache and vCache [capacity, kvHeads, hd], into
+    /// output [heads, hd]: output[h] = Σ_s softmax_s(q[h]·kCache[s, g]·scale)·vCache[s, g] over s &lt; count,
+    /// g = h / (heads / kvHeads). The cache holds exactly the keys the token may see (a sliding layer's
+    /// cache is a ring of its window), in any order: attention does not depend on it.
+    /// </summary>
+    void AttentionDecode(Tensor output, Tensor q, Tensor kCache, Tensor vCache, int count, int heads, int kvHeads, int headDim, float scale);
 
     /// <summary>h = act(gate) * up, elementwise over n: SwiGLU (SiLU) or GeGLU (tanh-approximated GELU).</summary>
     void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation);
@@ -154,6 +172,12 @@ public interface IBackend : IDisposable
     /// </summary>
     float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
                              float softcap);
+
+    /// <summary>
+    /// The LM head's logits for decoding: logits [T, V] = x [T, C] · wᵀ (w is [V, C]), capped as
+    /// c·tanh(logits / c) when softcap c &gt; 0.
+    /// </summary>
+    void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap);
 }
 
 /// <summary>The activation of a gated MLP, <c>down(act(gate(x)) · up(x))</c>.</summary>

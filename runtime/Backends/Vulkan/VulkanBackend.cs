@@ -831,6 +831,12 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     // ---------------------------------------------------------------- teardown
 
+    // TEMPORARY: the decoding kernels, until their shaders land.
+    public void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim) => throw new NotSupportedException("not yet");
+    public void CopyRange(Tensor dst, long dstOffset, Tensor src, long srcOffset, long n) => throw new NotSupportedException("not yet");
+    public void AttentionDecode(Tensor output, Tensor q, Tensor kCache, Tensor vCache, int count, int heads, int kvHeads, int headDim, float scale) => throw new NotSupportedException("not yet");
+    public void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap) => throw new NotSupportedException("not yet");
+
     public void Dispose()
     {
         if (_disposed)

@@ -35,5 +35,9 @@ public sealed class CountingBackend(IBackend inner) : IBackend
     public void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r) { Count(); inner.LoraForward(y, h, x, a, b, scale, T, din, dout, r); }
     public void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r) { Count(); inner.LoraBackward(dx, da, db, h, dh, dy, x, a, b, scale, T, din, dout, r); }
     public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk, float softcap) { Count(); return inner.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, chunk, softcap); }
+    public void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim) { Count(); inner.RopeForwardAt(x, cos, sin, position, T, heads, headDim); }
+    public void CopyRange(Tensor dst, long dstOffset, Tensor src, long srcOffset, long n) { Count(); inner.CopyRange(dst, dstOffset, src, srcOffset, n); }
+    public void AttentionDecode(Tensor output, Tensor q, Tensor kCache, Tensor vCache, int count, int heads, int kvHeads, int headDim, float scale) { Count(); inner.AttentionDecode(output, q, kCache, vCache, count, heads, kvHeads, headDim, scale); }
+    public void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap) { Count(); inner.LmHeadLogits(logits, x, w, T, C, V, softcap); }
     public void Dispose() => inner.Dispose();
 }
