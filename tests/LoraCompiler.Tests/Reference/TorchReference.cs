@@ -267,6 +267,49 @@ public static class TorchReference
         foreach (var (name, shape) in AdapterShapes(cfg))
             lora[name] = Leaf(adapter, name, shape, requiresGrad: true, "adapter");
 
+        var ids = torch.tensor(tokens.Select(t => (long)t).ToArray(), dtype: ScalarType.Int64);
+        var logits = Forward(cfg, weights, lora, tokens, stopGradientLayers);
+        int T = tokens.Length;
+
+        // labels = input_ids: position t predicts token t+1, mean over the T-1 predictions.
+        var shiftLogits = logits.narrow(0, 0, T - 1);
+        var shiftLabels = ids.narrow(0, 1, T - 1);
+        var loss = F.cross_entropy(shiftLogits, shiftLabels);
+        loss.backward();
+
+        double lossValue = loss.item<double>();
+        var grads = new Dictionary<string, double[]>();
+        foreach (var (name, t) in lora)
+        {
+            using var g = t.grad;
+            grads[name] = g is null ? new double[t.numel()] : g.contiguous().data<double>().ToArray();
+        }
+        return (lossValue, grads);
+    }
+
+    /// <summary>
+    /// The logits of every position of <paramref name="tokens"/> [T, vocab], in float64 (no cache: the
+    /// whole sequence each time), for the generation tests' greedy decoding.
+    /// </summary>
+    public static double[,] Logits(ReferenceConfig cfg, IReadOnlyDictionary<string, float[]> weights,
+        IReadOnlyDictionary<string, float[]> adapter, int[] tokens)
+    {
+        if (tokens.Length < 1)
+            throw new ArgumentException("need at least one token");
+        CheckAdapterKeys(cfg, adapter);
+        using var scope = torch.NewDisposeScope();
+        var wide = Widen(adapter);
+        var lora = AdapterShapes(cfg).ToDictionary(a => a.Name, a => Leaf(wide, a.Name, a.Shape, requiresGrad: false, "adapter"));
+        var logits = Forward(cfg, Widen(weights), lora, tokens, null).contiguous().data<double>().ToArray();
+        var result = new double[tokens.Length, cfg.Vocab];
+        Buffer.BlockCopy(logits, 0, result, 0, logits.Length * sizeof(double));
+        return result;
+    }
+
+    /// <summary>The model's forward, written from Hugging Face's modeling code: the logits [T, vocab].</summary>
+    private static Tensor Forward(ReferenceConfig cfg, IReadOnlyDictionary<string, double[]> weights, Dictionary<string, Tensor> lora,
+        int[] tokens, IReadOnlySet<int>? stopGradientLayers)
+    {
         Tensor W(string name, params long[] shape) => Leaf(weights, name, shape, requiresGrad: false, "weights");
         Tensor? Optional(string name, params long[] shape) => weights.ContainsKey(name) ? W(name, shape) : null;
 
@@ -350,22 +393,8 @@ public static class TorchReference
 
         h = Norm(h, "model.norm.weight", cfg.Hidden);
         var lmHead = cfg.TiedEmbeddings ? embed : W("lm_head.weight", cfg.Vocab, cfg.Hidden);
-        var logits = Softcap(h.matmul(lmHead.t()), cfg.FinalLogitSoftcap); // [T, vocab]
+        return Softcap(h.matmul(lmHead.t()), cfg.FinalLogitSoftcap); // [T, vocab]
 
-        // labels = input_ids: position t predicts token t+1, mean over the T-1 predictions.
-        var shiftLogits = logits.narrow(0, 0, T - 1);
-        var shiftLabels = ids.narrow(0, 1, T - 1);
-        var loss = F.cross_entropy(shiftLogits, shiftLabels);
-        loss.backward();
-
-        double lossValue = loss.item<double>();
-        var grads = new Dictionary<string, double[]>();
-        foreach (var (name, t) in lora)
-        {
-            using var g = t.grad;
-            grads[name] = g is null ? new double[t.numel()] : g.contiguous().data<double>().ToArray();
-        }
-        return (lossValue, grads);
     }
 
     /// <summary>Every adapter tensor the config implies, with its shape, in layer/module order.</summary>
