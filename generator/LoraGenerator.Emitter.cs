@@ -102,6 +102,7 @@ public sealed partial class LoraGenerator
             {
                 ForwardLayer(kind);
                 BackwardLayer(kind);
+                InferLayer(kind);
             }
             MapLayer();
             Close();
@@ -221,6 +222,7 @@ public sealed partial class LoraGenerator
             Line(HasSliding ? $"LayerWindows = [{string.Join(", ", _s.LayerWindows)}],"
                             : "LayerWindows = new int[Layers],");
             Line("LmHeadChunk = LmHeadChunk,");
+            Line($"EosTokenIds = [{string.Join(", ", _s.EosTokenIds)}],");
             var defaults = new List<string>();
             if (_s.ActivationsInFile)
                 defaults.Add("ActivationsInFile: true");
@@ -365,6 +367,22 @@ public sealed partial class LoraGenerator
                  $"softcap: {(_s.FinalLogitSoftcap > 0 ? "FinalLogitSoftcap" : "0f")});");
             Close();
             Line();
+            Line("/// <inheritdoc/>");
+            Line("public override void Infer(ReadOnlySpan<int> tokens, int position, KvCache cache, Tensor logits)");
+            Open();
+            Line("int T = CheckInference(tokens, position, cache);");
+            Line("Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);");
+            if (_s.Traits.ScaledEmbedding)
+                Line("Backend.Scale(_x[0], EmbeddingScale, (long)T * Hidden);");
+            Line("for (int i = 0; i < Layers; i++)");
+            Line("    InferLayer(i, _x[i + 1], _x[i], T, position, cache);");
+            Line("// the last token's logits: final norm, its row moved to row 0, the LM head");
+            Line("Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);");
+            Line("if (T > 1)");
+            Line("    Backend.CopyRange(_xn, 0, _xn, (long)(T - 1) * Hidden, Hidden);");
+            Line($"Backend.LmHeadLogits(logits, _xn, {head}, 1, Hidden, Vocab, softcap: {(_s.FinalLogitSoftcap > 0 ? "FinalLogitSoftcap" : "0f")});");
+            Close();
+            Line();
         }
 
         /// <summary>With several kinds, the per-layer schedule as data and the two dispatching methods.</summary>
@@ -387,6 +405,7 @@ public sealed partial class LoraGenerator
             Line();
             Dispatch("ForwardLayer", "int layer, Tensor output, Tensor x, int T, bool recompute", "layer, output, x, T, recompute");
             Dispatch("BackwardLayer", "int layer, Tensor dx, Tensor x, Tensor output, int T", "layer, dx, x, output, T");
+            Dispatch("InferLayer", "int layer, Tensor output, Tensor x, int T, int position, KvCache cache", "layer, output, x, T, position, cache");
         }
 
         private void Dispatch(string method, string parameters, string arguments)
@@ -452,11 +471,30 @@ public sealed partial class LoraGenerator
             Line();
         }
 
+        private void InferLayer(LayerKind kind)
+        {
+            Line("/// <summary>");
+            Line($"/// {(OneKind ? "A layer" : $"A {kind.Name.ToLowerInvariant()} layer")} when decoding: the forward of T tokens at positions position.., " +
+                 "their keys and values kept in the cache,");
+            Line("/// attention over the cached ones (the prompt at position 0 attends as in training).");
+            Line("/// </summary>");
+            Line($"private void {Name("InferLayer", kind)}(int layer, Tensor output, Tensor x, int T, int position, KvCache cache)");
+            Open();
+            Line("MapLayer(layer);");
+            Line("var lora = _lora[layer];");
+            Line();
+            foreach (var op in kind.Ops)
+                EmitForward(op, decoding: true);
+            Line("ReleaseLayer();");
+            Close();
+            Line();
+        }
+
         private static string Assign(bool accumulate) => accumulate ? "+=" : "=";
         private static string Shape(string value, long width) => $"{value}[T,{width}]";
 
-        /// <summary>One op of forward: a shape comment, then its kernel calls.</summary>
-        private void EmitForward(LayerOp op)
+        /// <summary>One op of forward: a shape comment, then its kernel calls. Decoding rotates from the tokens' position and attends through the cache.</summary>
+        private void EmitForward(LayerOp op, bool decoding = false)
         {
             switch (op)
             {
@@ -477,12 +515,16 @@ public sealed partial class LoraGenerator
                     break;
                 case RopeOp r:
                     Line($"// rope: rotate {r.Target} by position ({(r.Table == "rope" ? "base RopeTheta" : "base LocalRopeTheta")})");
-                    Line($"Backend.RopeForward(_{r.Target}, _{r.Table}Cos, _{r.Table}Sin, T, {r.Heads}, HeadDim);");
+                    Line(decoding
+                        ? $"Backend.RopeForwardAt(_{r.Target}, _{r.Table}Cos, _{r.Table}Sin, position, T, {r.Heads}, HeadDim);"
+                        : $"Backend.RopeForward(_{r.Target}, _{r.Table}Cos, _{r.Table}Sin, T, {r.Heads}, HeadDim);");
                     break;
                 case AttentionOp a:
                     string mask = a.Window > 0 ? $"causal, the last {a.Window} keys" : "causal";
                     Line($"// attention: {Shape(a.Output, (long)_s.Heads * _s.HeadDim)} = softmax({a.Q}·{a.K}ᵀ·scale, {mask})·{a.V}, {_s.Heads} heads over {_s.KvHeads} kv heads");
-                    Line($"Backend.AttentionForward(_{a.Output}, _{a.Lse}, _{a.Q}, _{a.K}, _{a.V}, T, Heads, KvHeads, HeadDim, AttentionScale, {Window(a)});");
+                    Line(decoding
+                        ? $"Attend(layer, cache, _{a.Output}, _{a.Lse}, _{a.Q}, _{a.K}, _{a.V}, T, position, {Window(a)});"
+                        : $"Backend.AttentionForward(_{a.Output}, _{a.Lse}, _{a.Q}, _{a.K}, _{a.V}, T, Heads, KvHeads, HeadDim, AttentionScale, {Window(a)});");
                     break;
                 case GluOp g:
                     string act = g.Activation == Activation.Silu ? "silu" : "gelu_tanh";

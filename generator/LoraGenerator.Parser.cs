@@ -161,7 +161,27 @@ public sealed partial class LoraGenerator
             return new ModelSpec(path, modelName, ClassNameFor(modelName), traits,
                 hidden, intermediate, layers, heads, kvHeads, headDim, vocab, rmsEps, rope, localRope,
                 tied, qkvBias, OutputBias: attentionBias, activation, attentionScale, windows, softcap,
-                rank, alpha, targets, chunk, lcsbGroups, activationsInFile, optimizerStateInFile, warnings.ToEquatableArray());
+                rank, alpha, targets, chunk, lcsbGroups, activationsInFile, optimizerStateInFile, ReadEosTokenIds(config, vocab),
+                warnings.ToEquatableArray());
+        }
+
+        /// <summary>eos_token_id: one id, a list of ids, or none; each within the vocabulary.</summary>
+        private EquatableArray<int> ReadEosTokenIds(JsonObject config, int vocab)
+        {
+            var value = config["eos_token_id"];
+            var items = value switch
+            {
+                null or JsonNull => new List<JsonValue>(),
+                JsonArray array => array.Items.ToList(),
+                _ => new List<JsonValue> { value },
+            };
+            return items.Select(item =>
+            {
+                int id = Integer(item, "eos_token_id");
+                if (id < 0 || id >= vocab)
+                    throw Fail("LORA0003", item, $"{fileName}: eos_token_id {id} is outside the vocabulary (0 to {vocab - 1})");
+                return id;
+            }).ToEquatableArray();
         }
 
         /// <summary>The MLP's activation from the family's field (hidden_act, or Gemma's hidden_activation).</summary>

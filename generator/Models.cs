@@ -60,6 +60,7 @@ internal sealed record RopeSpec(double Theta, RopeScalingSpec? Scaling);
 /// <summary>What a model JSON says: the Hugging Face config plus its <c>lora</c> and <c>trainer</c> sections.</summary>
 /// <param name="LayerWindows">Per layer: 0 for full causal attention, W for a sliding window of W keys.</param>
 /// <param name="LocalRope">The RoPE of the sliding layers when it differs from <paramref name="Rope"/> (Gemma 3).</param>
+/// <param name="EosTokenIds">eos_token_id, one id or a list: where generation stops.</param>
 /// <param name="Warnings">Diagnostics that do not stop the build (a field the family's model ignores).</param>
 internal sealed record ModelSpec(
     string FilePath,
@@ -90,6 +91,7 @@ internal sealed record ModelSpec(
     int LcsbGroups,
     bool ActivationsInFile,
     bool OptimizerStateInFile,
+    EquatableArray<int> EosTokenIds,
     EquatableArray<DiagnosticInfo> Warnings)
 {
     public string Architecture => Traits.Architecture;

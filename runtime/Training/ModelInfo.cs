@@ -93,6 +93,9 @@ public sealed record ModelInfo
 
     public required int LmHeadChunk { get; init; }
 
+    /// <summary>The config's eos_token_id (one or several): generation stops at any of them.</summary>
+    public IReadOnlyList<int> EosTokenIds { get; init; } = [];
+
     /// <summary>The run settings the model JSON's <c>trainer</c> section gives (LCSB groups, mmap placement).</summary>
     public TrainerOptions Defaults { get; init; } = new();
 

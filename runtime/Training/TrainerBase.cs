@@ -125,6 +125,50 @@ public abstract class TrainerBase : IDisposable
     /// <summary>The loss alone: forward through every layer, no backward (MeZO's two evaluations).</summary>
     public abstract float Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets);
 
+    /// <summary>
+    /// Decoding: runs <paramref name="tokens"/>, at positions position..position+T−1, through every layer
+    /// with the keys and values of the earlier positions from <paramref name="cache"/> (and adds theirs),
+    /// and writes the last token's logits [vocab] to <paramref name="logits"/>. The first call (position 0)
+    /// takes the whole prompt; after it, one token at a time. The adapter is applied unmerged, through
+    /// the same LoRA forward as training.
+    /// </summary>
+    public abstract void Infer(ReadOnlySpan<int> tokens, int position, KvCache cache, Tensor logits);
+
+    /// <summary>A KV cache for decoding up to <paramref name="maxTokens"/> tokens (at most <see cref="MaxSequence"/>, the RoPE tables' length).</summary>
+    public KvCache CreateCache(int maxTokens)
+    {
+        if (maxTokens > MaxSequence)
+            throw new ArgumentOutOfRangeException(nameof(maxTokens), maxTokens, $"this trainer's RoPE tables cover {MaxSequence} positions.");
+        return new KvCache(Backend, Model, maxTokens);
+    }
+
+    /// <summary>Checks a decoding call and returns its token count T.</summary>
+    protected int CheckInference(ReadOnlySpan<int> tokens, int position, KvCache cache)
+    {
+        if (tokens.Length < 1 || (position > 0 && tokens.Length != 1))
+            throw new ArgumentException($"Decoding takes the prompt at position 0, then one token at a time; got {tokens.Length} tokens at position {position}.");
+        if (position < 0 || position + tokens.Length > cache.MaxTokens)
+            throw new ArgumentOutOfRangeException(nameof(position), position, $"{tokens.Length} tokens at position {position} do not fit a cache of {cache.MaxTokens}.");
+        return CheckTokens(tokens);
+    }
+
+    /// <summary>
+    /// A decoding step's attention for one layer: the prompt (position 0) attends causally as in
+    /// training and fills the cache; a later token joins the cache and attends to what it holds.
+    /// </summary>
+    protected void Attend(int layer, KvCache cache, Tensor output, Tensor lse, Tensor q, Tensor k, Tensor v, int T, int position, int window)
+    {
+        if (position == 0)
+        {
+            Backend.AttentionForward(output, lse, q, k, v, T, Model.Heads, Model.KvHeads, Model.HeadDim, Model.AttentionScale, window);
+            cache.Store(layer, k, v, T, position);
+            return;
+        }
+        cache.Store(layer, k, v, 1, position);
+        Backend.AttentionDecode(output, q, cache.Keys(layer), cache.Values(layer), cache.Count(layer, position + 1),
+            Model.Heads, Model.KvHeads, Model.HeadDim, Model.AttentionScale);
+    }
+
     /// <summary>Hugging Face's labels = input_ids: row t predicts token t+1; the last row predicts nothing.</summary>
     public static int[] NextTokenTargets(ReadOnlySpan<int> tokens)
     {
@@ -345,17 +389,22 @@ public abstract class TrainerBase : IDisposable
     /// <summary>Checks a sequence against the trainer's limits and returns its length T.</summary>
     protected int CheckSequence(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets)
     {
-        if (tokens.Length < 1 || tokens.Length > MaxSequence)
-            throw new ArgumentException($"A sequence of {tokens.Length} tokens does not fit this trainer (1 to {MaxSequence}).");
-        if (targets.Length != tokens.Length)
-            throw new ArgumentException($"{targets.Length} targets were given for {tokens.Length} tokens.");
-        for (int t = 0; t < tokens.Length; t++)
-        {
-            if ((uint)tokens[t] >= (uint)Model.Vocab)
-                throw new ArgumentException($"Token {tokens[t]} at position {t} is outside the vocabulary of {Model.Name} (0 to {Model.Vocab - 1}).");
+        int T = CheckTokens(tokens);
+        if (targets.Length != T)
+            throw new ArgumentException($"{targets.Length} targets were given for {T} tokens.");
+        for (int t = 0; t < T; t++)
             if (targets[t] < -1 || targets[t] >= Model.Vocab)
                 throw new ArgumentException($"Target {targets[t]} at position {t} is outside the vocabulary of {Model.Name}.");
-        }
+        return T;
+    }
+
+    private int CheckTokens(ReadOnlySpan<int> tokens)
+    {
+        if (tokens.Length < 1 || tokens.Length > MaxSequence)
+            throw new ArgumentException($"A sequence of {tokens.Length} tokens does not fit this trainer (1 to {MaxSequence}).");
+        for (int t = 0; t < tokens.Length; t++)
+            if ((uint)tokens[t] >= (uint)Model.Vocab)
+                throw new ArgumentException($"Token {tokens[t]} at position {t} is outside the vocabulary of {Model.Name} (0 to {Model.Vocab - 1}).");
         return tokens.Length;
     }
 

@@ -257,6 +257,37 @@ public static class TorchReference
         ReferenceConfig cfg, IReadOnlyDictionary<string, double[]> weights,
         IReadOnlyDictionary<string, double[]> adapter, int[] tokens, IReadOnlySet<int>? stopGradientLayers = null)
     {
+        using (Exclusive())
+            return LossAndGradientsAlone(cfg, weights, adapter, tokens, stopGradientLayers);
+    }
+
+    private static readonly SemaphoreSlim Libtorch = new(1, 1);
+
+    /// <summary>
+    /// Holds libtorch for one caller until disposed: the tests run in parallel, and libtorch calls from
+    /// several threads at once now and then failed with "Unknown scalar type". A semaphore, not a
+    /// lock, so a test class may take it in its constructor and give it back in Dispose.
+    /// </summary>
+    public static IDisposable Exclusive()
+    {
+        Libtorch.Wait();
+        return new Release();
+    }
+
+    private sealed class Release : IDisposable
+    {
+        private int _released;
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _released, 1) == 0)
+                Libtorch.Release();
+        }
+    }
+
+    private static (double Loss, Dictionary<string, double[]> Gradients) LossAndGradientsAlone(
+        ReferenceConfig cfg, IReadOnlyDictionary<string, double[]> weights,
+        IReadOnlyDictionary<string, double[]> adapter, int[] tokens, IReadOnlySet<int>? stopGradientLayers)
+    {
         Validate(cfg, tokens);
         CheckAdapterKeys(cfg, adapter);
 
@@ -297,13 +328,16 @@ public static class TorchReference
         if (tokens.Length < 1)
             throw new ArgumentException("need at least one token");
         CheckAdapterKeys(cfg, adapter);
-        using var scope = torch.NewDisposeScope();
-        var wide = Widen(adapter);
-        var lora = AdapterShapes(cfg).ToDictionary(a => a.Name, a => Leaf(wide, a.Name, a.Shape, requiresGrad: false, "adapter"));
-        var logits = Forward(cfg, Widen(weights), lora, tokens, null).contiguous().data<double>().ToArray();
-        var result = new double[tokens.Length, cfg.Vocab];
-        Buffer.BlockCopy(logits, 0, result, 0, logits.Length * sizeof(double));
-        return result;
+        using (Exclusive())
+        {
+            using var scope = torch.NewDisposeScope();
+            var wide = Widen(adapter);
+            var lora = AdapterShapes(cfg).ToDictionary(a => a.Name, a => Leaf(wide, a.Name, a.Shape, requiresGrad: false, "adapter"));
+            var logits = Forward(cfg, Widen(weights), lora, tokens, null).contiguous().data<double>().ToArray();
+            var result = new double[tokens.Length, cfg.Vocab];
+            Buffer.BlockCopy(logits, 0, result, 0, logits.Length * sizeof(double));
+            return result;
+        }
     }
 
     /// <summary>The model's forward, written from Hugging Face's modeling code: the logits [T, vocab].</summary>

@@ -139,6 +139,7 @@ public sealed class TinyGemma3Trainer : TrainerBase
         EmbeddingScale = EmbeddingScale, AttentionScale = AttentionScale, FinalLogitSoftcap = FinalLogitSoftcap,
         LayerWindows = [7, 7, 0, 7, 7],
         LmHeadChunk = LmHeadChunk,
+        EosTokenIds = [],
         Lora = new LoraSettings(LoraRank, LoraAlpha, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         BaseTensors = BaseTensorList().ToArray(),
         LoraModules = LoraModuleList().ToArray(),
@@ -351,6 +352,21 @@ public sealed class TinyGemma3Trainer : TrainerBase
         return Backend.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, softcap: FinalLogitSoftcap);
     }
 
+    /// <inheritdoc/>
+    public override void Infer(ReadOnlySpan<int> tokens, int position, KvCache cache, Tensor logits)
+    {
+        int T = CheckInference(tokens, position, cache);
+        Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);
+        Backend.Scale(_x[0], EmbeddingScale, (long)T * Hidden);
+        for (int i = 0; i < Layers; i++)
+            InferLayer(i, _x[i + 1], _x[i], T, position, cache);
+        // the last token's logits: final norm, its row moved to row 0, the LM head
+        Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);
+        if (T > 1)
+            Backend.CopyRange(_xn, 0, _xn, (long)(T - 1) * Hidden, Hidden);
+        Backend.LmHeadLogits(logits, _xn, _embedTokens, 1, Hidden, Vocab, softcap: FinalLogitSoftcap);
+    }
+
     /// <summary>The kinds of layer this model has: one forward and backward pair each.</summary>
     private enum LayerKind { Sliding, Full }
 
@@ -375,6 +391,15 @@ public sealed class TinyGemma3Trainer : TrainerBase
         {
             case LayerKind.Sliding: BackwardSlidingLayer(layer, dx, x, output, T); break;
             case LayerKind.Full: BackwardFullLayer(layer, dx, x, output, T); break;
+        }
+    }
+
+    private void InferLayer(int layer, Tensor output, Tensor x, int T, int position, KvCache cache)
+    {
+        switch (Schedule[layer])
+        {
+            case LayerKind.Sliding: InferSlidingLayer(layer, output, x, T, position, cache); break;
+            case LayerKind.Full: InferFullLayer(layer, output, x, T, position, cache); break;
         }
     }
 
@@ -492,6 +517,63 @@ public sealed class TinyGemma3Trainer : TrainerBase
     }
 
     /// <summary>
+    /// A sliding layer when decoding: the forward of T tokens at positions position.., their keys and values kept in the cache,
+    /// attention over the cached ones (the prompt at position 0 attends as in training).
+    /// </summary>
+    private void InferSlidingLayer(int layer, Tensor output, Tensor x, int T, int position, KvCache cache)
+    {
+        MapLayer(layer);
+        var lora = _lora[layer];
+
+        // input_layernorm: xn = rmsnorm(x)·(1 + w)
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // q_proj: qRaw[T,96] = xn[T,64]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_qRaw, _xn, _wQProj, null, T, Hidden, QDim);
+        Backend.LoraForward(_qRaw, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
+        // k_proj: kRaw[T,48] = xn[T,64]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_kRaw, _xn, _wKProj, null, T, Hidden, KvDim);
+        Backend.LoraForward(_kRaw, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // v_proj: v[T,48] = xn[T,64]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_v, _xn, _wVProj, null, T, Hidden, KvDim);
+        Backend.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // q_norm: q = rmsnorm(qRaw)·(1 + w), each head's 24 on its own
+        Backend.RmsNormForward(_q, _rstdQ, _qRaw, _wQNorm, T * Heads, HeadDim, RmsEps, NormWeightOffset);
+        // k_norm: k = rmsnorm(kRaw)·(1 + w), each head's 24 on its own
+        Backend.RmsNormForward(_k, _rstdK, _kRaw, _wKNorm, T * KvHeads, HeadDim, RmsEps, NormWeightOffset);
+        // rope: rotate q by position (base LocalRopeTheta)
+        Backend.RopeForwardAt(_q, _ropeLocalCos, _ropeLocalSin, position, T, Heads, HeadDim);
+        // rope: rotate k by position (base LocalRopeTheta)
+        Backend.RopeForwardAt(_k, _ropeLocalCos, _ropeLocalSin, position, T, KvHeads, HeadDim);
+        // attention: att[T,96] = softmax(q·kᵀ·scale, causal, the last 7 keys)·v, 4 heads over 2 kv heads
+        Attend(layer, cache, _att, _lse, _q, _k, _v, T, position, window: SlidingWindow);
+        // o_proj: attnOut[T,64] = att[T,96]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_attnOut, _att, _wOProj, null, T, QDim, Hidden);
+        Backend.LoraForward(_attnOut, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
+        // post_attention_layernorm: x2 = rmsnorm(attnOut)·(1 + w)
+        Backend.RmsNormForward(_x2, _rstd2, _attnOut, _wPostAttentionNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // residual: x2 += x
+        Backend.AddInPlace(_x2, x, (long)T * Hidden);
+        // pre_feedforward_layernorm: xn2 = rmsnorm(x2)·(1 + w)
+        Backend.RmsNormForward(_xn2, _rstd3, _x2, _wPreFeedforwardNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // gate_proj: gate[T,136] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // up_proj: up[T,136] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // geglu: act[T,136] = gelu_tanh(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.GeluTanh);
+        // down_proj: mlpOut[T,64] = act[T,136]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_mlpOut, _act, _wDownProj, null, T, Intermediate, Hidden);
+        Backend.LoraForward(_mlpOut, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
+        // post_feedforward_layernorm: output = rmsnorm(mlpOut)·(1 + w)
+        Backend.RmsNormForward(output, _rstd4, _mlpOut, _wPostFeedforwardNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // residual: output += x2
+        Backend.AddInPlace(output, _x2, (long)T * Hidden);
+        ReleaseLayer();
+    }
+
+    /// <summary>
     /// A full layer (layer 2) forward, full causal attention: x2 = x + attention(x); output = x2 + mlp(x2).
     /// With recompute (backward's) it stops after post_feedforward_layernorm: backward reads nothing computed later, and the layer's weights stay mapped for it.
     /// </summary>
@@ -601,6 +683,63 @@ public sealed class TinyGemma3Trainer : TrainerBase
         Backend.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dQRaw, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // input_layernorm backward: dx += rmsnorm'(dxn)
         Backend.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: true);
+        ReleaseLayer();
+    }
+
+    /// <summary>
+    /// A full layer when decoding: the forward of T tokens at positions position.., their keys and values kept in the cache,
+    /// attention over the cached ones (the prompt at position 0 attends as in training).
+    /// </summary>
+    private void InferFullLayer(int layer, Tensor output, Tensor x, int T, int position, KvCache cache)
+    {
+        MapLayer(layer);
+        var lora = _lora[layer];
+
+        // input_layernorm: xn = rmsnorm(x)·(1 + w)
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // q_proj: qRaw[T,96] = xn[T,64]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_qRaw, _xn, _wQProj, null, T, Hidden, QDim);
+        Backend.LoraForward(_qRaw, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
+        // k_proj: kRaw[T,48] = xn[T,64]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_kRaw, _xn, _wKProj, null, T, Hidden, KvDim);
+        Backend.LoraForward(_kRaw, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // v_proj: v[T,48] = xn[T,64]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_v, _xn, _wVProj, null, T, Hidden, KvDim);
+        Backend.LoraForward(_v, _loraH, _xn, lora.VProj.A, lora.VProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // q_norm: q = rmsnorm(qRaw)·(1 + w), each head's 24 on its own
+        Backend.RmsNormForward(_q, _rstdQ, _qRaw, _wQNorm, T * Heads, HeadDim, RmsEps, NormWeightOffset);
+        // k_norm: k = rmsnorm(kRaw)·(1 + w), each head's 24 on its own
+        Backend.RmsNormForward(_k, _rstdK, _kRaw, _wKNorm, T * KvHeads, HeadDim, RmsEps, NormWeightOffset);
+        // rope: rotate q by position (base RopeTheta)
+        Backend.RopeForwardAt(_q, _ropeCos, _ropeSin, position, T, Heads, HeadDim);
+        // rope: rotate k by position (base RopeTheta)
+        Backend.RopeForwardAt(_k, _ropeCos, _ropeSin, position, T, KvHeads, HeadDim);
+        // attention: att[T,96] = softmax(q·kᵀ·scale, causal)·v, 4 heads over 2 kv heads
+        Attend(layer, cache, _att, _lse, _q, _k, _v, T, position, window: 0);
+        // o_proj: attnOut[T,64] = att[T,96]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_attnOut, _att, _wOProj, null, T, QDim, Hidden);
+        Backend.LoraForward(_attnOut, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
+        // post_attention_layernorm: x2 = rmsnorm(attnOut)·(1 + w)
+        Backend.RmsNormForward(_x2, _rstd2, _attnOut, _wPostAttentionNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // residual: x2 += x
+        Backend.AddInPlace(_x2, x, (long)T * Hidden);
+        // pre_feedforward_layernorm: xn2 = rmsnorm(x2)·(1 + w)
+        Backend.RmsNormForward(_xn2, _rstd3, _x2, _wPreFeedforwardNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // gate_proj: gate[T,136] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // up_proj: up[T,136] = xn2[T,64]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_up, _loraH, _xn2, lora.UpProj.A, lora.UpProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // geglu: act[T,136] = gelu_tanh(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.GeluTanh);
+        // down_proj: mlpOut[T,64] = act[T,136]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=8
+        Backend.LinearForward(_mlpOut, _act, _wDownProj, null, T, Intermediate, Hidden);
+        Backend.LoraForward(_mlpOut, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
+        // post_feedforward_layernorm: output = rmsnorm(mlpOut)·(1 + w)
+        Backend.RmsNormForward(output, _rstd4, _mlpOut, _wPostFeedforwardNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // residual: output += x2
+        Backend.AddInPlace(output, _x2, (long)T * Hidden);
         ReleaseLayer();
     }
 

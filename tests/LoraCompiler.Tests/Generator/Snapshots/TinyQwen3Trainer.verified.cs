@@ -122,6 +122,7 @@ public sealed class TinyQwen3Trainer : TrainerBase
         EmbeddingScale = 1f, AttentionScale = AttentionScale, FinalLogitSoftcap = 0f,
         LayerWindows = new int[Layers],
         LmHeadChunk = LmHeadChunk,
+        EosTokenIds = [],
         Lora = new LoraSettings(LoraRank, LoraAlpha, ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"]),
         BaseTensors = BaseTensorList().ToArray(),
         LoraModules = LoraModuleList().ToArray(),
@@ -311,6 +312,20 @@ public sealed class TinyQwen3Trainer : TrainerBase
         return Backend.LmHeadCrossEntropy(_dxn, _logits, _xn, _lmHead, targets, T, Hidden, Vocab, LmHeadChunk, softcap: 0f);
     }
 
+    /// <inheritdoc/>
+    public override void Infer(ReadOnlySpan<int> tokens, int position, KvCache cache, Tensor logits)
+    {
+        int T = CheckInference(tokens, position, cache);
+        Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);
+        for (int i = 0; i < Layers; i++)
+            InferLayer(i, _x[i + 1], _x[i], T, position, cache);
+        // the last token's logits: final norm, its row moved to row 0, the LM head
+        Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);
+        if (T > 1)
+            Backend.CopyRange(_xn, 0, _xn, (long)(T - 1) * Hidden, Hidden);
+        Backend.LmHeadLogits(logits, _xn, _lmHead, 1, Hidden, Vocab, softcap: 0f);
+    }
+
     /// <summary>
     /// A layer forward, full causal attention: x2 = x + attention(x); output = x2 + mlp(x2).
     /// With recompute (backward's) it stops after swiglu: backward reads nothing computed later, and the layer's weights stay mapped for it.
@@ -409,6 +424,57 @@ public sealed class TinyQwen3Trainer : TrainerBase
         Backend.LoraBackward(_dxn, lora.QProj.DA, lora.QProj.DB, _loraH, _loraDH, _dQRaw, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
         // input_layernorm backward: dx += rmsnorm'(dxn)
         Backend.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: true);
+        ReleaseLayer();
+    }
+
+    /// <summary>
+    /// A layer when decoding: the forward of T tokens at positions position.., their keys and values kept in the cache,
+    /// attention over the cached ones (the prompt at position 0 attends as in training).
+    /// </summary>
+    private void InferLayer(int layer, Tensor output, Tensor x, int T, int position, KvCache cache)
+    {
+        MapLayer(layer);
+        var lora = _lora[layer];
+
+        // input_layernorm: xn = rmsnorm(x)·w
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // q_proj: qRaw[T,64] = xn[T,48]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=4
+        Backend.LinearForward(_qRaw, _xn, _wQProj, null, T, Hidden, QDim);
+        Backend.LoraForward(_qRaw, _loraH, _xn, lora.QProj.A, lora.QProj.B, LoraScale, T, Hidden, QDim, LoraRank);
+        // k_proj: kRaw[T,32] = xn[T,48]·Wᵀ + s·(xn·Aᵀ)·Bᵀ, r=4
+        Backend.LinearForward(_kRaw, _xn, _wKProj, null, T, Hidden, KvDim);
+        Backend.LoraForward(_kRaw, _loraH, _xn, lora.KProj.A, lora.KProj.B, LoraScale, T, Hidden, KvDim, LoraRank);
+        // v_proj: v[T,32] = xn[T,48]·Wᵀ
+        Backend.LinearForward(_v, _xn, _wVProj, null, T, Hidden, KvDim);
+        // q_norm: q = rmsnorm(qRaw)·w, each head's 16 on its own
+        Backend.RmsNormForward(_q, _rstdQ, _qRaw, _wQNorm, T * Heads, HeadDim, RmsEps, NormWeightOffset);
+        // k_norm: k = rmsnorm(kRaw)·w, each head's 16 on its own
+        Backend.RmsNormForward(_k, _rstdK, _kRaw, _wKNorm, T * KvHeads, HeadDim, RmsEps, NormWeightOffset);
+        // rope: rotate q by position (base RopeTheta)
+        Backend.RopeForwardAt(_q, _ropeCos, _ropeSin, position, T, Heads, HeadDim);
+        // rope: rotate k by position (base RopeTheta)
+        Backend.RopeForwardAt(_k, _ropeCos, _ropeSin, position, T, KvHeads, HeadDim);
+        // attention: att[T,64] = softmax(q·kᵀ·scale, causal)·v, 4 heads over 2 kv heads
+        Attend(layer, cache, _att, _lse, _q, _k, _v, T, position, window: 0);
+        // o_proj: x2[T,48] = att[T,64]·Wᵀ + s·(att·Aᵀ)·Bᵀ, r=4
+        Backend.LinearForward(_x2, _att, _wOProj, null, T, QDim, Hidden);
+        Backend.LoraForward(_x2, _loraH, _att, lora.OProj.A, lora.OProj.B, LoraScale, T, QDim, Hidden, LoraRank);
+        // residual: x2 += x
+        Backend.AddInPlace(_x2, x, (long)T * Hidden);
+        // post_attention_layernorm: xn2 = rmsnorm(x2)·w
+        Backend.RmsNormForward(_xn2, _rstd2, _x2, _wPostAttentionNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // gate_proj: gate[T,112] = xn2[T,48]·Wᵀ + s·(xn2·Aᵀ)·Bᵀ, r=4
+        Backend.LinearForward(_gate, _xn2, _wGateProj, null, T, Hidden, Intermediate);
+        Backend.LoraForward(_gate, _loraH, _xn2, lora.GateProj.A, lora.GateProj.B, LoraScale, T, Hidden, Intermediate, LoraRank);
+        // up_proj: up[T,112] = xn2[T,48]·Wᵀ
+        Backend.LinearForward(_up, _xn2, _wUpProj, null, T, Hidden, Intermediate);
+        // swiglu: act[T,112] = silu(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
+        // down_proj: output[T,48] = act[T,112]·Wᵀ + s·(act·Aᵀ)·Bᵀ, r=4
+        Backend.LinearForward(output, _act, _wDownProj, null, T, Intermediate, Hidden);
+        Backend.LoraForward(output, _loraH, _act, lora.DownProj.A, lora.DownProj.B, LoraScale, T, Intermediate, Hidden, LoraRank);
+        // residual: output += x2
+        Backend.AddInPlace(output, _x2, (long)T * Hidden);
         ReleaseLayer();
     }
 
