@@ -131,6 +131,50 @@ public sealed class ExampleEncoder
         };
     }
 
+    /// <summary>
+    /// A prompt to generate from: the conversation in <see cref="ChatFormat"/> followed by the header of
+    /// the assistant's turn (Hugging Face's <c>add_generation_prompt</c>), so the model writes the reply.
+    /// </summary>
+    public int[] ChatPrompt(IReadOnlyList<ChatMessage> messages)
+    {
+        var prompt = new List<int>(Messages(messages).Tokens);
+        switch (ChatFormat)
+        {
+            case Data.ChatFormat.ChatML:
+                prompt.Add(Special("<|im_start|>"));
+                prompt.AddRange(_tokenizer.Encode("assistant\n", allowSpecialTokens: false));
+                break;
+            case Data.ChatFormat.Llama3:
+                prompt.Add(Special("<|start_header_id|>"));
+                prompt.AddRange(_tokenizer.Encode("assistant", allowSpecialTokens: false));
+                prompt.Add(Special("<|end_header_id|>"));
+                prompt.AddRange(_tokenizer.Encode("\n\n", allowSpecialTokens: false));
+                break;
+            case Data.ChatFormat.Gemma:
+                prompt.Add(Special("<start_of_turn>"));
+                prompt.AddRange(_tokenizer.Encode("model\n", allowSpecialTokens: false));
+                break;
+        }
+        return prompt.ToArray();
+    }
+
+    /// <summary>A plain text prompt to continue: [BOS] text, no EOS.</summary>
+    public int[] TextPrompt(string text)
+    {
+        var example = Start();
+        example.Add(Encode(text), loss: false);
+        return example.Build().Tokens;
+    }
+
+    /// <summary>The tokens that end the assistant's turn in <see cref="ChatFormat"/> (where generation of a reply stops).</summary>
+    public IEnumerable<int> TurnEnd() => ChatFormat switch
+    {
+        Data.ChatFormat.ChatML => [Special("<|im_end|>")],
+        Data.ChatFormat.Llama3 => [Special("<|eot_id|>")],
+        Data.ChatFormat.Gemma => [Special("<end_of_turn>")],
+        _ => [],
+    };
+
     private (int[] Tokens, int[] Targets) ChatML(IReadOnlyList<ChatMessage> messages)
     {
         int start = Special("<|im_start|>");

@@ -149,6 +149,7 @@ public abstract class TrainerBase : IDisposable
             throw new ArgumentException($"Decoding takes the prompt at position 0, then one token at a time; got {tokens.Length} tokens at position {position}.");
         if (position < 0 || position + tokens.Length > cache.MaxTokens)
             throw new ArgumentOutOfRangeException(nameof(position), position, $"{tokens.Length} tokens at position {position} do not fit a cache of {cache.MaxTokens}.");
+        _decoding = true;
         return CheckTokens(tokens);
     }
 
@@ -355,7 +356,19 @@ public abstract class TrainerBase : IDisposable
     }
 
     /// <summary>Gives a weight of <see cref="MapWeight"/> back.</summary>
-    protected void ReleaseWeight(Tensor weight) => Backend.ReleaseWeight(weight);
+    /// <remarks>
+    /// While decoding (<see cref="Infer"/>) a weight used in place in its file mapping keeps its pages:
+    /// every token reads every layer again, and dropping the pages after each layer would make each
+    /// token fault the whole model back in. They are file pages the kernel can still reclaim.
+    /// </remarks>
+    protected void ReleaseWeight(Tensor weight)
+    {
+        if (_decoding && weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true })
+            return;
+        Backend.ReleaseWeight(weight);
+    }
+
+    private bool _decoding;
 
     /// <summary>Uploads the adapter's A and B of one module and allocates zeroed gradients for them.</summary>
     protected LoraTensors Lora(string module)
@@ -389,6 +402,7 @@ public abstract class TrainerBase : IDisposable
     /// <summary>Checks a sequence against the trainer's limits and returns its length T.</summary>
     protected int CheckSequence(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets)
     {
+        _decoding = false;
         int T = CheckTokens(tokens);
         if (targets.Length != T)
             throw new ArgumentException($"{targets.Length} targets were given for {T} tokens.");

@@ -22,7 +22,7 @@ public static class Bench
                                                       (the input gradient dy·W) with both
           bench step --model NAME [--seq N] [--steps N] [--backend cpu|vulkan|all] [--device D] [--quantize q4]
                                                       one training step's time per backend, random weights
-        """ + "\n" + BenchMemory.Usage;
+        """ + "\n" + BenchMemory.Usage + "\n" + BenchDecode.Usage;
 
     // (T, din, dout): the shapes of Qwen2.5-0.5B's projections at 256 tokens.
     private static readonly (int T, int In, int Out)[] Shapes = [(256, 896, 896), (256, 896, 4864), (256, 4864, 896)];
@@ -32,7 +32,8 @@ public static class Bench
         "kernels" => Kernels(args),
         "step" => Step(args),
         "memory" => BenchMemory.Run(args),
-        _ => throw new UsageException($"Unknown benchmark '{what}': use 'bench kernels', 'bench step' or 'bench memory'."),
+        "decode" => BenchDecode.Run(args),
+        _ => throw new UsageException($"Unknown benchmark '{what}': use 'bench kernels', 'bench step', 'bench memory' or 'bench decode'."),
     };
 
     private static int Kernels(Args args)

@@ -37,6 +37,7 @@ string Usage = $"""
       study --model NAME --data FILE --out DIR [--weights PATH] [--steps N] [--seq N] [--lr X]
             [--methods full,lcsb2,lcsb4,mezo] [--mezo-lr X] [--seed S]
                                                   the same budget with each method: a table and curves
+    {Generate.Usage}
     {Bench.Usage}
 
     PATH is a model.safetensors file or a folder holding it (or shards with model.safetensors.index.json).
@@ -46,6 +47,14 @@ if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
 {
     Console.WriteLine(Usage);
     return args.Length == 0 ? 2 : 0;
+}
+
+// 'lora COMMAND --help': that command's lines of the usage.
+if (args.Skip(1).Any(a => a is "--help" or "-h"))
+{
+    string? help = CommandUsage(Usage, args[0]);
+    Console.WriteLine(help ?? $"Unknown command '{args[0]}'. Run 'lora --help' for the list.");
+    return help is null ? 2 : 0;
 }
 
 try
@@ -63,6 +72,7 @@ try
         "train" => Commands.Train(options),
         "compare-grads" => Commands.CompareGrads(args.Skip(1).ToArray()),
         "study" => Commands.Study(options),
+        "generate" => Generate.Run(options),
         "bench" => Bench.Run(args.Length > 1 ? args[1] : "", options),
         _ => throw new UsageException($"Unknown command '{args[0]}'. Run 'lora --help' for the list."),
     };
@@ -77,6 +87,18 @@ catch (Exception e) when (e is WeightsException or VulkanException or TokenizerE
 {
     Console.Error.WriteLine($"error: {e.Message}");
     return 1;
+}
+
+/// <summary>A command's block of the usage text: its line and the indented lines under it, or null.</summary>
+static string? CommandUsage(string usage, string command)
+{
+    var lines = usage.Split('\n');
+    int start = Array.FindIndex(lines, l => l.TrimStart().StartsWith(command + " ", StringComparison.Ordinal) || l.Trim() == command);
+    if (start < 0)
+        return null;
+    int indent = lines[start].Length - lines[start].TrimStart().Length;
+    var block = lines.Skip(start).TakeWhile((l, i) => i == 0 || (l.Length - l.TrimStart().Length > indent && l.Trim().Length > 0));
+    return "usage: lora " + string.Join("\n", block).Trim();
 }
 
 public static class Commands
@@ -432,7 +454,7 @@ public static class Commands
         return options;
     }
 
-    private static ModelInfo Model(Args args)
+    internal static ModelInfo Model(Args args)
     {
         string name = args.Required("model");
         return TrainerCatalog.Find(name) ?? throw new UsageException(
@@ -461,11 +483,11 @@ public static class Commands
     }
 
     /// <summary>A model folder's tokenizer.json: beside the weights file, or in the weights folder.</summary>
-    private static string TokenizerBeside(string weightsPath) =>
+    internal static string TokenizerBeside(string weightsPath) =>
         Path.Combine(Directory.Exists(weightsPath) ? weightsPath : Path.GetDirectoryName(Path.GetFullPath(weightsPath))!, "tokenizer.json");
 
     /// <summary>A JSON array of token ids.</summary>
-    private static int[] ReadTokens(string path)
+    internal static int[] ReadTokens(string path)
     {
         try
         {
