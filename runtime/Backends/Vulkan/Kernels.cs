@@ -41,6 +41,7 @@ internal static unsafe class Kernels
     public static readonly KernelSpec RmsNormBack = new("rmsnorm_back", 5, 0b00001, sizeof(RmsNormBackParameters), KernelShape.Rows);
     public static readonly KernelSpec Rope = new("rope", 3, 0b001, sizeof(RopeParameters), KernelShape.Elementwise);
     public static readonly KernelSpec RopeBack = new("rope_back", 3, 0b001, sizeof(RopeParameters), KernelShape.Elementwise);
+    public static readonly KernelSpec AttentionDecode = new("attention_decode", 4, 0b0001, sizeof(AttentionDecodeParameters), KernelShape.Rows);
     public static readonly KernelSpec Attention = new("attention", 5, 0b00011, sizeof(AttentionParameters), KernelShape.Attention);
     public static readonly KernelSpec AttentionBackDelta = new("attention_back_delta", 4, 0b0001, sizeof(AttentionParameters), KernelShape.Elementwise);
     public static readonly KernelSpec AttentionBackDq = new("attention_back_dq", 6, 0b000001, sizeof(AttentionParameters), KernelShape.Attention);
@@ -57,13 +58,14 @@ internal static unsafe class Kernels
     public static readonly KernelSpec EmbeddingQ4 = new("embedding_q4", 4, 0b0001, sizeof(EmbeddingQ4Parameters), KernelShape.Elementwise);
     public static readonly KernelSpec CrossEntropy = new("cross_entropy", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Rows);
     public static readonly KernelSpec CrossEntropyBack = new("cross_entropy_back", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Elementwise);
+    public static readonly KernelSpec Softcap = new("softcap", 1, 0b1, sizeof(SoftcapParameters), KernelShape.Elementwise);
     public static readonly KernelSpec AdamW = new("adamw", 4, 0b0111, sizeof(OptimizerParameters), KernelShape.Elementwise);
 
     public static IEnumerable<KernelSpec> All =>
     [
-        Zero, Copy, Add, Scale, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, Attention, AttentionBackDelta, AttentionBackDq,
-        AttentionBackDkv, SwiGlu, SwiGluBack, GeGlu, GeGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4, EmbeddingQ4,
-        CrossEntropy, CrossEntropyBack, AdamW,
+        Zero, Copy, Add, Scale, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, AttentionDecode, Attention, AttentionBackDelta,
+        AttentionBackDq, AttentionBackDkv, SwiGlu, SwiGluBack, GeGlu, GeGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4,
+        EmbeddingQ4, CrossEntropy, CrossEntropyBack, Softcap, AdamW,
     ];
 }
 
@@ -118,6 +120,16 @@ internal struct RmsNormBackParameters
 internal struct RopeParameters
 {
     public uint TokenCount, Heads, HeadDim;
+    /// <summary>The tables' row of x's row 0 (0 in training; the first new token's position when decoding).</summary>
+    public uint Position;
+}
+
+/// <summary>attention_decode: one token's queries against the first Count rows of a KV cache.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct AttentionDecodeParameters
+{
+    public uint Count, Heads, KvHeads, HeadDim;
+    public float Scale;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -159,6 +171,14 @@ internal struct CrossEntropyParameters
     public float InverseCount;
     /// <summary>c &gt; 0: the loss sees c·tanh(logit / c); 0: the logits as they are.</summary>
     public float Softcap;
+}
+
+/// <summary>softcap: x[0..Count) = Cap·tanh(x / Cap).</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct SoftcapParameters
+{
+    public uint Count;
+    public float Cap;
 }
 
 [StructLayout(LayoutKind.Sequential)]

@@ -19,6 +19,10 @@ namespace LoraCompiler.Runtime.Backends.Vulkan;
 /// row range of the weight, with a row that straddles two parts copied whole into a small buffer.
 /// Activations, which the trainer sizes by sequence length, must each fit one buffer.
 ///
+/// Decoding reads a KV cache (<see cref="AttentionDecode"/>, attention_decode.comp) whose rows
+/// <see cref="CopyRange"/> writes with transfers, in order with the kernels; the LM head's logits
+/// (<see cref="LmHeadLogits"/>) go through the same products as its cross-entropy, then softcap.comp.
+///
 /// A 4-bit base weight (<see cref="MapWeight"/> of a quantized tensor) stays packed on the device
 /// (<see cref="VulkanQ4Tensor"/>, split by whole rows when needed): the products (gemm_nt_q4, gemm_nn_q4)
 /// and the embedding gather (embedding_q4) dequantize its tiles as they read them.
@@ -297,6 +301,33 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     public void Copy(Tensor dst, Tensor src, long n) => Elementwise(Kernels.Copy, n, [Vulkan(dst, n, nameof(dst)), Vulkan(src, n, nameof(src))]);
 
+    /// <summary>
+    /// A transfer (vkCmdCopyBuffer) in order with the kernels around it, one region per stretch that lies
+    /// in one part of each tensor, so either may be split. Overlapping ranges of one tensor are refused.
+    /// </summary>
+    public void CopyRange(Tensor dst, long dstOffset, Tensor src, long srcOffset, long n)
+    {
+        if (dstOffset < 0 || srcOffset < 0 || n < 0)
+            throw new ArgumentOutOfRangeException(nameof(n), "offsets and lengths must not be negative.");
+        var d = Vulkan(dst, 0, nameof(dst));
+        var s = Vulkan(src, 0, nameof(src));
+        if (srcOffset > s.Length - n)
+            throw new ArgumentOutOfRangeException(nameof(srcOffset), srcOffset, $"{src} holds {s.Length} floats; the copy reads [{srcOffset}, {srcOffset + n}).");
+        if (dstOffset > d.Length - n)
+            throw new ArgumentOutOfRangeException(nameof(dstOffset), dstOffset, $"{dst} holds {d.Length} floats; the copy writes [{dstOffset}, {dstOffset + n}).");
+        if (d == s && n > 0 && srcOffset < dstOffset + n && dstOffset < srcOffset + n)
+            throw new ArgumentException($"The ranges [{srcOffset}, {srcOffset + n}) and [{dstOffset}, {dstOffset + n}) of {dst} overlap.", nameof(dstOffset));
+        for (long done = 0; done < n;)
+        {
+            long from = srcOffset + done, to = dstOffset + done;
+            int sk = (int)(from / PartLength), dk = (int)(to / PartLength);
+            long inSource = from - sk * PartLength, inDestination = to - dk * PartLength;
+            long count = Math.Min(n - done, Math.Min(PartLength - inSource, PartLength - inDestination));
+            _stream.CopyBuffer(s.Part(sk), (ulong)inSource * sizeof(float), d.Part(dk), (ulong)inDestination * sizeof(float), (ulong)count * sizeof(float));
+            done += count;
+        }
+    }
+
     public void AddInPlace(Tensor dst, Tensor src, long n) => Elementwise(Kernels.Add, n, [Vulkan(dst, n, nameof(dst)), Vulkan(src, n, nameof(src))]);
 
     public void Scale(Tensor x, float factor, long n) =>
@@ -393,18 +424,26 @@ public sealed unsafe partial class VulkanBackend : IBackend
             [Single(dx, n, nameof(dx)), Single(dy, n, nameof(dy)), Single(x, n, nameof(x)), Single(w, C, nameof(w)), Single(rstd, T, nameof(rstd))]);
     }
 
-    public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim) => Rope(Kernels.Rope, x, cos, sin, T, heads, headDim);
+    public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim) => Rope(Kernels.Rope, x, cos, sin, 0, T, heads, headDim);
 
-    public void RopeBackward(Tensor dx, Tensor cos, Tensor sin, int T, int heads, int headDim) => Rope(Kernels.RopeBack, dx, cos, sin, T, heads, headDim);
+    /// <summary>rope.comp with the tables read from row <paramref name="position"/> on (decoding: the newest rows of a sequence).</summary>
+    public void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(position);
+        Rope(Kernels.Rope, x, cos, sin, position, T, heads, headDim);
+    }
 
-    private void Rope(KernelSpec kernel, Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim)
+    public void RopeBackward(Tensor dx, Tensor cos, Tensor sin, int T, int heads, int headDim) => Rope(Kernels.RopeBack, dx, cos, sin, 0, T, heads, headDim);
+
+    /// <summary>x [T, heads, headDim] rotated in place with the tables' rows position..position+T−1.</summary>
+    private void Rope(KernelSpec kernel, Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim)
     {
         if (headDim % 2 != 0)
             throw new ArgumentException($"headDim {headDim} is odd.", nameof(headDim));
-        long half = (long)T * (headDim / 2);
-        var push = new RopeParameters { TokenCount = (uint)T, Heads = (uint)heads, HeadDim = (uint)headDim };
+        long half = (long)T * (headDim / 2), table = ((long)position + T) * (headDim / 2);
+        var push = new RopeParameters { TokenCount = (uint)T, Heads = (uint)heads, HeadDim = (uint)headDim, Position = (uint)position };
         RunElements(kernel, push, half * heads,
-            [Single(x, (long)T * heads * headDim, nameof(x)), Single(cos, half, nameof(cos)), Single(sin, half, nameof(sin))]);
+            [Single(x, (long)T * heads * headDim, nameof(x)), Single(cos, table, nameof(cos)), Single(sin, table, nameof(sin))]);
     }
 
     // ---------------------------------------------------------------- attention
@@ -509,6 +548,55 @@ public sealed unsafe partial class VulkanBackend : IBackend
         var pipeline = _pipelines.Get(kernel);
         long blocks = (T + pipeline.WorkgroupSize.X - 1) / pipeline.WorkgroupSize.X;
         Dispatch1D(pipeline, push, units * blocks, buffers);
+    }
+
+    /// <summary>
+    /// One token's attention over the first <paramref name="count"/> rows of a KV cache (attention_decode.comp):
+    /// one workgroup per head, its invocations spread over the keys, an online softmax across tiles of keys.
+    /// The cache rows read must lie in the caches' first buffer.
+    /// </summary>
+    public void AttentionDecode(Tensor output, Tensor q, Tensor kCache, Tensor vCache, int count, int heads, int kvHeads, int headDim, float scale)
+    {
+        if (kvHeads <= 0 || heads % kvHeads != 0)
+            throw new ArgumentException($"heads {heads} is not a multiple of kvHeads {kvHeads}.", nameof(kvHeads));
+        if (count <= 0)
+            throw new ArgumentOutOfRangeException(nameof(count), count, "a decoding step attends to at least its own key.");
+        if (headDim <= 0 || headDim > MaxAttentionHeadDim)
+            throw new ArgumentOutOfRangeException(nameof(headDim), headDim, $"The Vulkan attention kernels support head dimensions up to {MaxAttentionHeadDim}.");
+        long qn = (long)heads * headDim, kn = (long)count * kvHeads * headDim;
+        if (kn > uint.MaxValue)
+            throw new VulkanException($"A KV cache of {count} rows of {kvHeads}×{headDim} has more elements than the decoding shader can index.");
+        VkBuffer o = Single(output, qn, nameof(output)), qb = Single(q, qn, nameof(q));
+        VkBuffer kb = Single(kCache, kn, nameof(kCache)), vb = Single(vCache, kn, nameof(vCache));
+        uint width = _pipelines.ElementWorkgroup;
+        if (_device.Name.Contains("llvmpipe", StringComparison.OrdinalIgnoreCase))
+        {
+            long loops = DecodeLoops(count, headDim, (int)width);
+            if (loops > LavapipeLoopLimit)
+                throw new VulkanException(
+                    $"Decoding attention over {count} cached tokens (head dimension {headDim}) needs about {loops} loop iterations in one " +
+                    $"shader invocation; {_device.Name} silently stops a shader after {LavapipeLoopLimit}. Use a shorter context, or a GPU.");
+        }
+        var push = new AttentionDecodeParameters { Count = (uint)count, Heads = (uint)heads, KvHeads = (uint)kvHeads, HeadDim = (uint)headDim, Scale = scale };
+        RunRows(Kernels.AttentionDecode, push, heads, [o, qb, kb, vb]);
+    }
+
+    /// <summary>
+    /// An upper bound on the loop iterations of one invocation of attention_decode.comp: per tile of
+    /// <paramref name="width"/> keys, the dot product (four dimensions an iteration, then the tail), the
+    /// two reductions (log₂ width steps each) and, for each output dimension the invocation owns, the
+    /// weighted sum over the tile's keys (four keys an iteration, then the tail); plus the query load and
+    /// the write. Checked on lavapipe: with a head dimension of 8, a cache of 170,000 rows (about 61,000 by
+    /// this bound) comes out right and one of 215,000 comes out wrong.
+    /// </summary>
+    internal static long DecodeLoops(int count, int headDim, int width)
+    {
+        long tiles = ((long)count + width - 1) / width, dims = (MaxAttentionHeadDim + width - 1) / width; // the shader's DIMS_PER_LANE
+        long steps = 0;
+        for (int w = width; w > 1; w /= 2)
+            steps++;
+        long perTile = headDim / 4 + headDim % 4 + 2 + 2 * (steps + 1) + dims * (width / 4 + 4 + 1) + 1;
+        return tiles * perTile + 3 * dims + (headDim + width - 1) / width + 2;
     }
 
     // ---------------------------------------------------------------- linear and LoRA
@@ -656,6 +744,22 @@ public sealed unsafe partial class VulkanBackend : IBackend
                 OffsetC = (uint)(s.FirstRow - v0),
                 Alpha = 1f,
             });
+    }
+
+    /// <summary>
+    /// Decoding's logits [T, V] = x·wᵀ through the LM head's products (one per part of w that its rows fall
+    /// in, 4-bit or float), then c·tanh(logits / c) in place (softcap.comp) when softcap c &gt; 0.
+    /// </summary>
+    public void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap)
+    {
+        if (!(softcap >= 0) || float.IsPositiveInfinity(softcap))
+            throw new ArgumentOutOfRangeException(nameof(softcap), softcap, "softcap must be 0 (none) or a positive cap.");
+        long n = (long)T * V;
+        var lt = Vulkan(logits, n, nameof(logits));
+        VkBuffer lb = Single(lt, n), xb = Single(x, (long)T * C, nameof(x));
+        Logits(lb, xb, Weight(w, V, C, nameof(w)), 0, V, T, C);
+        if (softcap > 0)
+            Elementwise(Kernels.Softcap, n, [lt], count => new SoftcapParameters { Count = count, Cap = softcap });
     }
 
     // ---------------------------------------------------------------- row ranges of split weights
@@ -830,12 +934,6 @@ public sealed unsafe partial class VulkanBackend : IBackend
     }
 
     // ---------------------------------------------------------------- teardown
-
-    // TEMPORARY: the decoding kernels, until their shaders land.
-    public void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim) => throw new NotSupportedException("not yet");
-    public void CopyRange(Tensor dst, long dstOffset, Tensor src, long srcOffset, long n) => throw new NotSupportedException("not yet");
-    public void AttentionDecode(Tensor output, Tensor q, Tensor kCache, Tensor vCache, int count, int heads, int kvHeads, int headDim, float scale) => throw new NotSupportedException("not yet");
-    public void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap) => throw new NotSupportedException("not yet");
 
     public void Dispose()
     {

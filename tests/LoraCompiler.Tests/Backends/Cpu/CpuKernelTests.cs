@@ -1,4 +1,5 @@
 using LoraCompiler.Runtime.Backends;
+using LoraCompiler.Runtime.Weights;
 
 namespace LoraCompiler.Tests.Backends.Cpu;
 
@@ -784,6 +785,196 @@ public sealed class CpuKernelTests
             Assert.True(float.IsFinite(loss) && Math.Abs(loss - want) / want < ForwardTolerance, $"softcap {softcap}: loss {loss} vs {want}");
             AssertClose(LmHeadGradRef(ToDouble(x), ToDouble(w), targets, T, C, V, softcap), dx, BackwardTolerance, $"softcap {softcap}: dx");
         }
+    }
+
+    // ================================================================ decoding
+
+    /// <summary>RoPE in double of rows whose positions start at <paramref name="position"/>.</summary>
+    private static double[] RopeAtRef(double[] x, float[] cos, float[] sin, int position, int T, int heads, int hd)
+    {
+        var y = (double[])x.Clone();
+        int half = hd / 2;
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < heads; h++)
+                for (int j = 0; j < half; j++)
+                {
+                    int i1 = (t * heads + h) * hd + j, i2 = i1 + half;
+                    double c = cos[(position + t) * half + j], s = sin[(position + t) * half + j];
+                    y[i1] = x[i1] * c - x[i2] * s;
+                    y[i2] = x[i2] * c + x[i1] * s;
+                }
+        return y;
+    }
+
+    [Theory]
+    [InlineData(17, 11, 4, 3, 10)]
+    [InlineData(17, 16, 1, 2, 42)] // the table's last row; half = 21: a vector part and a scalar tail
+    [InlineData(9, 0, 9, 2, 42)]   // from position 0: RopeForward itself
+    public void RopeForwardAt_rotates_as_RopeForward_does_the_same_rows_of_a_longer_sequence(int L, int position, int T, int heads, int hd)
+    {
+        using var backend = new CpuBackend(2);
+        var (cos, sin) = Rope.Tables(L, hd, 10000.0, null);
+        int row = heads * hd;
+        float[] sequence = Rand(L * row, 70);
+        using var whole = backend.Upload("whole", sequence);
+        backend.RopeForward(whole, backend.Upload("cos", cos), backend.Upload("sin", sin), L, heads, hd);
+        var rotated = new float[L * row];
+        backend.Download(whole, rotated);
+
+        float[] rows = sequence.AsSpan(position * row, T * row).ToArray();
+        using var x = backend.Upload("x", rows);
+        backend.RopeForwardAt(x, backend.Upload("cos", cos), backend.Upload("sin", sin), position, T, heads, hd);
+        var got = new float[T * row];
+        backend.Download(x, got);
+        Assert.Equal(rotated.AsSpan(position * row, T * row).ToArray(), got);
+        AssertClose(RopeAtRef(ToDouble(rows), cos, sin, position, T, heads, hd), got, ForwardTolerance, "rope at a position");
+
+        // Rows past the tables are an error, not a read beyond them.
+        Assert.ThrowsAny<ArgumentException>(() => backend.RopeForwardAt(x, backend.Upload("cos", cos), backend.Upload("sin", sin), L - T + 1, T, heads, hd));
+    }
+
+    /// <summary>
+    /// One token's attention in double, naively: for head h (kv head h / (heads / kvHeads)) the softmax of
+    /// scale·q[h]·k[s] over s &lt; count, then Σ_s p[s]·v[s].
+    /// </summary>
+    private static double[] AttentionDecodeRef(double[] q, double[] k, double[] v, int count, int heads, int kvHeads, int hd, double scale)
+    {
+        var output = new double[heads * hd];
+        int kvWidth = kvHeads * hd;
+        for (int h = 0; h < heads; h++)
+        {
+            int g = h / (heads / kvHeads);
+            var scores = new double[count];
+            for (int s = 0; s < count; s++)
+                for (int d = 0; d < hd; d++)
+                    scores[s] += scale * q[h * hd + d] * k[s * kvWidth + g * hd + d];
+            double max = scores.Max(), sum = scores.Sum(x => Math.Exp(x - max));
+            for (int s = 0; s < count; s++)
+            {
+                double p = Math.Exp(scores[s] - max) / sum;
+                for (int d = 0; d < hd; d++)
+                    output[h * hd + d] += p * v[s * kvWidth + g * hd + d];
+            }
+        }
+        return output;
+    }
+
+    [Theory]
+    [InlineData(1, 4, 2, 16, 1.0)]     // the first token: its own value
+    [InlineData(37, 6, 2, 10, 1.0)]    // GQA, three query heads per kv head
+    [InlineData(37, 4, 4, 10, 1.7)]    // no grouping, another scale
+    [InlineData(301, 4, 1, 256, 1.0)]  // Gemma 3's heads of 256 on one kv head
+    [InlineData(1999, 14, 2, 64, 1.0)] // Qwen2.5-0.5B's heads over a long cache
+    public void AttentionDecode_matches_a_naive_softmax_over_the_cache(int count, int heads, int kvHeads, int hd, double scaleFactor)
+    {
+        int kvWidth = kvHeads * hd, capacity = count + 5;
+        float scale = (float)(scaleFactor / Math.Sqrt(hd));
+        float[] q = Rand(heads * hd, 71, -2, 2), k = Rand(capacity * kvWidth, 72), v = Rand(capacity * kvWidth, 73), output = Rand(heads * hd, 74);
+        // The rows past count are the unused rest of the cache: NaN would spread into the output if read.
+        k.AsSpan(count * kvWidth).Fill(float.NaN);
+        v.AsSpan(count * kvWidth).Fill(float.NaN);
+        CpuKernels.AttentionDecode(output, q, k, v, count, heads, kvHeads, hd, scale);
+        double[] want = AttentionDecodeRef(ToDouble(q), ToDouble(k), ToDouble(v), count, heads, kvHeads, hd, scale);
+        AssertClose(want, output, ForwardTolerance, $"decode over {count} keys");
+        if (count == 1)
+            for (int h = 0; h < heads; h++)
+                Assert.Equal(v.AsSpan(h / (heads / kvHeads) * hd, hd).ToArray(), output.AsSpan(h * hd, hd).ToArray());
+
+        // The order of the cache rows does not matter (a sliding layer's cache is a ring).
+        var order = Enumerable.Range(0, count).OrderBy(s => (s * 7919) % count).ToArray();
+        float[] k2 = (float[])k.Clone(), v2 = (float[])v.Clone(), shuffled = new float[heads * hd];
+        for (int s = 0; s < count; s++)
+        {
+            k.AsSpan(order[s] * kvWidth, kvWidth).CopyTo(k2.AsSpan(s * kvWidth));
+            v.AsSpan(order[s] * kvWidth, kvWidth).CopyTo(v2.AsSpan(s * kvWidth));
+        }
+        CpuKernels.AttentionDecode(shuffled, q, k2, v2, count, heads, kvHeads, hd, scale);
+        AssertClose(want, shuffled, ForwardTolerance, "decode over the cache in another order");
+    }
+
+    [Fact]
+    public void AttentionDecode_equals_the_last_row_of_causal_attention()
+    {
+        const int T = 45, heads = 6, kvHeads = 2, hd = 10;
+        float scale = 1f / MathF.Sqrt(hd);
+        float[] q = Rand(T * heads * hd, 75), k = Rand(T * kvHeads * hd, 76), v = Rand(T * kvHeads * hd, 77);
+        float[] full = new float[T * heads * hd], lse = new float[heads * T], decoded = new float[heads * hd];
+        CpuKernels.AttentionForward(full, lse, q, k, v, T, heads, kvHeads, hd, scale, 0, 2);
+        CpuKernels.AttentionDecode(decoded, q.AsSpan((T - 1) * heads * hd).ToArray(), k, v, T, heads, kvHeads, hd, scale);
+        AssertClose(ToDouble(full.AsSpan((T - 1) * heads * hd).ToArray()), decoded, ForwardTolerance, "the last row");
+    }
+
+    [Fact]
+    public void AttentionDecode_refuses_what_it_cannot_compute()
+    {
+        float[] q = new float[4 * 8], kv = new float[3 * 2 * 8], output = new float[4 * 8];
+        Assert.Throws<ArgumentOutOfRangeException>(() => CpuKernels.AttentionDecode(output, q, kv, kv, 0, 4, 2, 8, 1f)); // no key
+        Assert.Throws<ArgumentException>(() => CpuKernels.AttentionDecode(output, q, kv, kv, 3, 4, 3, 8, 1f));         // 4 heads on 3 kv heads
+        Assert.ThrowsAny<ArgumentException>(() => CpuKernels.AttentionDecode(output, q, kv, kv, 4, 4, 2, 8, 1f));      // past the cache's 3 rows
+    }
+
+    /// <summary>Logits [T, V] = x·wᵀ in double, capped as c·tanh(l/c) when c &gt; 0.</summary>
+    private static double[] LmHeadLogitsRef(double[] x, double[] w, int T, int C, int V, double softcap)
+    {
+        var logits = new double[T * V];
+        for (int t = 0; t < T; t++)
+            LogitsRef(x, w, t, C, V, softcap).CopyTo(logits, t * V);
+        return logits;
+    }
+
+    [Theory]
+    [InlineData(1, 48, 301, 0f, 1f)]
+    [InlineData(3, 48, 301, 0f, 1f)]
+    [InlineData(3, 48, 301, 2f, 1f)]   // a cap below most logits (about ±5 here)
+    [InlineData(5, 32, 1001, 30f, 8f)] // logits around ±100: deep in the cap's saturation
+    public void LmHeadLogits_with_float_and_4bit_weights(int T, int C, int V, float softcap, float weightScale)
+    {
+        using var backend = new CpuBackend(2);
+        float[] x = Rand(T * C, 78), w = Rand(V * C, 79, -weightScale, weightScale);
+        var q4 = Q4.Quantize("lm_head", w, V, C, groupSize: 16);
+        var dequantized = new float[V * C];
+        q4.Dequantize(dequantized);
+        foreach (var (what, weight, values) in new[] { ("F32", backend.Upload("w", w), w), ("4-bit", (Tensor)new CpuQ4Tensor(q4), dequantized) })
+        {
+            using var logits = backend.Upload("logits", Rand(T * V, 80));
+            backend.LmHeadLogits(logits, backend.Upload("x", x), weight, T, C, V, softcap);
+            var got = new float[T * V];
+            backend.Download(logits, got);
+            double[] want = LmHeadLogitsRef(ToDouble(x), ToDouble(values), T, C, V, softcap);
+            AssertClose(want, got, ForwardTolerance, $"{what} logits, softcap {softcap}");
+            if (softcap > 0)
+                Assert.All(got, l => Assert.InRange(l, -softcap, softcap));
+        }
+    }
+
+    [Fact]
+    public void CopyRange_copies_between_offsets_and_refuses_ranges_outside_the_tensors()
+    {
+        using var backend = new CpuBackend(1);
+        float[] source = Rand(20, 81);
+        using var src = backend.Upload("src", source);
+        using var dst = backend.Allocate("dst", 30);
+        backend.CopyRange(dst, 7, src, 3, 11);
+        backend.CopyRange(dst, 29, src, 19, 1);  // the last element of each
+        backend.CopyRange(dst, 30, src, 20, 0);  // nothing, at the very ends
+        backend.CopyRange(src, 0, src, 10, 10);  // within one tensor, ranges apart
+        var got = new float[30];
+        backend.Download(dst, got);
+        var want = new float[30];
+        source.AsSpan(3, 11).CopyTo(want.AsSpan(7));
+        want[29] = source[19];
+        Assert.Equal(want, got);
+        var moved = new float[20];
+        backend.Download(src, moved);
+        Assert.Equal([.. source.AsSpan(10, 10), .. source.AsSpan(10, 10)], moved);
+
+        Assert.Throws<ArgumentOutOfRangeException>(() => backend.CopyRange(dst, 0, src, 10, 11)); // reads past src
+        Assert.Throws<ArgumentOutOfRangeException>(() => backend.CopyRange(dst, 25, src, 0, 6));  // writes past dst
+        Assert.Throws<ArgumentOutOfRangeException>(() => backend.CopyRange(dst, -1, src, 0, 1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => backend.CopyRange(dst, 0, src, -1, 1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => backend.CopyRange(dst, 0, src, 0, -1));
+        backend.Download(dst, got);
+        Assert.Equal(want, got); // a refused copy writes nothing
     }
 
     // ================================================================ the backend

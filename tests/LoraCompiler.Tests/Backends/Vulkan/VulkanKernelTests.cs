@@ -156,6 +156,45 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         Parity(Backward, (b, t) => b.RopeBackward(t("dx"), t("cos"), t("sin"), T, heads, headDim), [Out("dx", T * heads * headDim), .. tables]);
     }
 
+    [VulkanTheory]
+    [InlineData(11, 3, 5, 42)]  // half = 21: T·heads·half is not a multiple of the workgroup
+    [InlineData(15, 1, 6, 10)]  // one new token at the tables' last row
+    [InlineData(0, 4, 2, 64)]
+    public void RopeAt(int position, int T, int heads, int headDim)
+    {
+        var (cos, sin) = Runtime.Backends.Rope.Tables(16, headDim, 10000, null);
+        var tables = new[] { new Operand("cos", cos), new Operand("sin", sin) };
+        Parity(Forward, (b, t) => b.RopeForwardAt(t("x"), t("cos"), t("sin"), position, T, heads, headDim), [Out("x", T * heads * headDim), .. tables]);
+        var vk = fixture.Backend;
+        using Tensor x = vk.Allocate("x", T * heads * headDim), c = vk.Upload("cos", cos), s = vk.Upload("sin", sin);
+        Assert.ThrowsAny<ArgumentException>(() => vk.RopeForwardAt(x, c, s, 16 - T + 1, T, heads, headDim)); // past the tables
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.RopeForwardAt(x, c, s, -1, T, heads, headDim));
+    }
+
+    [VulkanFact]
+    public void CopyRange()
+    {
+        const int n = 1001;
+        Parity(Forward, (b, t) =>
+        {
+            b.CopyRange(t("dst"), 7, t("src"), 300, 555);
+            b.CopyRange(t("dst"), n - 1, t("src"), 0, 1);
+            b.CopyRange(t("dst"), n, t("src"), n, 0);
+            b.CopyRange(t("src"), 0, t("src"), 600, 400); // within one tensor, after it was read above
+            b.AddInPlace(t("dst"), t("src"), n);           // in order with the kernels around it
+            b.CopyRange(t("cache"), 2 * 64, t("dst"), 5, 64); // a k row into row 2 of a cache
+        }, Out("dst", n), Out("src", n), Out("cache", 5 * 64));
+        var vk = fixture.Backend;
+        using Tensor a = vk.Allocate("a", 100), c = vk.Allocate("c", 50);
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.CopyRange(c, 0, a, 90, 11));
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.CopyRange(c, 45, a, 0, 6));
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.CopyRange(c, -1, a, 0, 1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.CopyRange(c, 0, a, 0, -1));
+        var overlap = Assert.Throws<ArgumentException>(() => vk.CopyRange(a, 10, a, 0, 11));
+        Assert.Contains("overlap", overlap.Message);
+        VulkanTestDevice.AssertNoValidationErrors(vk);
+    }
+
     // ---------------------------------------------------------------- attention
 
     [VulkanTheory]
@@ -253,6 +292,99 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         VulkanTestDevice.AssertNoValidationErrors(vk);
     }
 
+    /// <summary>A KV cache of <paramref name="capacity"/> rows whose rows past <paramref name="count"/> are NaN, which any read of them would spread.</summary>
+    private Operand Cache(string name, int count, int capacity, int width)
+    {
+        var data = Random((long)capacity * width);
+        data.AsSpan(count * width).Fill(float.NaN);
+        return new Operand(name, data);
+    }
+
+    [VulkanTheory]
+    [InlineData(1, 4, 2, 16, 1.0)]     // the first token
+    [InlineData(37, 6, 2, 10, 1.0)]    // GQA, a partial tile of keys
+    [InlineData(257, 4, 4, 10, 1.7)]   // one key past a tile of 256, another scale
+    [InlineData(300, 14, 2, 64, 1.0)]  // Qwen2.5-0.5B's heads
+    [InlineData(301, 4, 1, 256, 1.0)]  // Gemma 3's heads of 256
+    [InlineData(77, 2, 1, 250, 1.0)]   // a head dimension not a multiple of four
+    [InlineData(3000, 8, 1, 64, 1.0)]  // a long cache
+    [InlineData(20000, 2, 1, 64, 1.0)] // a longer one: a loop over every key per invocation would pass lavapipe's limit
+    public void AttentionDecode(int count, int heads, int kvHeads, int headDim, double scaleFactor)
+    {
+        float scale = (float)(scaleFactor / Math.Sqrt(headDim));
+        int width = kvHeads * headDim, capacity = count + 3;
+        Parity(Forward, (b, t) => b.AttentionDecode(t("out"), t("q"), t("k"), t("v"), count, heads, kvHeads, headDim, scale),
+            Overwritten("out", heads * headDim), In("q", heads * headDim, 2), Cache("k", count, capacity, width), Cache("v", count, capacity, width));
+        Assert.True(VulkanBackend.DecodeLoops(count, headDim, 256) < 65535);
+    }
+
+    [VulkanFact]
+    public void AttentionDecode_refuses_what_it_cannot_do()
+    {
+        var vk = fixture.Backend;
+        using (Tensor o = vk.Allocate("o", 4 * 260), q = vk.Allocate("q", 4 * 260), kv = vk.Allocate("kv", 4 * 260))
+        {
+            Assert.Contains("256", Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionDecode(o, q, kv, kv, 4, 1, 1, 260, 1f)).Message);
+            Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionDecode(o, q, kv, kv, 0, 4, 2, 8, 1f));  // no key
+            Assert.Throws<ArgumentException>(() => vk.AttentionDecode(o, q, kv, kv, 3, 4, 3, 8, 1f));            // 4 heads on 3 kv heads
+            Assert.Throws<ArgumentOutOfRangeException>(() => vk.AttentionDecode(o, q, kv, kv, 66, 4, 2, 8, 1f)); // past the cache
+        }
+
+        // The loops of an invocation grow as count / 256: lavapipe's limit is far off for real contexts, and a
+        // cache long enough to reach it is an error there rather than a wrong output.
+        Assert.True(VulkanBackend.DecodeLoops(32768, 256, 256) < 65535);
+        Assert.True(VulkanBackend.DecodeLoops(200_000, 8, 256) > 65535);
+        if (!vk.Name.Contains("llvmpipe"))
+            return;
+        const int count = 200_000, headDim = 8;
+        using Tensor out1 = vk.Allocate("o", headDim), q1 = vk.Allocate("q", headDim), cache = vk.Allocate("cache", (long)count * headDim);
+        var refused = Assert.Throws<VulkanException>(() => vk.AttentionDecode(out1, q1, cache, cache, count, 1, 1, headDim, 1f));
+        Assert.Contains("shorter context", refused.Message);
+        VulkanTestDevice.AssertNoValidationErrors(vk);
+    }
+
+    [VulkanFact]
+    public void DecodingStepMatchesTheLastRowOfCausalAttention()
+    {
+        // Rows written into a cache with CopyRange, rotated with RopeForwardAt, then one token's attention:
+        // the same as row T−1 of full causal attention over the rotated sequence.
+        const int T = 70, heads = 6, kvHeads = 2, headDim = 32, capacity = 80;
+        var vk = fixture.Backend;
+        var (cos, sin) = Runtime.Backends.Rope.Tables(capacity, headDim, 10000, null);
+        float scale = 1f / MathF.Sqrt(headDim);
+        int qw = heads * headDim, kw = kvHeads * headDim;
+        float[] q = Random(T * qw), k = Random(T * kw), v = Random(T * kw);
+        using Tensor c = vk.Upload("cos", cos), s = vk.Upload("sin", sin);
+        using Tensor qAll = vk.Upload("q", q), kAll = vk.Upload("k", k), vAll = vk.Upload("v", v);
+        using Tensor outAll = vk.Allocate("out", T * qw), lse = vk.Allocate("lse", heads * T);
+        vk.RopeForward(qAll, c, s, T, heads, headDim);
+        vk.RopeForward(kAll, c, s, T, kvHeads, headDim);
+        vk.AttentionForward(outAll, lse, qAll, kAll, vAll, T, heads, kvHeads, headDim, scale, 0);
+
+        using Tensor kCache = vk.Allocate("kCache", capacity * kw), vCache = vk.Allocate("vCache", capacity * kw);
+        using Tensor qRow = vk.Allocate("qRow", qw), kRow = vk.Allocate("kRow", kw), outRow = vk.Allocate("outRow", qw);
+        using Tensor kSrc = vk.Upload("k", k), vSrc = vk.Upload("v", v), qSrc = vk.Upload("q", q);
+        for (int t = 0; t < T; t++)
+        {
+            vk.CopyRange(kRow, 0, kSrc, t * kw, kw);
+            vk.RopeForwardAt(kRow, c, s, t, 1, kvHeads, headDim);
+            vk.CopyRange(kCache, t * kw, kRow, 0, kw);
+            vk.CopyRange(vCache, t * kw, vSrc, t * kw, kw);
+        }
+        vk.CopyRange(qRow, 0, qSrc, (T - 1) * qw, qw);
+        vk.RopeForwardAt(qRow, c, s, T - 1, 1, heads, headDim);
+        vk.AttentionDecode(outRow, qRow, kCache, vCache, T, heads, kvHeads, headDim, scale);
+
+        var full = new float[T * qw];
+        var row = new float[qw];
+        vk.Download(outAll, full);
+        vk.Download(outRow, row);
+        VulkanTestDevice.AssertNoValidationErrors(vk);
+        double error = ModelFixture.RelativeError(row, full.AsSpan((T - 1) * qw, qw).ToArray());
+        output.WriteLine($"decoded row against causal attention: relative error {error:E2}");
+        Assert.True(error < Forward, $"relative error {error:E2}");
+    }
+
     // ---------------------------------------------------------------- products
 
     [VulkanTheory]
@@ -311,6 +443,23 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
         var r = Parity(Forward, (b, t) => Assert.Equal(0f, b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, 3, 8, 20, 8, 0f)),
             In("dx", 24), In("logits", 24), In("x", 24), In("w", 160));
         Assert.All(r["dx"], v => Assert.Equal(0f, v));
+    }
+
+    [VulkanTheory]
+    [InlineData(1, 37, 301, 0f, 0.5f)]   // one token (decoding), a partial 64-tile of the vocabulary
+    [InlineData(3, 37, 301, 0f, 0.5f)]
+    [InlineData(70, 20, 130, 0f, 0.5f)]  // several tiles in both dimensions
+    [InlineData(3, 37, 301, 2f, 0.5f)]   // a cap below most logits
+    [InlineData(5, 16, 1000, 30f, 20f)]  // logits around ±100, deep in the cap's saturation
+    public void LmHeadLogits(int T, int C, int V, float softcap, float weightScale)
+    {
+        var r = Parity(Forward, (b, t) => b.LmHeadLogits(t("logits"), t("x"), t("w"), T, C, V, softcap),
+            Overwritten("logits", T * V), In("x", T * C), In("w", V * C, weightScale));
+        Assert.All(r["logits"], l => Assert.True(float.IsFinite(l) && (softcap == 0 || Math.Abs(l) <= softcap)));
+        var vk = fixture.Backend;
+        using Tensor logits = vk.Allocate("logits", T * V), x = vk.Allocate("x", T * C), w = vk.Allocate("w", V * C);
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.LmHeadLogits(logits, x, w, T, C, V, -1f));
+        Assert.Throws<ArgumentOutOfRangeException>(() => vk.LmHeadLogits(logits, x, w, T, C, V + 1, 0f)); // w has V rows
     }
 
     // ---------------------------------------------------------------- optimizer
@@ -376,6 +525,17 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             Out("dx", T * C), In("logits", T * 16), In("x", T * C), In("w", V * C));
         Parity(vk, Backward, (b, t) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), t("w"), targets, T, C, V, 16, 1.5f),
             Out("dx", T * C), In("logits", T * 16), In("x", T * C), In("w", V * C));
+        // Decoding: the logits of one token through the split table (a row straddles each seam), capped and not.
+        foreach (float softcap in new[] { 0f, 1.5f })
+            Parity(vk, Forward, (b, t) => b.LmHeadLogits(t("logits"), t("x"), t("w"), 1, C, V, softcap),
+                Overwritten("logits", V), In("x", C), In("w", V * C));
+        // KV-cache rows copied across the seams of both tensors, and the cache read back whole.
+        Parity(vk, Forward, (b, t) =>
+        {
+            b.CopyRange(t("cache"), 95, t("rows"), 0, 110);   // parts 0, 1 and 2 of the cache
+            b.CopyRange(t("cache"), 250, t("rows"), 190, 40); // part 1 of rows into part 2 of the cache
+            b.CopyRange(t("cache"), 0, t("cache"), 300, 50);  // within one split tensor
+        }, Out("cache", 350), In("rows", 230));
         const int n = 333;
         Parity(vk, Forward, (b, t) =>
         {
@@ -441,6 +601,9 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
             b.AttentionForward(t("out"), t("lse"), t("q"), t("k"), t("v"), aT, heads, 1, headDim, 1f / MathF.Sqrt(headDim), 0);
             b.AttentionBackward(t("dq"), t("dk"), t("dv"), t("dOut"), t("out"), t("lse"), t("q"), t("k"), t("v"), aT, heads, 1, headDim, 1f / MathF.Sqrt(headDim), 0);
         }, Out("out", qn), Out("lse", heads * aT), Out("dq", qn), Out("dk", kn), Out("dv", kn), In("dOut", qn), In("q", qn), In("k", kn), In("v", kn));
+        // One token's attention: 7 heads, one workgroup each, 3 × 3 after folding.
+        Parity(vk, Forward, (b, t) => b.AttentionDecode(t("out"), t("q"), t("k"), t("v"), 300, 7, 1, headDim, 0.3f),
+            Overwritten("out", 7 * headDim), In("q", 7 * headDim), In("k", 300 * headDim), In("v", 300 * headDim));
         Assert.Throws<VulkanException>(() =>
         {
             using var big = vk.Allocate("big", 3 * 3 * 256 + 1);

@@ -127,6 +127,18 @@ public sealed class VulkanQ4Tests(VulkanBackendFixture fixture, ITestOutputHelpe
         Assert.InRange(Math.Abs(vk - cpu), 0, Tolerance * Math.Abs(cpu));
     }
 
+    [VulkanTheory]
+    [InlineData(1, 32, 301, 16, 0f)]   // one token (decoding), a partial 64-tile of the vocabulary
+    [InlineData(3, 64, 600, 32, 0f)]
+    [InlineData(1, 32, 301, 16, 3f)]   // softcapped
+    [InlineData(70, 96, 130, 32, 2f)]  // several tiles in both dimensions, a cap below most logits
+    public void LmHeadLogits(int T, int C, int V, int groupSize, float softcap)
+    {
+        var w = RandomQ4("lm_head", V, C, groupSize, 0.5f);
+        Parity(fixture.Backend, w, (b, t, wt) => b.LmHeadLogits(t("logits"), t("x"), wt, T, C, V, softcap),
+            ["logits"], ("logits", Enumerable.Repeat(float.NaN, T * V).ToArray()), ("x", Random(T * C)));
+    }
+
     // ---------------------------------------------------------------- split weights
 
     [VulkanFact]
@@ -155,6 +167,9 @@ public sealed class VulkanQ4Tests(VulkanBackendFixture fixture, ITestOutputHelpe
             ["dx"], ("dx", Random(T * C)), ("dy", Random(T * dout)));
         Parity(vk, table, (b, t, wt) => b.LmHeadCrossEntropy(t("dx"), t("logits"), t("x"), wt, targets, T, C, V, 12, 0f),
             ["dx"], ("dx", Random(T * C)), ("logits", Random(T * 12)), ("x", Random(T * C)));
+        foreach (float softcap in new[] { 0f, 2f })
+            Parity(vk, table, (b, t, wt) => b.LmHeadLogits(t("logits"), t("x"), wt, T, C, V, softcap),
+                ["logits"], ("logits", Random(T * V)), ("x", Random(T * C)));
 
         // A row that does not fit one buffer is an error that says so.
         var e = Assert.Throws<VulkanException>(() => vk.Upload(RandomQ4("wide", 2, 4096, 64)));
