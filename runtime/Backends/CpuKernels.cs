@@ -127,7 +127,7 @@ internal static unsafe partial class CpuKernels
     /// <summary>
     /// One decoding step's attention (see IBackend.AttentionDecode): q [heads, hd] against the first
     /// count rows of kCache and vCache [capacity, kvHeads, hd], into output [heads, hd]. Each head is a
-    /// softmax over count scores, computed in float64 as the row is short.
+    /// softmax over count scores (their sum in float64).
     /// </summary>
     public static void AttentionDecode(Span<float> output, ReadOnlySpan<float> q, ReadOnlySpan<float> kCache, ReadOnlySpan<float> vCache,
         int count, int heads, int kvHeads, int headDim, float scale)
