@@ -1,4 +1,6 @@
 using System.Diagnostics;
+using System.Runtime.InteropServices;
+using System.Text;
 using System.Text.Json;
 using LoraCompiler.Runtime.Data;
 using LoraCompiler.Runtime.IO;
@@ -47,13 +49,19 @@ public static class Generate
             throw new UsageException(e.Message);
         }
 
-        // The tokenizer renders prompts and prints the text; with --tokens and no tokenizer the ids are printed.
-        BpeTokenizer? tokenizer = tokensPath is not null && !File.Exists(tokenizerPath) ? null : LoadTokenizer(tokenizerPath, model);
+        // The tokenizer renders prompts and prints the text. Without one, a model whose vocabulary holds
+        // the 256 byte values (the tiny models, trained on a text's bytes) reads and writes UTF-8 bytes;
+        // with --tokens and neither, the ids are printed.
+        bool haveTokenizer = File.Exists(tokenizerPath) || args.Optional("tokenizer") is not null;
+        bool bytes = !haveTokenizer && model.Vocab >= 256 && messagesPath is null;
+        BpeTokenizer? tokenizer = haveTokenizer || (tokensPath is null && !bytes) ? LoadTokenizer(tokenizerPath, model) : null;
         var encoder = tokenizer is null ? null : new ExampleEncoder(tokenizer);
         int[] prompt;
         var stops = new HashSet<int>(model.EosTokenIds);
         if (tokensPath is not null)
             prompt = Commands.ReadTokens(tokensPath);
+        else if (bytes)
+            prompt = Encoding.UTF8.GetBytes(promptText!).Select(b => (int)b).ToArray();
         else if (messagesPath is not null)
         {
             if (encoder!.ChatFormat is null)
@@ -80,7 +88,9 @@ public static class Generate
                                 $"({(sampling.Temperature == 0 ? "greedy" : $"temperature {sampling.Temperature}, top-k {sampling.TopK}, top-p {sampling.TopP}, seed {sampling.Seed}")}); " +
                                 $"KV cache {generator.CacheBytes / 1048576.0:F1} MiB");
         var generated = new List<int>();
-        var stream = new TextStream(tokenizer);
+        var stream = new TextStream(tokenizer is not null ? ids => tokenizer.Decode(CollectionsMarshal.AsSpan(ids), skipSpecialTokens: true)
+            : bytes ? ids => Encoding.UTF8.GetString(ids.Select(i => i < 256 ? (byte)i : (byte)'?').ToArray())
+            : null);
         var watch = Stopwatch.StartNew();
         TimeSpan? prefill = null;
         foreach (int token in generator.Generate(prompt, maxNew, sampling, stops))
@@ -140,17 +150,17 @@ public static class Generate
     /// <summary>
     /// The text of the generated ids as it grows: each call returns what is new, holding back a
     /// trailing replacement character (a UTF-8 sequence that the next token completes). Without a
-    /// tokenizer, the ids themselves.
+    /// way to decode, the ids themselves.
     /// </summary>
-    private sealed class TextStream(BpeTokenizer? tokenizer)
+    private sealed class TextStream(Func<List<int>, string>? decode)
     {
         private int _printed;
 
         public string Next(List<int> ids)
         {
-            if (tokenizer is null)
+            if (decode is null)
                 return (ids.Count > 1 ? " " : "") + ids[^1];
-            string text = tokenizer.Decode(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(ids), skipSpecialTokens: true);
+            string text = decode(ids);
             int end = text.Length;
             while (end > _printed && text[end - 1] == '\uFFFD')
                 end--;
@@ -163,9 +173,9 @@ public static class Generate
 
         public string Rest(List<int> ids)
         {
-            if (tokenizer is null || ids.Count == 0)
+            if (decode is null || ids.Count == 0)
                 return "";
-            string text = tokenizer.Decode(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(ids), skipSpecialTokens: true);
+            string text = decode(ids);
             return text.Length > _printed ? text[_printed..] : "";
         }
     }
