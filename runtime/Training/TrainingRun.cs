@@ -48,14 +48,42 @@ public sealed record TrainingOptions
     }
 }
 
-/// <summary>One line of metrics.csv.</summary>
-public sealed record StepMetrics(int Step, float Loss, float LearningRate, double TokensPerSecond, double ElapsedSeconds, long PrivateBytes);
+/// <summary>One line of metrics.csv; <see cref="ValidationLoss"/> is null at a step without validation.</summary>
+public sealed record StepMetrics(int Step, float Loss, float LearningRate, double TokensPerSecond, double ElapsedSeconds, long PrivateBytes,
+    float? ValidationLoss = null);
+
+/// <summary>
+/// Held-out data a run scores while it trains (<see cref="EvaluationData.Evaluate"/>, forward only):
+/// every <see cref="Every"/> steps and after the last. It is read from its own start each time, so
+/// the training stream, its seeded order, the checkpoints and the adapter a run ends with are the
+/// same as without it.
+/// </summary>
+public sealed record ValidationOptions(EvaluationData Data)
+{
+    /// <summary>Steps between two validations; null: the save interval, else a tenth of the steps, at least 1.</summary>
+    public int? Every { get; init; }
+
+    /// <summary>How many of the data's sequences each validation scores, from the first; null: all.</summary>
+    public int? Sequences { get; init; }
+
+    /// <summary>The interval a run of these options validates at.</summary>
+    public int EveryFor(TrainingOptions options) =>
+        Every ?? (options.SaveEvery > 0 ? options.SaveEvery : Math.Max(1, options.Steps / 10));
+
+    public void Validate()
+    {
+        if (Every is < 1) throw new ArgumentException("The validation interval must be at least 1 step.");
+        if (Sequences is < 1) throw new ArgumentException("Validation must score at least 1 sequence.");
+    }
+}
 
 /// <summary>
 /// A fine-tuning run: steps of the generated trainer with an optimizer applied layer by layer as
 /// gradients arrive (or MeZO), checkpoints written atomically, and resume from the last one.
 /// The output folder holds the final adapter (PEFT format), metrics.csv, loss.svg and
-/// <c>checkpoint/</c> (adapter, optimizer state, step and data position).
+/// <c>checkpoint/</c> (adapter, optimizer state, step and data position). With
+/// <see cref="ValidationOptions"/> the run also scores held-out data now and then (metrics.csv's
+/// <c>val_loss</c>, a second curve in loss.svg).
 /// </summary>
 public sealed class TrainingRun
 {
@@ -68,12 +96,16 @@ public sealed class TrainingRun
     private readonly TrainingOptions _options;
     private readonly string _outDir;
     private readonly Optimizer _optimizer;
+    private readonly ValidationOptions? _validation;
     private readonly List<StepMetrics> _metrics = [];
 
-    public TrainingRun(TrainerBase trainer, ITrainingData data, TrainingOptions options, string outDir)
+    /// <param name="validation">Held-out data to score during the run (the <c>val_loss</c> column), or null.</param>
+    public TrainingRun(TrainerBase trainer, ITrainingData data, TrainingOptions options, string outDir,
+        ValidationOptions? validation = null)
     {
         options.Validate();
-        (_trainer, _data, _options, _outDir) = (trainer, data, options, outDir);
+        validation?.Validate();
+        (_trainer, _data, _options, _outDir, _validation) = (trainer, data, options, outDir, validation);
         _optimizer = Optimizer.Create(options.Optimizer, options.WeightDecay,
             trainer.OptimizerStateInFile ? InFile : null);
         trainer.CaptureGradients = false; // each layer's gradients are consumed as they arrive
@@ -126,17 +158,31 @@ public sealed class TrainingRun
         return true;
     }
 
+    /// <summary>Whether the run scores its validation data after a step.</summary>
+    public bool ValidatesAt(int step) =>
+        _validation is not null && (step % _validation.EveryFor(_options) == 0 || step == _options.Steps);
+
     public void Run()
     {
         var watch = Stopwatch.StartNew();
         double elapsedBefore = _metrics.Count > 0 ? _metrics[^1].ElapsedSeconds : 0;
+        double validationSeconds = 0;
         long tokens = 0;
         for (int step = StartStep + 1; step <= _options.Steps; step++)
         {
             float lr = _options.LearningRateAt(step);
             float loss = _options.Method == "mezo" ? MeZOStep(step, lr, ref tokens) : BackpropStep(step, lr, ref tokens);
-            var metrics = new StepMetrics(step, loss, lr, tokens / watch.Elapsed.TotalSeconds,
-                elapsedBefore + watch.Elapsed.TotalSeconds, ProcessMemory.PrivateBytes());
+            float? validationLoss = null;
+            if (ValidatesAt(step))
+            {
+                // After the step's update, before its checkpoint: the checkpoint's metrics hold it.
+                var validationWatch = Stopwatch.StartNew();
+                validationLoss = (float)_validation!.Data.Evaluate(_trainer, _validation.Sequences).Loss;
+                validationSeconds += validationWatch.Elapsed.TotalSeconds;
+            }
+            // Throughput of training alone; the elapsed time is the run's wall time, validation included.
+            var metrics = new StepMetrics(step, loss, lr, tokens / (watch.Elapsed.TotalSeconds - validationSeconds),
+                elapsedBefore + watch.Elapsed.TotalSeconds, ProcessMemory.PrivateBytes(), validationLoss);
             _metrics.Add(metrics);
             StepCompleted?.Invoke(metrics);
             if (_options.SaveEvery > 0 && step % _options.SaveEvery == 0 && step < _options.Steps)
@@ -264,14 +310,23 @@ public sealed class TrainingRun
     private void WriteMetrics()
     {
         Directory.CreateDirectory(_outDir);
-        var lines = new List<string> { "step,loss,learning_rate,tokens_per_second,elapsed_seconds,private_mb" };
+        var lines = new List<string> { "step,loss,learning_rate,tokens_per_second,elapsed_seconds,private_mb,val_loss" };
         lines.AddRange(_metrics.Select(m => string.Join(",",
-            m.Step, F(m.Loss), F(m.LearningRate), F(m.TokensPerSecond), F(m.ElapsedSeconds), F(m.PrivateBytes / 1048576.0))));
+            m.Step, F(m.Loss), F(m.LearningRate), F(m.TokensPerSecond), F(m.ElapsedSeconds), F(m.PrivateBytes / 1048576.0),
+            m.ValidationLoss is float v ? v.ToString("G9", CultureInfo.InvariantCulture) : "")));
         AtomicFile.WriteAllText(Path.Combine(_outDir, "metrics.csv"), string.Join("\n", lines) + "\n");
-        SvgPlot.Write(Path.Combine(_outDir, "loss.svg"), $"{_trainer.Model.Name}: training loss", "step", "loss",
-            [($"{_options.Method}", _metrics.Select(m => ((double)m.Step, (double)m.Loss)).ToList())]);
+        var series = new List<(string, IReadOnlyList<(double, double)>)>
+        {
+            (_options.Method, _metrics.Select(m => ((double)m.Step, (double)m.Loss)).ToList()),
+        };
+        var validation = _metrics.Where(m => m.ValidationLoss is not null).Select(m => ((double)m.Step, (double)m.ValidationLoss!.Value)).ToList();
+        if (validation.Count > 0)
+            series.Add(("validation", validation));
+        SvgPlot.Write(Path.Combine(_outDir, "loss.svg"), $"{_trainer.Model.Name}: {(validation.Count > 0 ? "training and validation" : "training")} loss",
+            "step", "loss", series);
     }
 
+    /// <summary>Six digits for reading; val_loss is written with nine, a float's round trip, to compare against <c>lora eval</c>.</summary>
     private static string F(double v) => v.ToString("G6", CultureInfo.InvariantCulture);
 
     private static readonly JsonSerializerOptions JsonOptions = new() { WriteIndented = true };

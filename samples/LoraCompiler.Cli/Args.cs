@@ -12,7 +12,7 @@ public sealed class UsageException(string message) : Exception(message);
 public sealed class Args
 {
     /// <summary>The options that take no value, for every command.</summary>
-    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "no-reference" };
+    public static readonly IReadOnlySet<string> Flags = new HashSet<string>(StringComparer.Ordinal) { "no-reference", "json", "help" };
 
     private readonly Dictionary<string, string> _values = new(StringComparer.Ordinal);
     private readonly HashSet<string> _used = new(StringComparer.Ordinal);

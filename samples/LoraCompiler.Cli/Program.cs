@@ -32,7 +32,12 @@ string Usage = $"""
             [--optimizer adamw|sgd] [--weight-decay X] [--method backprop|mezo] [--lcsb-groups K]
             [--mezo-eps X] [--save-every N] [--epochs N] [--tokenizer FILE] [--seed S] [--backend cpu|vulkan] [--device D]
             [--activations memory|mmap] [--optimizer-state memory|mmap]
+            [--val-data FILE] [--val-every N] [--val-batches K]
                                                   fine-tune; writes adapter, metrics.csv, loss.svg to DIR
+                                                  (--val-data: the held-out loss every N steps, on K sequences)
+      eval --model NAME --weights PATH [--adapter DIR] --data FILE [--seq N] [--json] [--tokenizer FILE]
+           [--backend cpu|vulkan] [--device D]
+                                                  loss and perplexity over the data (the base model without --adapter)
 
       study --model NAME --data FILE --out DIR [--weights PATH] [--steps N] [--seq N] [--lr X]
             [--methods full,lcsb2,lcsb4,mezo] [--mezo-lr X] [--seed S]
@@ -70,6 +75,7 @@ try
         "init-adapter" => Commands.InitAdapter(options),
         "grad" => Commands.Grad(options),
         "train" => Commands.Train(options),
+        "eval" => Eval.Run(options),
         "compare-grads" => Commands.CompareGrads(args.Skip(1).ToArray()),
         "study" => Commands.Study(options),
         "generate" => Generate.Run(options),
@@ -271,12 +277,32 @@ public static class Commands
         int? epochs = args.Optional("epochs") is null ? null : args.Int("epochs", 1);
         int seq = args.Int("seq", 256);
         var options = TrainingOptionsFrom(args);
+        string? validationPath = args.Optional("val-data");
+        int? validationEvery = args.Optional("val-every") is null ? null : args.Int("val-every", 1);
+        int? validationSequences = args.Optional("val-batches") is null ? null : args.Int("val-batches", 1);
         using var backend = Backend(args);
         args.RejectUnknown();
         if (seq < 2)
             throw new UsageException("--seq must be at least 2.");
+        if (validationPath is null && (validationEvery is not null || validationSequences is not null))
+            throw new UsageException("--val-every and --val-batches go with --val-data FILE.");
 
-        var data = TrainingStream(dataPath, tokenizerPath ?? TokenizerBeside(weightsPath), model, seq, options.Seed);
+        string tokenizer = tokenizerPath ?? TokenizerBeside(weightsPath);
+        var data = TrainingStream(dataPath, tokenizer, model, seq, options.Seed);
+        ValidationOptions? validation = null;
+        if (validationPath is not null)
+        {
+            validation = new ValidationOptions(EvaluationSet(validationPath, tokenizer, model, seq))
+                { Every = validationEvery, Sequences = validationSequences };
+            try
+            {
+                validation.Validate();
+            }
+            catch (ArgumentException e)
+            {
+                throw new UsageException(e.Message);
+            }
+        }
         if (epochs is int n)
         {
             if (data is not PackedTrainingData packed)
@@ -288,7 +314,7 @@ public static class Commands
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, options.Seed)
             : LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
         using var trainer = model.Create(backend, weights, adapter, seq, placement);
-        var run = new TrainingRun(trainer, data, options, outDir);
+        var run = new TrainingRun(trainer, data, options, outDir, validation);
         if (resumeDir is not null && !run.Resume(resumeDir))
             throw new UsageException($"{resumeDir} holds no checkpoint to resume from.");
 
@@ -296,11 +322,16 @@ public static class Commands
         Console.WriteLine($"Training {model.Name} on {backend.Name}: {schedule}, {options.Optimizer}, lr {options.LearningRate} ({options.Schedule}), " +
                           $"{options.Steps} steps of {options.GradientAccumulation}×{seq} tokens from {data.Description}" +
                           (run.StartStep > 0 ? $", resuming after step {run.StartStep}" : "") + ".");
+        if (validation is not null)
+            Console.WriteLine($"Validating every {validation.EveryFor(options)} steps and at the end on " +
+                              (validation.Sequences is int k && k < validation.Data.Count ? $"the first {k} of " : "") +
+                              $"{validation.Data.Description}.");
         run.StepCompleted += m =>
         {
-            if (m.Step == run.StartStep + 1 || m.Step == options.Steps || m.Step % 10 == 0)
+            if (m.Step == run.StartStep + 1 || m.Step == options.Steps || m.Step % 10 == 0 || m.ValidationLoss is not null)
                 Console.WriteLine($"step {m.Step,5}/{options.Steps}  loss {m.Loss,8:F4}  lr {m.LearningRate:E2}  " +
-                                  $"{m.TokensPerSecond,8:F0} tok/s  {m.PrivateBytes / 1048576.0,7:F1} MiB private");
+                                  $"{m.TokensPerSecond,8:F0} tok/s  {m.PrivateBytes / 1048576.0,7:F1} MiB private" +
+                                  (m.ValidationLoss is float v ? $"  val_loss {v,8:F4}" : ""));
         };
         run.Run();
         Console.WriteLine($"Wrote the adapter, metrics.csv and loss.svg to {outDir}.");
@@ -471,15 +502,33 @@ public static class Commands
     /// </summary>
     private static ITrainingData TrainingStream(string dataPath, string tokenizerPath, ModelInfo model, int seq, int seed)
     {
-        if (!dataPath.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase))
+        if (!IsJsonl(dataPath))
             return new TokenWindows(ReadTrainingTokens(dataPath, model), seq, dataPath);
+        var data = LoadJsonl(dataPath, tokenizerPath, model);
+        return new PackedTrainingData(data, new SequencePacker(data.Examples, seq, PackingMode.Pack, seed));
+    }
+
+    /// <summary>
+    /// Held-out data for <c>eval</c> and <c>train --val-data</c>, in the formats <see cref="TrainingStream"/>
+    /// reads and packed the same way, in the file's order: every window of a token or text file, every
+    /// packed sequence of a JSONL file.
+    /// </summary>
+    internal static EvaluationData EvaluationSet(string dataPath, string tokenizerPath, ModelInfo model, int seq) =>
+        IsJsonl(dataPath)
+            ? EvaluationData.Packed(LoadJsonl(dataPath, tokenizerPath, model), seq)
+            : EvaluationData.Windows(ReadTrainingTokens(dataPath, model), seq, dataPath);
+
+    private static bool IsJsonl(string path) => path.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase);
+
+    /// <summary>A JSONL file tokenized with the model's tokenizer.json.</summary>
+    private static TrainingData LoadJsonl(string dataPath, string tokenizerPath, ModelInfo model)
+    {
         if (!File.Exists(tokenizerPath))
             throw new UsageException($"{dataPath} is JSONL and needs the model's tokenizer.json, which is not at {tokenizerPath}; pass --tokenizer FILE.");
         var tokenizer = BpeTokenizer.Load(tokenizerPath);
         if (tokenizer.VocabSize > model.Vocab)
             throw new UsageException($"{tokenizerPath} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
-        var data = TrainingData.Load(dataPath, tokenizer);
-        return new PackedTrainingData(data, new SequencePacker(data.Examples, seq, PackingMode.Pack, seed));
+        return TrainingData.Load(dataPath, tokenizer);
     }
 
     /// <summary>A model folder's tokenizer.json: beside the weights file, or in the weights folder.</summary>

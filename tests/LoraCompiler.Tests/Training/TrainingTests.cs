@@ -90,19 +90,22 @@ public class TrainingTests
     }
 
     [Theory]
-    [InlineData("tiny-qwen2", "backprop")]
-    [InlineData("tiny-qwen2", "mezo")]
-    [InlineData("tiny-gemma3", "backprop")]
-    public void KilledRunResumesToTheSameAdapter(string modelName, string method)
+    [InlineData("tiny-qwen2", "backprop", false)]
+    [InlineData("tiny-qwen2", "mezo", false)]
+    [InlineData("tiny-gemma3", "backprop", false)]
+    [InlineData("tiny-qwen2", "backprop", true)] // with --val-data: validation leaves the resume state alone
+    public void KilledRunResumesToTheSameAdapter(string modelName, string method, bool validate)
     {
         var model = TrainerCatalog.Find(modelName)!;
         using var fixture = new ModelFixture(model, seed: 31, sequence: 8);
         string data = Path.Combine(fixture.Dir, "data.txt");
         File.WriteAllText(data, string.Concat(Enumerable.Repeat("The quick brown fox jumps over the lazy dog. ", 40)));
+        string held = Path.Combine(fixture.Dir, "held-out.txt");
+        File.WriteAllText(held, "Pack my box with five dozen liquor jugs; how vexingly quick daft zebras jump!");
         string[] Train(string outDir) => [
             "train", "--model", model.Name, "--weights", fixture.WeightsPath, "--data", data, "--out", outDir,
             "--steps", "400", "--seq", "32", "--lr", "1e-3", "--method", method, "--save-every", "7", "--seed", "3",
-            "--schedule", "cosine", "--warmup", "10"];
+            "--schedule", "cosine", "--warmup", "10", .. (validate ? new[] { "--val-data", held } : [])];
 
         string whole = Path.Combine(fixture.Dir, "whole");
         Assert.Equal(0, Commands.Train(new Args(Train(whole).Skip(1))));
@@ -129,6 +132,16 @@ public class TrainingTests
         {
             Assert.True(ModelFixture.RelativeError(a.A, b.A) < 1e-6, a.Spec.AName);
             Assert.True(ModelFixture.RelativeError(a.B, b.B) < 1e-6, a.Spec.BName);
+        }
+        if (validate)
+        {
+            // Every 7 steps (the save interval) and at the end, the same values before and after the kill.
+            var wholeRun = ValidationTests.ReadMetrics(whole).Where(m => m.ValidationLoss is not null).ToList();
+            var resumedRun = ValidationTests.ReadMetrics(killed).Where(m => m.ValidationLoss is not null).ToList();
+            Assert.Equal([.. Enumerable.Range(1, 57).Select(i => 7 * i), 400], wholeRun.Select(m => m.Step));
+            Assert.Equal(wholeRun.Select(m => m.Step), resumedRun.Select(m => m.Step));
+            foreach (var (a, b) in resumedRun.Zip(wholeRun))
+                Assert.InRange(Math.Abs(a.ValidationLoss!.Value - b.ValidationLoss!.Value), 0, 1e-6 * b.ValidationLoss.Value);
         }
     }
 
