@@ -104,7 +104,7 @@ static string? CommandUsage(string usage, string command)
         return null;
     int indent = lines[start].Length - lines[start].TrimStart().Length;
     var block = lines.Skip(start).TakeWhile((l, i) => i == 0 || (l.Length - l.TrimStart().Length > indent && l.Trim().Length > 0));
-    return "usage: lora " + string.Join("\n", block).Trim();
+    return "lora " + string.Join("\n", block).Trim();
 }
 
 public static class Commands

@@ -175,11 +175,19 @@ public static class TorchReference
     // ---------------------------------------------------------------------------------------------
     // The ops the forward pass is made of, public so that tests can check each one by hand.
 
+    /// <summary>
+    /// A float64 constant as a 0-dimensional tensor. Every number the reference multiplies or adds is
+    /// one, never a TorchSharp Scalar: TorchSharp 0.107 hands a temporary Scalar's handle to libtorch
+    /// without keeping the Scalar alive, so a garbage collection in between frees it under the call
+    /// (seen as "Unknown scalar type" and toDouble failures in parallel test runs).
+    /// </summary>
+    public static Tensor Constant(double value) => torch.tensor(value, ScalarType.Float64);
+
     /// <summary>RMSNorm over the last dimension: (offset + w) · x · rsqrt(mean(x²) + eps).</summary>
     public static Tensor RmsNorm(Tensor x, Tensor weight, double eps, double weightOffset = 0)
     {
-        var normalized = x * torch.rsqrt(x.pow(2).mean(new long[] { -1 }, keepdim: true) + eps);
-        return (weightOffset == 0 ? weight : weight + weightOffset) * normalized;
+        var normalized = x * torch.rsqrt((x * x).mean(new long[] { -1 }, keepdim: true) + Constant(eps));
+        return (weightOffset == 0 ? weight : weight + Constant(weightOffset)) * normalized;
     }
 
     /// <summary>
@@ -190,8 +198,8 @@ public static class TorchReference
     {
         var back = torch.arange(tokens, dtype: ScalarType.Int64).unsqueeze(1)
                    - torch.arange(tokens, dtype: ScalarType.Int64).unsqueeze(0);    // i − j
-        var masked = back.lt(0);
-        return window > 0 ? masked.logical_or(back.ge(window)) : masked;
+        var masked = back.lt(torch.tensor(0L));
+        return window > 0 ? masked.logical_or(back.ge(torch.tensor((long)window))) : masked;
     }
 
     /// <summary>
@@ -204,8 +212,8 @@ public static class TorchReference
         long rep = q.shape[0] / k.shape[0];
         k = k.repeat_interleave(rep, 0);
         v = v.repeat_interleave(rep, 0);
-        var scores = q.matmul(k.transpose(1, 2)) * scale;                        // [heads, T, T]
-        scores = scores.masked_fill(AttentionMask((int)q.shape[1], window), double.NegativeInfinity);
+        var scores = q.matmul(k.transpose(1, 2)) * Constant(scale);              // [heads, T, T]
+        scores = torch.where(AttentionMask((int)q.shape[1], window), Constant(double.NegativeInfinity), scores);
         return F.softmax(scores, -1).matmul(v);
     }
 
@@ -219,7 +227,7 @@ public static class TorchReference
 
     /// <summary>Gemma's logit softcap c·tanh(x / c); the identity for a null cap.</summary>
     public static Tensor Softcap(Tensor logits, double? cap) =>
-        cap is { } c ? torch.tanh(logits / c) * c : logits;
+        cap is { } c ? torch.tanh(logits / Constant(c)) * Constant(c) : logits;
 
     /// <summary>cos and sin [T, head_dim] of RoPE: emb = cat(freqs, freqs), freqs = position ⊗ inv_freq.</summary>
     public static (Tensor Cos, Tensor Sin) RopeTables(double[] inverseFrequencies, int tokens)
@@ -363,7 +371,7 @@ public static class TorchReference
             {
                 var a = lora[AdapterName(layer, module, "lora_A")];
                 var b = lora[AdapterName(layer, module, "lora_B")];
-                y = y + x.matmul(a.t()).matmul(b.t()) * scaling;
+                y = y + x.matmul(a.t()).matmul(b.t()) * Constant(scaling);
             }
             return y;
         }
@@ -377,7 +385,7 @@ public static class TorchReference
         var ids = torch.tensor(tokens.Select(t => (long)t).ToArray(), dtype: ScalarType.Int64);
         var embed = W("model.embed_tokens.weight", cfg.Vocab, cfg.Hidden);
         var h = embed.index_select(0, ids); // [T, hidden]
-        if (cfg.EmbeddingScale != 1) h = h * cfg.EmbeddingScale;
+        if (cfg.EmbeddingScale != 1) h = h * Constant(cfg.EmbeddingScale);
 
         for (int l = 0; l < cfg.Layers; l++)
         {
