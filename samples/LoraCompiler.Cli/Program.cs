@@ -37,6 +37,8 @@ string Usage = $"""
       study --model NAME --data FILE --out DIR [--weights PATH] [--steps N] [--seq N] [--lr X]
             [--methods full,lcsb2,lcsb4,mezo] [--mezo-lr X] [--seed S]
                                                   the same budget with each method: a table and curves
+    {Fuse.Usage}
+    {Export.Usage}
     {Bench.Usage}
 
     PATH is a model.safetensors file or a folder holding it (or shards with model.safetensors.index.json).
@@ -46,6 +48,12 @@ if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
 {
     Console.WriteLine(Usage);
     return args.Length == 0 ? 2 : 0;
+}
+// 'lora fuse --help': the usage of the commands that have their own.
+if (args.Length == 2 && args[1] is "-h" or "--help" && CommandUsage(args[0]) is { } commandUsage)
+{
+    Console.WriteLine(commandUsage);
+    return 0;
 }
 
 try
@@ -63,6 +71,8 @@ try
         "train" => Commands.Train(options),
         "compare-grads" => Commands.CompareGrads(args.Skip(1).ToArray()),
         "study" => Commands.Study(options),
+        "fuse" => Fuse.Run(options),
+        "export" => Export.Run(options),
         "bench" => Bench.Run(args.Length > 1 ? args[1] : "", options),
         _ => throw new UsageException($"Unknown command '{args[0]}'. Run 'lora --help' for the list."),
     };
@@ -78,6 +88,13 @@ catch (Exception e) when (e is WeightsException or VulkanException or TokenizerE
     Console.Error.WriteLine($"error: {e.Message}");
     return 1;
 }
+
+static string? CommandUsage(string command) => command switch
+{
+    "fuse" => Fuse.Usage,
+    "export" => Export.Usage,
+    _ => null,
+};
 
 public static class Commands
 {
@@ -432,7 +449,7 @@ public static class Commands
         return options;
     }
 
-    private static ModelInfo Model(Args args)
+    internal static ModelInfo Model(Args args)
     {
         string name = args.Required("model");
         return TrainerCatalog.Find(name) ?? throw new UsageException(
@@ -458,6 +475,22 @@ public static class Commands
             throw new UsageException($"{tokenizerPath} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
         var data = TrainingData.Load(dataPath, tokenizer);
         return new PackedTrainingData(data, new SequencePacker(data.Examples, seq, PackingMode.Pack, seed));
+    }
+
+    /// <summary>The folder of a weights PATH: the folder itself, or the one holding the file.</summary>
+    internal static string FolderOf(string weightsPath) =>
+        Directory.Exists(weightsPath) ? weightsPath : Path.GetDirectoryName(Path.GetFullPath(weightsPath))!;
+
+    /// <summary>
+    /// The model JSON this build's trainer was generated from (embedded in this program from models/),
+    /// for a model folder that has no config.json of its own.
+    /// </summary>
+    internal static string ModelJson(ModelInfo model)
+    {
+        using var stream = typeof(Commands).Assembly.GetManifestResourceStream(model.SourceFile)
+            ?? throw new UsageException($"{model.SourceFile} is not in this build of lora; give a weights folder with a config.json.");
+        using var reader = new StreamReader(stream);
+        return reader.ReadToEnd();
     }
 
     /// <summary>A model folder's tokenizer.json: beside the weights file, or in the weights folder.</summary>
