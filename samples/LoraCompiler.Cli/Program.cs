@@ -43,6 +43,8 @@ string Usage = $"""
             [--methods full,lcsb2,lcsb4,mezo] [--mezo-lr X] [--seed S]
                                                   the same budget with each method: a table and curves
     {Generate.Usage}
+    {Fuse.Usage}
+    {Export.Usage}
     {Bench.Usage}
 
     PATH is a model.safetensors file or a folder holding it (or shards with model.safetensors.index.json).
@@ -79,6 +81,8 @@ try
         "compare-grads" => Commands.CompareGrads(args.Skip(1).ToArray()),
         "study" => Commands.Study(options),
         "generate" => Generate.Run(options),
+        "fuse" => Fuse.Run(options),
+        "export" => Export.Run(options),
         "bench" => Bench.Run(args.Length > 1 ? args[1] : "", options),
         _ => throw new UsageException($"Unknown command '{args[0]}'. Run 'lora --help' for the list."),
     };
@@ -529,6 +533,22 @@ public static class Commands
         if (tokenizer.VocabSize > model.Vocab)
             throw new UsageException($"{tokenizerPath} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
         return TrainingData.Load(dataPath, tokenizer);
+    }
+
+    /// <summary>The folder of a weights PATH: the folder itself, or the one holding the file.</summary>
+    internal static string FolderOf(string weightsPath) =>
+        Directory.Exists(weightsPath) ? weightsPath : Path.GetDirectoryName(Path.GetFullPath(weightsPath))!;
+
+    /// <summary>
+    /// The model JSON this build's trainer was generated from (embedded in this program from models/),
+    /// for a model folder that has no config.json of its own.
+    /// </summary>
+    internal static string ModelJson(ModelInfo model)
+    {
+        using var stream = typeof(Commands).Assembly.GetManifestResourceStream(model.SourceFile)
+            ?? throw new UsageException($"{model.SourceFile} is not in this build of lora; give a weights folder with a config.json.");
+        using var reader = new StreamReader(stream);
+        return reader.ReadToEnd();
     }
 
     /// <summary>A model folder's tokenizer.json: beside the weights file, or in the weights folder.</summary>
