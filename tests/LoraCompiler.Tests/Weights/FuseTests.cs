@@ -424,7 +424,7 @@ public sealed class FuseTests : IDisposable
             string output = process.StandardOutput.ReadToEnd();
             process.WaitForExit();
             Assert.Equal(0, process.ExitCode);
-            Assert.StartsWith($"  {command} --model NAME", output);
+            Assert.StartsWith($"lora {command} --model NAME", output);
             Assert.DoesNotContain("Commands:", output); // its own usage, not the whole list
         }
     }
