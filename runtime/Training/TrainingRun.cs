@@ -27,6 +27,8 @@ public sealed record TrainingOptions
     public float MezoEpsilon { get; init; } = 1e-3f;
     /// <summary>Write a checkpoint every this many steps (0: only at the end).</summary>
     public int SaveEvery { get; init; }
+    /// <summary>The adapter's <c>base_model_name_or_path</c>: the base model's id; null writes the model JSON's name.</summary>
+    public string? BaseModel { get; init; }
 
     public float LearningRateAt(int step)
     {
@@ -190,7 +192,7 @@ public sealed class TrainingRun
         }
         SaveCheckpoint(_options.Steps);
         _trainer.DownloadAdapter();
-        _trainer.Adapter.Save(_outDir, _trainer.Model.Name);
+        _trainer.Adapter.Save(_outDir, _options.BaseModel ?? _trainer.Model.Name);
         WriteMetrics();
         foreach (var buffer in _mapped)
             ((IDisposable)buffer).Dispose();
@@ -277,7 +279,7 @@ public sealed class TrainingRun
         Directory.CreateDirectory(temporary);
 
         _trainer.DownloadAdapter();
-        _trainer.Adapter.Save(Path.Combine(temporary, "adapter"), _trainer.Model.Name);
+        _trainer.Adapter.Save(Path.Combine(temporary, "adapter"), _options.BaseModel ?? _trainer.Model.Name);
         if (_optimizer is not Sgd)
             _optimizer.Save(Path.Combine(temporary, OptimizerFile));
         var state = new CheckpointState(step, _options.Steps, _options.Method, _options.Optimizer, _data.Position, [.. _metrics]);

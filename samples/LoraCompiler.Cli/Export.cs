@@ -79,13 +79,13 @@ public static class Export
     /// config.json of the <c>--weights</c> folder; else the PEFT adapter's <c>base_model_name_or_path</c>; else
     /// the model JSON's name.
     /// </summary>
-    internal static string BaseModelId(string? explicitId, string? weightsPath, string adapterDir, ModelInfo model)
+    internal static string BaseModelId(string? explicitId, string? weightsPath, string? adapterDir, ModelInfo model)
     {
         if (!string.IsNullOrWhiteSpace(explicitId))
             return explicitId;
         if (weightsPath is not null && StringEntry(Path.Combine(Commands.FolderOf(weightsPath), "config.json"), "_name_or_path") is { } name)
             return name;
-        return StringEntry(Path.Combine(adapterDir, LoraAdapter.ConfigFileName), "base_model_name_or_path") ?? model.Name;
+        return (adapterDir is null ? null : StringEntry(Path.Combine(adapterDir, LoraAdapter.ConfigFileName), "base_model_name_or_path")) ?? model.Name;
     }
 
     /// <summary>A non-empty string entry of a JSON file's top object; null when the file, the entry or the string is missing.</summary>

@@ -31,7 +31,7 @@ string Usage = $"""
             [--steps N] [--seq N] [--lr X] [--schedule constant|cosine] [--warmup N] [--grad-accum N]
             [--optimizer adamw|sgd] [--weight-decay X] [--method backprop|mezo] [--lcsb-groups K]
             [--mezo-eps X] [--save-every N] [--epochs N] [--tokenizer FILE] [--seed S] [--backend cpu|vulkan] [--device D]
-            [--activations memory|mmap] [--optimizer-state memory|mmap]
+            [--activations memory|mmap] [--optimizer-state memory|mmap] [--base-model ID]
             [--val-data FILE] [--val-every N] [--val-batches K]
                                                   fine-tune; writes adapter, metrics.csv, loss.svg to DIR
                                                   (--val-data: the held-out loss every N steps, on K sequences)
@@ -280,7 +280,7 @@ public static class Commands
         var placement = Placement(args);
         int? epochs = args.Optional("epochs") is null ? null : args.Int("epochs", 1);
         int seq = args.Int("seq", 256);
-        var options = TrainingOptionsFrom(args);
+        var options = TrainingOptionsFrom(args) with { BaseModel = Export.BaseModelId(args.Optional("base-model"), weightsPath, null, model) };
         string? validationPath = args.Optional("val-data");
         int? validationEvery = args.Optional("val-every") is null ? null : args.Int("val-every", 1);
         int? validationSequences = args.Optional("val-batches") is null ? null : args.Int("val-batches", 1);
