@@ -5,9 +5,10 @@ using System.Runtime.Intrinsics.X86;
 namespace LoraCompiler.Runtime.Backends;
 
 /// <summary>
-/// The few vector operations the GEMM micro-kernels and the attention tiles' row passes need, as static
-/// abstract members so one generic kernel is specialised by the JIT for each width: Vector512, Vector256,
-/// Vector128, and a scalar "vector" of one float that finishes the tails.
+/// The few vector operations the GEMM micro-kernels, the attention tiles' row passes and the 4-bit
+/// matrix-vector product need, as static abstract members so one generic kernel is specialised by the
+/// JIT for each width: Vector512, Vector256, Vector128, and a scalar "vector" of one float that
+/// finishes the tails.
 /// </summary>
 internal unsafe interface IVecOps<TV> where TV : struct
 {
@@ -41,6 +42,19 @@ internal unsafe interface IVecOps<TV> where TV : struct
 
     /// <summary>e^x lane by lane (the runtime's vectorized exp).</summary>
     static abstract TV Exp(TV v);
+
+    /// <summary>
+    /// Nibble k &lt; 7 of Width consecutive 32-bit words left where it lies: lane i is
+    /// words[i] &amp; 15·16^k as a float, exactly q·16^k for the 4-bit level q of column 8i + k of the
+    /// words' 8·Width columns (below 2^31, so a signed conversion). One AND and one conversion.
+    /// </summary>
+    static abstract TV NibbleInPlace(uint* words, int k);
+
+    /// <summary>Nibble 7 of Width consecutive 32-bit words: lane i is words[i] &gt;&gt; 28 as a float.</summary>
+    static abstract TV TopNibble(uint* words);
+
+    /// <summary>The Width floats at p permuted: lane i is p[index[i]], every index in [0, Width).</summary>
+    static abstract TV LoadPermuted(float* p, int* index);
 }
 
 internal unsafe struct Vec512Ops : IVecOps<Vector512<float>>
@@ -62,6 +76,12 @@ internal unsafe struct Vec512Ops : IVecOps<Vector512<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Max(Vector512<float> a, Vector512<float> b) => Vector512.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float MaxAcross(Vector512<float> v) => Vec256Ops.MaxAcross(Vector256.Max(v.GetLower(), v.GetUpper()));
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector512<float> Exp(Vector512<float> v) => Vector512.Exp(v);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> NibbleInPlace(uint* words, int k) => Vector512.ConvertToSingle((Vector512.Load(words) & Vector512.Create(15u << (4 * k))).AsInt32());
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> TopNibble(uint* words) => Vector512.ConvertToSingle((Vector512.Load(words) >>> 28).AsInt32());
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> LoadPermuted(float* p, int* index) => Vector512.ShuffleNative(Vector512.Load(p), Vector512.Load(index));
 }
 
 internal unsafe struct Vec256Ops : IVecOps<Vector256<float>>
@@ -89,6 +109,12 @@ internal unsafe struct Vec256Ops : IVecOps<Vector256<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Max(Vector256<float> a, Vector256<float> b) => Vector256.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float MaxAcross(Vector256<float> v) => Vec128Ops.MaxAcross(Vector128.Max(v.GetLower(), v.GetUpper()));
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector256<float> Exp(Vector256<float> v) => Vector256.Exp(v);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> NibbleInPlace(uint* words, int k) => Vector256.ConvertToSingle((Vector256.Load(words) & Vector256.Create(15u << (4 * k))).AsInt32());
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> TopNibble(uint* words) => Vector256.ConvertToSingle((Vector256.Load(words) >>> 28).AsInt32());
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector256<float> LoadPermuted(float* p, int* index) => Vector256.ShuffleNative(Vector256.Load(p), Vector256.Load(index));
 }
 
 internal unsafe struct Vec128Ops : IVecOps<Vector128<float>>
@@ -112,6 +138,12 @@ internal unsafe struct Vec128Ops : IVecOps<Vector128<float>>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector128<float> Max(Vector128<float> a, Vector128<float> b) => Vector128.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float MaxAcross(Vector128<float> v) => MathF.Max(MathF.Max(v.GetElement(0), v.GetElement(1)), MathF.Max(v.GetElement(2), v.GetElement(3)));
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static Vector128<float> Exp(Vector128<float> v) => Vector128.Exp(v);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> NibbleInPlace(uint* words, int k) => Vector128.ConvertToSingle((Vector128.Load(words) & Vector128.Create(15u << (4 * k))).AsInt32());
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> TopNibble(uint* words) => Vector128.ConvertToSingle((Vector128.Load(words) >>> 28).AsInt32());
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector128<float> LoadPermuted(float* p, int* index) => Vector128.ShuffleNative(Vector128.Load(p), Vector128.Load(index));
 }
 
 /// <summary>One float as a vector of width 1: the tails, and machines without SIMD.</summary>
@@ -132,4 +164,7 @@ internal unsafe struct ScalarOps : IVecOps<float>
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Max(float a, float b) => MathF.Max(a, b);
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float MaxAcross(float v) => v;
     [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float Exp(float v) => MathF.Exp(v);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float NibbleInPlace(uint* words, int k) => (int)(*words & 15u << (4 * k));
+    [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float TopNibble(uint* words) => (int)(*words >> 28);
+    [MethodImpl(MethodImplOptions.AggressiveInlining)] public static float LoadPermuted(float* p, int* index) => p[*index];
 }

@@ -317,6 +317,86 @@ public sealed class Q4Tests : IDisposable
         }
     }
 
+    /// <summary>
+    /// Decoding shapes (T ≤ <see cref="CpuKernels.NibbleDotMaxRows"/>: the dot products on the nibbles),
+    /// and one just above, which takes the dequantizing product. The word counts cover each vector
+    /// width's range and its tails at 512 bits (16 words, then 8, 4 and single words), groups that
+    /// straddle vectors, and row counts that leave 1 to 3 rows for the last micro-kernel.
+    /// </summary>
+    public static TheoryData<int, int, int, int, int> DecodingSizes => new()
+    {
+        { 1, 896, 301, 64, 1 },    // Qwen2.5-0.5B's width, 112 words: 7 vectors of 16
+        { 1, 896, 1001, 64, 2 },   // threads' chunks of 128 rows, the last one partial
+        { 2, 896, 77, 32, 2 },
+        { 3, 1024, 129, 128, 1 },  // a group is a whole vector of 16 words
+        { 3, 4864, 61, 64, 2 },    // the MLP's width
+        { 1, 200, 37, 40, 2 },     // 25 words = 16 + 8 + 1, groups of 5 words across vectors
+        { 3, 1000, 3, 40, 1 },     // 125 words = 7·16 + 8 + 4 + 1
+        { 2, 136, 9, 8, 2 },       // 17 words, a group per word
+        { 1, 96, 5, 32, 1 },       // 12 words = 8 + 4
+        { 1, 128, 1, 128, 2 },     // one row
+        { CpuKernels.NibbleDotMaxRows + 1, 896, 301, 64, 2 },
+        { CpuKernels.NibbleDotMaxRows + 2, 200, 37, 40, 1 },
+    };
+
+    /// <summary>
+    /// The linear layer's forward for T rows against Σ_k w·x in float64 on the dequantized weights, each
+    /// row of y on its own; and the nibble dot products called directly, so that they stay right for T
+    /// above the threshold too.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(DecodingSizes))]
+    public unsafe void Linear_forward_for_a_few_rows_matches_a_float64_product_of_the_dequantized_weights(int T, int din, int dout, int groupSize, int threads)
+    {
+        var (q4, w) = RandomQ4(dout, din, groupSize, seed: 7 * T + din + dout);
+        float[] x = Rand(T * din, 11), bias = Rand(dout, 12);
+        foreach (bool withBias in new[] { false, true })
+        {
+            float[] actual = Rand(T * dout, 13); // = overwrites
+            CpuKernels.LinearForward(actual, x, q4, withBias ? bias : default, T, din, dout, threads);
+            AssertRowsMatch(actual, w, x, withBias ? bias : null, T, din, dout, $"LinearForward, bias {withBias}");
+        }
+        float[] direct = Rand(T * dout, 14);
+        using (var pin = new CpuKernels.Q4Pin(q4))
+        fixed (float* py = direct) fixed (float* px = x)
+            CpuKernels.NibbleDotsQ4(py, px, pin.Matrix, T, threads);
+        AssertRowsMatch(direct, w, x, null, T, din, dout, "NibbleDotsQ4");
+    }
+
+    private static void AssertRowsMatch(float[] actual, float[] w, float[] x, float[]? bias, int T, int din, int dout, string what)
+    {
+        Assert.All(actual, v => Assert.True(float.IsFinite(v), $"{what}: non-finite value"));
+        for (int t = 0; t < T; t++)
+        {
+            double diff = 0, norm = 0;
+            for (int r = 0; r < dout; r++)
+            {
+                double expected = bias is null ? 0 : bias[r];
+                for (int k = 0; k < din; k++)
+                    expected += (double)w[(long)r * din + k] * x[t * din + k];
+                diff += Math.Pow(actual[t * dout + r] - expected, 2);
+                norm += expected * expected;
+            }
+            double error = Math.Sqrt(diff / norm);
+            Assert.True(error < SameMath, $"{what}, y[{t}]: relative error {error:E2} against the float64 product");
+        }
+    }
+
+    [Fact]
+    public unsafe void The_decoding_product_converts_every_F16_scale_exactly()
+    {
+        // Every F16 bit pattern, then 5 more for the scalar tail after the vectors of 16.
+        var halves = Enumerable.Range(0, 65536 + 5).Select(i => BitConverter.UInt16BitsToHalf((ushort)(i * 40503))).ToArray();
+        var floats = new float[halves.Length];
+        fixed (Half* h = halves) fixed (float* f = floats)
+            CpuKernels.HalfToSingle(h, f, halves.Length);
+        for (int i = 0; i < halves.Length; i++)
+            if (Half.IsNaN(halves[i]))
+                Assert.True(float.IsNaN(floats[i]), $"{BitConverter.HalfToUInt16Bits(halves[i]):X4}");
+            else
+                Assert.Equal(BitConverter.SingleToUInt32Bits((float)halves[i]), BitConverter.SingleToUInt32Bits(floats[i]));
+    }
+
     [Fact]
     public void Embedding_with_a_4bit_table_gathers_the_dequantized_rows()
     {

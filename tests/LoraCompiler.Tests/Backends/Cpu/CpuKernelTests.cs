@@ -1147,6 +1147,8 @@ public sealed class NarrowVectorWidthTests
             CpuKernels.MaxVectorWidth = width;
             q4.Linear_forward_and_input_gradient_with_4bit_weights_match_the_float_kernels(37, 200, 61, 40, 2);
             q4.Linear_forward_and_input_gradient_with_4bit_weights_match_the_float_kernels(13, 96, 53, 32, 1);
+            foreach (var (T, din, dout, groupSize, threads) in new[] { (1, 896, 301, 64, 2), (3, 200, 37, 40, 1), (3, 1000, 3, 40, 2), (2, 136, 9, 8, 1), (1, 96, 5, 32, 2), (5, 200, 37, 40, 2) })
+                q4.Linear_forward_for_a_few_rows_matches_a_float64_product_of_the_dequantized_weights(T, din, dout, groupSize, threads);
         }
         finally
         {
