@@ -323,6 +323,7 @@ public sealed unsafe class SafeTensorsFile : IDisposable
 
         var entries = new List<Entry>();
         using (document)
+        try
         {
             var root = document.RootElement;
             if (root.ValueKind != JsonValueKind.Object)
@@ -344,6 +345,11 @@ public sealed unsafe class SafeTensorsFile : IDisposable
                 else
                     entries.Add(ParseEntry(name, property.Value, dataStart, dataLength));
             }
+        }
+        catch (InvalidOperationException e)
+        {
+            // System.Text.Json unescapes lazily: a \ud800 without its pair throws when the string is compared or read.
+            throw new WeightsException(Path, $"malformed header JSON: a string is not valid text: {e.Message}", e);
         }
 
         // The byte ranges, in order, must tile the data section: each begins where the one before ends.
