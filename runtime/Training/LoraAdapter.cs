@@ -163,6 +163,8 @@ public sealed class LoraAdapter
         long length = new FileInfo(path).Length;
         if (length > MaxConfigBytes)
             throw new WeightsException(path, $"adapter config has {length} bytes, more than the {MaxConfigBytes} one may have");
+        if (length == 0) // also a FIFO or a device, which reading would block on
+            throw new WeightsException(path, "adapter config is empty or not a regular file");
         byte[] bytes;
         try
         {
@@ -197,43 +199,41 @@ public sealed class LoraAdapter
 
     static LoraSettings ReadConfig(string path, JsonElement root, LoraSettings expected)
     {
+        if (root.ValueKind != JsonValueKind.Object)
+            throw new WeightsException(path, "expected a JSON object");
+        if (root.TryGetProperty("peft_type", out var type) && (type.ValueKind != JsonValueKind.String || type.GetString() != "LORA"))
+            throw new WeightsException(path, $"peft_type is {type}, expected LORA");
+        if (!root.TryGetProperty("r", out var rElement) || rElement.ValueKind != JsonValueKind.Number || !rElement.TryGetInt32(out int r))
+            throw new WeightsException(path, $"'r' is missing or not an integer{Found(rElement)}");
+        if (!root.TryGetProperty("lora_alpha", out var alphaElement) || alphaElement.ValueKind != JsonValueKind.Number
+            || !alphaElement.TryGetDouble(out double alphaValue) || !float.IsFinite((float)alphaValue))
+            throw new WeightsException(path, $"'lora_alpha' is missing or not a finite number{Found(alphaElement)}");
+        float alpha = (float)alphaValue;
+        if (r != expected.R)
+            throw new WeightsException(path, $"r is {r}, expected {expected.R}");
+        if (alpha != expected.Alpha)
+            throw new WeightsException(path, $"lora_alpha is {alpha}, expected {expected.Alpha}");
+        foreach (string flag in (string[])["use_rslora", "use_dora", "fan_in_fan_out"])
         {
-            if (root.ValueKind != JsonValueKind.Object)
-                throw new WeightsException(path, "expected a JSON object");
-            if (root.TryGetProperty("peft_type", out var type) && (type.ValueKind != JsonValueKind.String || type.GetString() != "LORA"))
-                throw new WeightsException(path, $"peft_type is {type}, expected LORA");
-            if (!root.TryGetProperty("r", out var rElement) || rElement.ValueKind != JsonValueKind.Number || !rElement.TryGetInt32(out int r))
-                throw new WeightsException(path, $"'r' is missing or not an integer{Found(rElement)}");
-            if (!root.TryGetProperty("lora_alpha", out var alphaElement) || alphaElement.ValueKind != JsonValueKind.Number
-                || !alphaElement.TryGetDouble(out double alphaValue) || !float.IsFinite((float)alphaValue))
-                throw new WeightsException(path, $"'lora_alpha' is missing or not a finite number{Found(alphaElement)}");
-            float alpha = (float)alphaValue;
-            if (r != expected.R)
-                throw new WeightsException(path, $"r is {r}, expected {expected.R}");
-            if (alpha != expected.Alpha)
-                throw new WeightsException(path, $"lora_alpha is {alpha}, expected {expected.Alpha}");
-            foreach (string flag in (string[])["use_rslora", "use_dora", "fan_in_fan_out"])
-            {
-                if (root.TryGetProperty(flag, out var value) && value.ValueKind == JsonValueKind.True)
-                    throw new WeightsException(path, $"{flag} is true; only plain LoRA (scale alpha/r, A·B, no transpose) is supported");
-            }
-            foreach (string pattern in (string[])["rank_pattern", "alpha_pattern"])
-            {
-                if (root.TryGetProperty(pattern, out var value) && value.ValueKind == JsonValueKind.Object && value.EnumerateObject().Any())
-                    throw new WeightsException(path, $"{pattern} is not empty; per-module ranks and alphas are not supported");
-            }
-            string[] targets = expected.TargetModules;
-            if (root.TryGetProperty("target_modules", out var targetsElement) && targetsElement.ValueKind == JsonValueKind.Array)
-            {
-                if (targetsElement.EnumerateArray().FirstOrDefault(e => e.ValueKind != JsonValueKind.String) is { ValueKind: not JsonValueKind.Undefined } bad)
-                    throw new WeightsException(path, $"'target_modules' must be an array of module names (strings); it holds {bad.ValueKind} {bad.GetRawText()}");
-                targets = targetsElement.EnumerateArray().Select(e => e.GetString()!).ToArray();
-            }
-            return new LoraSettings(r, alpha, targets);
+            if (root.TryGetProperty(flag, out var value) && value.ValueKind == JsonValueKind.True)
+                throw new WeightsException(path, $"{flag} is true; only plain LoRA (scale alpha/r, A·B, no transpose) is supported");
         }
+        foreach (string pattern in (string[])["rank_pattern", "alpha_pattern"])
+        {
+            if (root.TryGetProperty(pattern, out var value) && value.ValueKind == JsonValueKind.Object && value.EnumerateObject().Any())
+                throw new WeightsException(path, $"{pattern} is not empty; per-module ranks and alphas are not supported");
+        }
+        string[] targets = expected.TargetModules;
+        if (root.TryGetProperty("target_modules", out var targetsElement) && targetsElement.ValueKind == JsonValueKind.Array)
+        {
+            if (targetsElement.EnumerateArray().FirstOrDefault(e => e.ValueKind != JsonValueKind.String) is { ValueKind: not JsonValueKind.Undefined } bad)
+                throw new WeightsException(path, $"'target_modules' must be an array of module names (strings); it holds {bad.ValueKind} {Truncate(bad.GetRawText())}");
+            targets = targetsElement.EnumerateArray().Select(e => e.GetString()!).ToArray();
+        }
+        return new LoraSettings(r, alpha, targets);
     }
 
-    /// <summary>", found STRING \"8\"" for a message about a value of the wrong kind.</summary>
+    /// <summary>" (found String \"8\")" for a message about a value of the wrong kind.</summary>
     static string Found(JsonElement element) => element.ValueKind switch
     {
         JsonValueKind.Undefined => "",

@@ -319,6 +319,14 @@ public sealed class ModelWeights : IDisposable
     }
 
     /// <summary>
+    /// The checks every read and map of <paramref name="name"/> makes, for a caller that uses its raw
+    /// <see cref="Bytes"/>: its file still has the size it was mapped with and its values (a float
+    /// tensor's; 4-bit scales and biases are checked as tensors of their own) are all finite. Throws
+    /// <see cref="WeightsException"/> naming the tensor.
+    /// </summary>
+    public void CheckValues(string name) => CheckUse(name);
+
+    /// <summary>
     /// Before a tensor's values are used: its file still has the size it was mapped with (a file
     /// truncated under the mapping would kill the process with SIGBUS on the next read of a lost
     /// page), and, the first time, every value is finite (one vectorized pass over its bytes).
@@ -446,6 +454,8 @@ public sealed class ModelWeights : IDisposable
         long length = new FileInfo(indexPath).Length;
         if (length > MaxIndexBytes)
             throw new WeightsException(indexPath, $"index has {length} bytes, more than the {MaxIndexBytes} an index may have");
+        if (length == 0) // also a FIFO or a device, which reading would block on
+            throw new WeightsException(indexPath, "index is empty or not a regular file");
         byte[] bytes;
         try
         {

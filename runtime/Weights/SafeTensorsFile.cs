@@ -323,37 +323,40 @@ public sealed unsafe class SafeTensorsFile : IDisposable
 
         var entries = new List<Entry>();
         using (document)
-        try
         {
-            var root = document.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
-                throw new WeightsException(Path, $"malformed header JSON: expected an object, found {root.ValueKind}");
-            var names = new HashSet<string>(StringComparer.Ordinal);
-            bool metadata = false;
-            foreach (var property in root.EnumerateObject())
+            try
             {
-                string name = Text(() => property.Name, "a tensor name");
-                if (name == "__metadata__")
+                var root = document.RootElement;
+                if (root.ValueKind != JsonValueKind.Object)
+                    throw new WeightsException(Path, $"malformed header JSON: expected an object, found {root.ValueKind}");
+                var names = new HashSet<string>(StringComparer.Ordinal);
+                bool metadata = false;
+                foreach (var property in root.EnumerateObject())
                 {
-                    if (metadata)
-                        throw new WeightsException(Path, "malformed header JSON: '__metadata__' appears twice");
-                    metadata = true;
-                    ParseMetadata(property.Value);
+                    string name = Text(() => property.Name, "a tensor name");
+                    if (name == "__metadata__")
+                    {
+                        if (metadata)
+                            throw new WeightsException(Path, "malformed header JSON: '__metadata__' appears twice");
+                        metadata = true;
+                        ParseMetadata(property.Value);
+                    }
+                    else if (!names.Add(name))
+                        throw new WeightsException(Path, $"tensor '{name}' appears twice in the header");
+                    else
+                        entries.Add(ParseEntry(name, property.Value, dataStart, dataLength));
                 }
-                else if (!names.Add(name))
-                    throw new WeightsException(Path, $"tensor '{name}' appears twice in the header");
-                else
-                    entries.Add(ParseEntry(name, property.Value, dataStart, dataLength));
             }
-        }
-        catch (InvalidOperationException e)
-        {
-            // System.Text.Json unescapes lazily: a \ud800 without its pair throws when the string is compared or read.
-            throw new WeightsException(Path, $"malformed header JSON: a string is not valid text: {e.Message}", e);
+            catch (InvalidOperationException e)
+            {
+                // System.Text.Json unescapes lazily: a \ud800 without its pair throws when the string is compared or read.
+                throw new WeightsException(Path, $"malformed header JSON: a string is not valid text: {e.Message}", e);
+            }
         }
 
         // The byte ranges, in order, must tile the data section: each begins where the one before ends.
-        entries.Sort((a, b) => a.Begin != b.Begin ? a.Begin.CompareTo(b.Begin) : a.End.CompareTo(b.End));
+        entries.Sort((a, b) => a.Begin != b.Begin ? a.Begin.CompareTo(b.Begin)
+            : a.End != b.End ? a.End.CompareTo(b.End) : string.CompareOrdinal(a.Name, b.Name));
         ulong covered = 0;
         string? previous = null;
         foreach (var entry in entries)
