@@ -99,6 +99,7 @@ public sealed class FileFuzzTests(ITestOutputHelper output) : IDisposable
 
     static readonly Regex Number = new(@"-?\d+(\.\d+)?([eE][-+]?\d+)?", RegexOptions.Compiled);
     static readonly Regex Quoted = new("\"(\\\\.|[^\"\\\\])*\"", RegexOptions.Compiled);
+    static readonly Regex Value = new(@":\s*(""(\\.|[^""\\])*""|-?\d[\d.eE+-]*|true|false|null|\[[^\[\]]*\])", RegexOptions.Compiled);
     static readonly Regex Offsets = new(@"""data_offsets"":\s*\[\s*\d+\s*,\s*\d+\s*\]", RegexOptions.Compiled);
 
     /// <summary>One random change of a safetensors file's bytes (sometimes two or three).</summary>
@@ -221,7 +222,7 @@ public sealed class FileFuzzTests(ITestOutputHelper output) : IDisposable
     /// <summary>Any JSON value (a number, a string, true, null) replaced by a value of another kind.</summary>
     static string ReplaceValue(string text, Random random)
     {
-        var matches = new Regex(@":\s*(""(\\.|[^""\\])*""|-?\d[\d.eE+-]*|true|false|null|\[[^\[\]]*\])").Matches(text);
+        var matches = Value.Matches(text);
         if (matches.Count == 0)
             return text;
         var match = matches[random.Next(matches.Count)];
@@ -378,7 +379,7 @@ public sealed class FileFuzzTests(ITestOutputHelper output) : IDisposable
     {
         byte[] valid = FloatFile();
         string path = PathOf("mutant.safetensors");
-        Run(3000, random =>
+        Run(2500, random =>
         {
             byte[] mutant = MutateSafeTensors(valid, random);
             File.WriteAllBytes(path, mutant);
@@ -394,7 +395,7 @@ public sealed class FileFuzzTests(ITestOutputHelper output) : IDisposable
     {
         byte[] valid = Q4File();
         string path = PathOf("model.safetensors");
-        Run(2000, random =>
+        Run(1500, random =>
         {
             byte[] mutant = MutateSafeTensors(valid, random);
             File.WriteAllBytes(path, mutant);
@@ -421,7 +422,7 @@ public sealed class FileFuzzTests(ITestOutputHelper output) : IDisposable
         string indexPath = Path.Combine(folder, ModelWeights.IndexFileName);
         string[] strings = [.. Strings, "\"../outside/secret.safetensors\"", $"\"{outside}/secret.safetensors\"", "\".\"", "\"sub/\"",
             $"\"{shardNames[0]}\"", $"\"{shardNames[1]}\"", "\"weight_map\"", "\"a\"", "\"c\""];
-        Run(1500, random =>
+        Run(1000, random =>
         {
             File.WriteAllBytes(indexPath, index);
             for (int s = 0; s < shards.Length; s++)
@@ -457,7 +458,7 @@ public sealed class FileFuzzTests(ITestOutputHelper output) : IDisposable
         byte[] config = File.ReadAllBytes(Path.Combine(dir, LoraAdapter.ConfigFileName));
         byte[] weights = File.ReadAllBytes(Path.Combine(dir, LoraAdapter.WeightsFileName));
         string[] strings = [.. Strings, "\"LORA\"", "\"q_proj\"", "\"r\"", "\"lora_alpha\"", "\"use_dora\"", "\"target_modules\""];
-        Run(1500, random =>
+        Run(1000, random =>
         {
             bool mutateConfig = random.Next(2) == 0;
             File.WriteAllBytes(Path.Combine(dir, LoraAdapter.ConfigFileName), mutateConfig ? MutateJson(config, random, strings) : config);
