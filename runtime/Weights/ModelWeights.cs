@@ -176,8 +176,12 @@ public sealed class ModelWeights : IDisposable
     /// </summary>
     public unsafe Q4Weight MapQ4(string name)
     {
-        if (!_q4.TryGetValue(name, out var layout))
-            _q4[name] = layout = CheckQ4(name, expected: null);
+        Q4Layout layout;
+        lock (_q4)
+        {
+            if (!_q4.TryGetValue(name, out layout))
+                _q4[name] = layout = CheckQ4(name, expected: null);
+        }
         CheckUse(Q4.ScalesName(name));
         CheckUse(Q4.BiasesName(name));
         Holder(name).CheckLength();
@@ -314,7 +318,9 @@ public sealed class ModelWeights : IDisposable
         if ((nuint)data % (nuint)sizeof(T) == 0)
             return new IO.UnmanagedMemory<T>((T*)data, (int)count).Memory;
         var copy = new T[count];
-        new ReadOnlySpan<byte>(data, checked((int)(count * sizeof(T)))).CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(copy.AsSpan()));
+        long bytes = count * sizeof(T); // may pass 2^31 (a span of bytes could not hold it)
+        fixed (T* destination = copy)
+            Buffer.MemoryCopy(data, destination, bytes, bytes);
         return copy;
     }
 
