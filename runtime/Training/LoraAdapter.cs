@@ -58,8 +58,9 @@ public sealed class LoraAdapter
 
     /// <summary>
     /// Loads a PEFT adapter folder for <paramref name="modules"/>, checking its rank and alpha against
-    /// <paramref name="expected"/> and every tensor's presence and shape. Tensors may be F32, F16 or BF16.
-    /// LoRA tensors of modules not in <paramref name="modules"/> are ignored.
+    /// <paramref name="expected"/> and every tensor's presence, shape and values (all finite). Tensors
+    /// may be F32, F16 or BF16. LoRA tensors of modules not in <paramref name="modules"/> are ignored.
+    /// Any problem with either file is a <see cref="WeightsException"/> naming it.
     /// </summary>
     public static LoraAdapter Load(string dir, LoraSettings expected, IReadOnlyList<LoraModuleSpec> modules)
     {
@@ -145,51 +146,99 @@ public sealed class LoraAdapter
         if (!info.Shape.SequenceEqual(shape))
             throw new WeightsException(file.Path,
                 $"tensor '{name}' has shape {WeightsException.Format(info.Shape)}, the adapter expects {WeightsException.Format(shape)}");
-        return file.Read(name);
+        var values = file.Read(name);
+        long index = NonFinite.IndexOf(values);
+        if (index >= 0)
+            throw new WeightsException(file.Path,
+                $"tensor '{name}' holds {NonFinite.Describe(values[index], index, shape)}; an adapter's values must be finite");
+        return values;
     }
+
+    /// <summary>The largest adapter config read; PEFT's are about 1 kB.</summary>
+    const long MaxConfigBytes = 16 << 20;
 
     /// <summary>Reads PEFT's config and checks it describes plain LoRA with the expected rank and alpha.</summary>
     static LoraSettings ReadConfig(string path, LoraSettings expected)
     {
+        long length = new FileInfo(path).Length;
+        if (length > MaxConfigBytes)
+            throw new WeightsException(path, $"adapter config has {length} bytes, more than the {MaxConfigBytes} one may have");
+        if (length == 0) // also a FIFO or a device, which reading would block on
+            throw new WeightsException(path, "adapter config is empty or not a regular file");
+        byte[] bytes;
+        try
+        {
+            bytes = File.ReadAllBytes(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new WeightsException(path, $"cannot read the adapter config: {e.Message}", e);
+        }
+        if (!System.Text.Unicode.Utf8.IsValid(bytes))
+            throw new WeightsException(path, "malformed JSON: the file is not valid UTF-8");
         JsonDocument document;
         try
         {
-            document = JsonDocument.Parse(File.ReadAllBytes(path));
+            document = JsonDocument.Parse(bytes);
         }
         catch (JsonException e)
         {
             throw new WeightsException(path, $"malformed JSON: {e.Message}", e);
         }
-        using (document)
+        try
         {
-            var root = document.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
-                throw new WeightsException(path, "expected a JSON object");
-            if (root.TryGetProperty("peft_type", out var type) && (type.ValueKind != JsonValueKind.String || type.GetString() != "LORA"))
-                throw new WeightsException(path, $"peft_type is {type}, expected LORA");
-            if (!root.TryGetProperty("r", out var rElement) || !rElement.TryGetInt32(out int r))
-                throw new WeightsException(path, "'r' is missing or not an integer");
-            if (!root.TryGetProperty("lora_alpha", out var alphaElement) || alphaElement.ValueKind != JsonValueKind.Number)
-                throw new WeightsException(path, "'lora_alpha' is missing or not a number");
-            float alpha = (float)alphaElement.GetDouble();
-            if (r != expected.R)
-                throw new WeightsException(path, $"r is {r}, expected {expected.R}");
-            if (alpha != expected.Alpha)
-                throw new WeightsException(path, $"lora_alpha is {alpha}, expected {expected.Alpha}");
-            foreach (string flag in (string[])["use_rslora", "use_dora", "fan_in_fan_out"])
-            {
-                if (root.TryGetProperty(flag, out var value) && value.ValueKind == JsonValueKind.True)
-                    throw new WeightsException(path, $"{flag} is true; only plain LoRA (scale alpha/r, A·B, no transpose) is supported");
-            }
-            foreach (string pattern in (string[])["rank_pattern", "alpha_pattern"])
-            {
-                if (root.TryGetProperty(pattern, out var value) && value.ValueKind == JsonValueKind.Object && value.EnumerateObject().Any())
-                    throw new WeightsException(path, $"{pattern} is not empty; per-module ranks and alphas are not supported");
-            }
-            string[] targets = root.TryGetProperty("target_modules", out var targetsElement) && targetsElement.ValueKind == JsonValueKind.Array
-                ? targetsElement.EnumerateArray().Select(e => e.GetString() ?? "").ToArray()
-                : expected.TargetModules;
-            return new LoraSettings(r, alpha, targets);
+            using (document)
+                return ReadConfig(path, document.RootElement, expected);
+        }
+        catch (InvalidOperationException e)
+        {
+            // An escape that is not valid UTF-16 (a lone surrogate) in a string.
+            throw new WeightsException(path, $"malformed JSON: {e.Message}", e);
         }
     }
+
+    static LoraSettings ReadConfig(string path, JsonElement root, LoraSettings expected)
+    {
+        if (root.ValueKind != JsonValueKind.Object)
+            throw new WeightsException(path, "expected a JSON object");
+        if (root.TryGetProperty("peft_type", out var type) && (type.ValueKind != JsonValueKind.String || type.GetString() != "LORA"))
+            throw new WeightsException(path, $"peft_type is {type}, expected LORA");
+        if (!root.TryGetProperty("r", out var rElement) || rElement.ValueKind != JsonValueKind.Number || !rElement.TryGetInt32(out int r))
+            throw new WeightsException(path, $"'r' is missing or not an integer{Found(rElement)}");
+        if (!root.TryGetProperty("lora_alpha", out var alphaElement) || alphaElement.ValueKind != JsonValueKind.Number
+            || !alphaElement.TryGetDouble(out double alphaValue) || !float.IsFinite((float)alphaValue))
+            throw new WeightsException(path, $"'lora_alpha' is missing or not a finite number{Found(alphaElement)}");
+        float alpha = (float)alphaValue;
+        if (r != expected.R)
+            throw new WeightsException(path, $"r is {r}, expected {expected.R}");
+        if (alpha != expected.Alpha)
+            throw new WeightsException(path, $"lora_alpha is {alpha}, expected {expected.Alpha}");
+        foreach (string flag in (string[])["use_rslora", "use_dora", "fan_in_fan_out"])
+        {
+            if (root.TryGetProperty(flag, out var value) && value.ValueKind == JsonValueKind.True)
+                throw new WeightsException(path, $"{flag} is true; only plain LoRA (scale alpha/r, A·B, no transpose) is supported");
+        }
+        foreach (string pattern in (string[])["rank_pattern", "alpha_pattern"])
+        {
+            if (root.TryGetProperty(pattern, out var value) && value.ValueKind == JsonValueKind.Object && value.EnumerateObject().Any())
+                throw new WeightsException(path, $"{pattern} is not empty; per-module ranks and alphas are not supported");
+        }
+        string[] targets = expected.TargetModules;
+        if (root.TryGetProperty("target_modules", out var targetsElement) && targetsElement.ValueKind == JsonValueKind.Array)
+        {
+            if (targetsElement.EnumerateArray().FirstOrDefault(e => e.ValueKind != JsonValueKind.String) is { ValueKind: not JsonValueKind.Undefined } bad)
+                throw new WeightsException(path, $"'target_modules' must be an array of module names (strings); it holds {bad.ValueKind} {Truncate(bad.GetRawText())}");
+            targets = targetsElement.EnumerateArray().Select(e => e.GetString()!).ToArray();
+        }
+        return new LoraSettings(r, alpha, targets);
+    }
+
+    /// <summary>" (found String \"8\")" for a message about a value of the wrong kind.</summary>
+    static string Found(JsonElement element) => element.ValueKind switch
+    {
+        JsonValueKind.Undefined => "",
+        _ => $" (found {element.ValueKind} {Truncate(element.GetRawText())})",
+    };
+
+    static string Truncate(string text) => text.Length <= 40 ? text : text[..40] + "…";
 }

@@ -7,15 +7,30 @@ namespace LoraCompiler.Runtime.Weights;
 /// <c>model.safetensors</c>, or a folder holding <c>model.safetensors.index.json</c>
 /// (<c>{"weight_map": {name: shard}}</c>) and its shards. Every file is memory-mapped, so opening is
 /// cheap and a tensor's bytes are only touched when it is read.
+/// <para>
+/// What is checked: every file's header when it is opened (<see cref="SafeTensorsFile"/>); an index's
+/// shard names before any shard is opened (a regular file inside the model folder, symbolic links
+/// resolved; no absolute path, no <c>..</c>; Hugging Face's cache layout, a snapshot folder whose files
+/// link to its repository's <c>blobs</c> folder, is allowed), each tensor in one shard only; the first
+/// time a tensor's values are used (mapped or read), that they are all finite, once per tensor; and
+/// each time, that its file still has the size it had when it was mapped.
+/// </para>
 /// </summary>
 public sealed class ModelWeights : IDisposable
 {
     public const string SingleFileName = "model.safetensors";
     public const string IndexFileName = "model.safetensors.index.json";
 
+    /// <summary>The largest index file read (Hugging Face's are around 100 kB).</summary>
+    const long MaxIndexBytes = 100_000_000;
+
     readonly string _path;
     readonly List<SafeTensorsFile> _files;
     readonly Dictionary<string, SafeTensorsFile> _fileOf;
+    /// <summary>Tensors whose values were found finite, so they are not scanned again.</summary>
+    readonly HashSet<string> _finite = new(StringComparer.Ordinal);
+    /// <summary>4-bit tensors already checked by <see cref="CheckQ4"/>, with their layout.</summary>
+    readonly Dictionary<string, Q4Layout> _q4 = new(StringComparer.Ordinal);
 
     ModelWeights(string path, List<SafeTensorsFile> files, Dictionary<string, SafeTensorsFile> fileOf)
     {
@@ -56,7 +71,11 @@ public sealed class ModelWeights : IDisposable
     public int[] Shape(string name)
     {
         var info = Info(name);
-        return IsQuantized(name) && info.Shape.Length == 2 ? [info.Shape[0], checked(info.Shape[1] * Q4.PerWord)] : info.Shape;
+        if (!IsQuantized(name) || info.Shape.Length != 2)
+            return info.Shape;
+        if ((long)info.Shape[1] * Q4.PerWord > int.MaxValue)
+            throw new WeightsException(FileOf(name), $"tensor '{name}' is 4-bit packed U32 {WeightsException.Format(info.Shape)}: rows of {(long)info.Shape[1] * Q4.PerWord} elements are too many");
+        return [info.Shape[0], info.Shape[1] * Q4.PerWord];
     }
 
     /// <summary>
@@ -77,6 +96,7 @@ public sealed class ModelWeights : IDisposable
     {
         if (!IsQuantized(name))
         {
+            CheckUse(name);
             Holder(name).Read(name, destination);
             return;
         }
@@ -92,7 +112,10 @@ public sealed class ModelWeights : IDisposable
     public float[] Read(string name)
     {
         if (!IsQuantized(name))
+        {
+            CheckUse(name);
             return Holder(name).Read(name);
+        }
         var q4 = MapQ4(name);
         long elements = (long)q4.Rows * q4.Columns;
         if (elements > Array.MaxLength)
@@ -104,9 +127,19 @@ public sealed class ModelWeights : IDisposable
 
     /// <summary>
     /// Elements [start, start + destination.Length) of a float tensor (F32, F16 or BF16, flattened
-    /// row-major) as float32: a large tensor read a block at a time.
+    /// row-major) as float32: a large tensor read a block at a time. Throws <see cref="WeightsException"/>
+    /// when the block holds a value that is not finite, or the file changed size since it was mapped.
     /// </summary>
-    public void ReadRange(string name, long start, Span<float> destination) => Holder(name).Read(name, start, destination);
+    public void ReadRange(string name, long start, Span<float> destination)
+    {
+        var file = Holder(name);
+        file.CheckLength();
+        file.Read(name, start, destination);
+        long index = NonFinite.IndexOf(destination);
+        if (index >= 0)
+            throw new WeightsException(file.Path,
+                $"tensor '{name}' holds {NonFinite.Describe(destination[(int)index], start + index, file.Info(name).Shape)}; weights must be finite");
+    }
 
     /// <summary>
     /// Lets the pages of a tensor (and, for a 4-bit one, of its scales and biases) leave memory
@@ -126,7 +159,7 @@ public sealed class ModelWeights : IDisposable
     {
         var info = Info(name);
         long size = Dtypes.ElementSize(info.Dtype) ?? 1;
-        if (start < 0 || count < 0 || start + count > info.Elements)
+        if (start < 0 || count < 0 || start > info.Elements - count)
             throw new ArgumentOutOfRangeException(nameof(start), $"elements {start}..{start + count} are outside tensor '{name}' of {info.Elements} elements");
         IO.Posix.DontNeed(Holder(name).Data(name) + start * size, count * size);
     }
@@ -143,7 +176,15 @@ public sealed class ModelWeights : IDisposable
     /// </summary>
     public unsafe Q4Weight MapQ4(string name)
     {
-        var layout = CheckQ4(name, expected: null);
+        Q4Layout layout;
+        lock (_q4)
+        {
+            if (!_q4.TryGetValue(name, out layout))
+                _q4[name] = layout = CheckQ4(name, expected: null);
+        }
+        CheckUse(Q4.ScalesName(name));
+        CheckUse(Q4.BiasesName(name));
+        Holder(name).CheckLength();
         return new Q4Weight(name, layout.Rows, layout.Columns, layout.GroupSize,
             Map<uint>(name, (long)layout.Rows * (layout.Columns / Q4.PerWord)),
             Map<Half>(Q4.ScalesName(name), (long)layout.Rows * layout.Groups),
@@ -156,6 +197,7 @@ public sealed class ModelWeights : IDisposable
     /// </summary>
     public unsafe Memory<float>? MapF32(string name)
     {
+        CheckUse(name);
         float* data = Holder(name).F32Data(name);
         // Not a conditional expression: its null would convert to Memory<float> (through float[]) and come back empty, not null.
         if (data is null)
@@ -276,8 +318,37 @@ public sealed class ModelWeights : IDisposable
         if ((nuint)data % (nuint)sizeof(T) == 0)
             return new IO.UnmanagedMemory<T>((T*)data, (int)count).Memory;
         var copy = new T[count];
-        new ReadOnlySpan<byte>(data, checked((int)(count * sizeof(T)))).CopyTo(System.Runtime.InteropServices.MemoryMarshal.AsBytes(copy.AsSpan()));
+        long bytes = count * sizeof(T); // may pass 2^31 (a span of bytes could not hold it)
+        fixed (T* destination = copy)
+            Buffer.MemoryCopy(data, destination, bytes, bytes);
         return copy;
+    }
+
+    /// <summary>
+    /// The checks every read and map of <paramref name="name"/> makes, for a caller that uses its raw
+    /// <see cref="Bytes"/>: its file still has the size it was mapped with and its values (a float
+    /// tensor's; 4-bit scales and biases are checked as tensors of their own) are all finite. Throws
+    /// <see cref="WeightsException"/> naming the tensor.
+    /// </summary>
+    public void CheckValues(string name) => CheckUse(name);
+
+    /// <summary>
+    /// Before a tensor's values are used: its file still has the size it was mapped with (a file
+    /// truncated under the mapping would kill the process with SIGBUS on the next read of a lost
+    /// page), and, the first time, every value is finite (one vectorized pass over its bytes).
+    /// </summary>
+    void CheckUse(string name)
+    {
+        var file = Holder(name);
+        file.CheckLength();
+        lock (_finite)
+        {
+            if (_finite.Contains(name))
+                return;
+        }
+        file.CheckFinite(name);
+        lock (_finite)
+            _finite.Add(name);
     }
 
     SafeTensorsFile Holder(string name) =>
@@ -293,23 +364,36 @@ public sealed class ModelWeights : IDisposable
     {
         var weightMap = ReadWeightMap(indexPath);
         string folder = System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(indexPath))!;
+
+        // Every shard name is checked before any file is opened: a name out of the folder is refused
+        // without reading a byte of what it names.
+        string realFolder = IO.FilePaths.Resolve(folder);
+        var shardPaths = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var (name, shardName) in weightMap)
+        {
+            if (!shardPaths.ContainsKey(shardName))
+                shardPaths[shardName] = ShardPath(indexPath, folder, realFolder, name, shardName);
+        }
+
         var shards = new Dictionary<string, SafeTensorsFile>(StringComparer.Ordinal);
         try
         {
+            foreach (var (shardName, shardPath) in shardPaths)
+                shards[shardName] = SafeTensorsFile.Open(shardPath);
             var fileOf = new Dictionary<string, SafeTensorsFile>(StringComparer.Ordinal);
+            var shardOf = weightMap.ToDictionary(e => e.Name, e => e.Shard, StringComparer.Ordinal);
             foreach (var (name, shardName) in weightMap)
             {
-                if (!shards.TryGetValue(shardName, out var shard))
-                {
-                    string shardPath = System.IO.Path.Combine(folder, shardName);
-                    if (!File.Exists(shardPath))
-                        throw new WeightsException(indexPath, $"shard '{shardName}' of tensor '{name}' does not exist (looked for {shardPath})");
-                    shards[shardName] = shard = SafeTensorsFile.Open(shardPath);
-                }
+                var shard = shards[shardName];
                 if (!shard.Contains(name))
                     throw new WeightsException(shard.Path, $"tensor '{name}' is missing (the index {System.IO.Path.GetFileName(indexPath)} places it in this shard)");
                 fileOf[name] = shard;
             }
+            foreach (var (shardName, shard) in shards)
+                foreach (string name in shard.Names)
+                    if (shardOf.TryGetValue(name, out var listed) && listed != shardName)
+                        throw new WeightsException(shard.Path,
+                            $"tensor '{name}' is also in this shard, but the index {System.IO.Path.GetFileName(indexPath)} places it in '{listed}': a tensor must be in one shard only");
             return new ModelWeights(indexPath, shards.Values.ToList(), fileOf);
         }
         catch
@@ -320,24 +404,101 @@ public sealed class ModelWeights : IDisposable
         }
     }
 
-    static List<(string Name, string Shard)> ReadWeightMap(string indexPath)
+    /// <summary>
+    /// Where a shard named by the index lies, refused unless it is a regular file inside the model
+    /// folder: a relative name without <c>..</c>, which with every symbolic link resolved stays in the
+    /// folder (or, in Hugging Face's cache, in the <c>blobs</c> folder of the snapshot's repository).
+    /// </summary>
+    static string ShardPath(string indexPath, string folder, string realFolder, string tensor, string shardName)
     {
+        WeightsException Refused(string why) =>
+            new(indexPath, $"shard '{Printable(shardName)}' of tensor '{tensor}' {why}; a shard must be a file inside the model folder {folder}");
+
+        if (shardName.Length == 0)
+            throw Refused("is an empty name");
+        if (shardName.Any(char.IsControl))
+            throw Refused("has a control character in its name");
+        if (System.IO.Path.IsPathRooted(shardName) || System.IO.Path.IsPathFullyQualified(shardName))
+            throw Refused("is an absolute path");
+        if (shardName.Split('/', '\\').Any(part => part == ".."))
+            throw Refused("has a '..' in its path, which leaves the model folder");
+
+        string path = System.IO.Path.Join(folder, shardName);
+        string real;
         try
         {
-            using var document = JsonDocument.Parse(File.ReadAllBytes(indexPath));
+            real = IO.FilePaths.Resolve(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw Refused($"cannot be resolved: {e.Message}");
+        }
+        if (!IO.FilePaths.IsInside(real, realFolder) && !InHuggingFaceBlobs(real, realFolder))
+            throw Refused($"resolves (through a symbolic link) to {real}, outside the folder");
+        if (Directory.Exists(real))
+            throw Refused("is a folder, not a file");
+        if (!File.Exists(real))
+            throw new WeightsException(indexPath, $"shard '{shardName}' of tensor '{tensor}' does not exist (looked for {path})");
+        return path;
+    }
+
+    /// <summary>Hugging Face's hub cache: <c>models--X/snapshots/REV/f</c> links to <c>models--X/blobs/HASH</c>.</summary>
+    static bool InHuggingFaceBlobs(string real, string realFolder)
+    {
+        var snapshots = Directory.GetParent(realFolder);
+        if (snapshots is null || snapshots.Name != "snapshots" || snapshots.Parent is null)
+            return false;
+        return IO.FilePaths.IsInside(real, System.IO.Path.Join(snapshots.Parent.FullName, "blobs"));
+    }
+
+    /// <summary>A name as it may appear in a message: control characters escaped.</summary>
+    static string Printable(string text) =>
+        string.Concat(text.Select(c => char.IsControl(c) ? $"\\u{(int)c:x4}" : c.ToString()));
+
+    static List<(string Name, string Shard)> ReadWeightMap(string indexPath)
+    {
+        long length = new FileInfo(indexPath).Length;
+        if (length > MaxIndexBytes)
+            throw new WeightsException(indexPath, $"index has {length} bytes, more than the {MaxIndexBytes} an index may have");
+        if (length == 0) // also a FIFO or a device, which reading would block on
+            throw new WeightsException(indexPath, "index is empty or not a regular file");
+        byte[] bytes;
+        try
+        {
+            bytes = File.ReadAllBytes(indexPath);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new WeightsException(indexPath, $"cannot read the index: {e.Message}", e);
+        }
+        if (!System.Text.Unicode.Utf8.IsValid(bytes))
+            throw new WeightsException(indexPath, "malformed index JSON: the file is not valid UTF-8");
+        try
+        {
+            using var document = JsonDocument.Parse(bytes);
             if (document.RootElement.ValueKind != JsonValueKind.Object
                 || !document.RootElement.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
                 throw new WeightsException(indexPath, "index has no 'weight_map' object ({\"weight_map\": {tensor: shard file}})");
             var entries = new List<(string, string)>();
+            var seen = new HashSet<string>(StringComparer.Ordinal);
             foreach (var entry in map.EnumerateObject())
             {
+                string name = entry.Name;
                 if (entry.Value.ValueKind != JsonValueKind.String)
-                    throw new WeightsException(indexPath, $"weight_map entry for tensor '{entry.Name}' must be a shard file name");
-                entries.Add((entry.Name, entry.Value.GetString()!));
+                    throw new WeightsException(indexPath, $"weight_map entry for tensor '{name}' must be a shard file name (a string), not {entry.Value.ValueKind}");
+                if (!seen.Add(name))
+                    throw new WeightsException(indexPath, $"tensor '{name}' is listed twice in weight_map: a tensor must be in one shard only");
+                entries.Add((name, entry.Value.GetString()!));
             }
+            if (entries.Count == 0)
+                throw new WeightsException(indexPath, "weight_map lists no tensors");
             return entries;
         }
         catch (JsonException e)
+        {
+            throw new WeightsException(indexPath, $"malformed index JSON: {e.Message}", e);
+        }
+        catch (InvalidOperationException e)
         {
             throw new WeightsException(indexPath, $"malformed index JSON: {e.Message}", e);
         }

@@ -128,6 +128,10 @@ public static class Q4
         {
             throw new FormatException($"'{MetadataKey}' metadata is not JSON: {e.Message}", e);
         }
+        catch (InvalidOperationException e)
+        {
+            throw new FormatException($"'{MetadataKey}' metadata is not valid JSON text: {e.Message}", e);
+        }
     }
 
     // ---------------------------------------------------------------- quantize

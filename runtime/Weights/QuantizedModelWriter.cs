@@ -151,7 +151,11 @@ public static class QuantizedModelWriter
                     source.ReadRange(n, start, destination);
                     source.ReleasePages(n, start, destination.Length);
                 },
-                CopyRaw: quantize ? null : stream => stream.Write(source.Bytes(n)),
+                CopyRaw: quantize ? null : stream =>
+                {
+                    source.CheckValues(n); // a NaN norm copied as it is would only fail when the quantized model is used
+                    stream.Write(source.Bytes(n));
+                },
                 Done: () => source.ReleasePages(n))); // the source's pages leave memory as it goes
         }
         Write(path, sources, groupSize, new Dictionary<string, string> { ["format"] = "mlx" }, progress);
