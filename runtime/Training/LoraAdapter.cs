@@ -167,10 +167,11 @@ public sealed class LoraAdapter
                 throw new WeightsException(path, "expected a JSON object");
             if (root.TryGetProperty("peft_type", out var type) && (type.ValueKind != JsonValueKind.String || type.GetString() != "LORA"))
                 throw new WeightsException(path, $"peft_type is {type}, expected LORA");
-            if (!root.TryGetProperty("r", out var rElement) || !rElement.TryGetInt32(out int r))
+            if (!root.TryGetProperty("r", out var rElement) || rElement.ValueKind != JsonValueKind.Number || !rElement.TryGetInt32(out int r))
                 throw new WeightsException(path, "'r' is missing or not an integer");
-            if (!root.TryGetProperty("lora_alpha", out var alphaElement) || alphaElement.ValueKind != JsonValueKind.Number)
-                throw new WeightsException(path, "'lora_alpha' is missing or not a number");
+            if (!root.TryGetProperty("lora_alpha", out var alphaElement) || alphaElement.ValueKind != JsonValueKind.Number
+                || !float.IsFinite((float)alphaElement.GetDouble()))
+                throw new WeightsException(path, "'lora_alpha' is missing or not a finite number");
             float alpha = (float)alphaElement.GetDouble();
             if (r != expected.R)
                 throw new WeightsException(path, $"r is {r}, expected {expected.R}");
@@ -187,7 +188,8 @@ public sealed class LoraAdapter
                     throw new WeightsException(path, $"{pattern} is not empty; per-module ranks and alphas are not supported");
             }
             string[] targets = root.TryGetProperty("target_modules", out var targetsElement) && targetsElement.ValueKind == JsonValueKind.Array
-                ? targetsElement.EnumerateArray().Select(e => e.GetString() ?? "").ToArray()
+                ? targetsElement.EnumerateArray().Select(e => e.ValueKind == JsonValueKind.String ? e.GetString()!
+                    : throw new WeightsException(path, $"target_modules holds {e.GetRawText()}, not a module name (a string)")).ToArray()
                 : expected.TargetModules;
             return new LoraSettings(r, alpha, targets);
         }
