@@ -178,6 +178,7 @@ public static class Commands
             throw new UsageException("--group-size goes with --quantize q4.");
         if (quantize is not null)
             groupSize = CheckGroupSize(groupSize ?? Q4.DefaultGroupSize);
+        OutputFolder.Prepare(dir, "--out");
         var watch = Stopwatch.StartNew();
         string path = RandomWeights.Write(model, dir, seed, dtype, std,
             progress: model.ParameterCount > 50_000_000 ? Console.WriteLine : null, quantizeGroupSize: groupSize);

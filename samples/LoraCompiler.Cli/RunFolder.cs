@@ -54,8 +54,10 @@ public static class OutputFolder
         {
             bool finished = File.Exists(Path.Combine(dir, LoraAdapter.WeightsFileName));
             var info = TryReadCheckpoint(dir);
-            string what = finished ? "a finished run" : info is null ? "a run's files" : $"an unfinished run (its checkpoint is at step {info.Step} of {info.Steps})";
-            throw new UsageException($"--out: {dir} holds {what} ({Path.GetFileName(found[0])}); " +
+            string what = finished ? $"a finished run ({LoraAdapter.WeightsFileName})"
+                : info is null ? $"a run's files ({string.Join(", ", found.Select(Path.GetFileName))})"
+                : $"an unfinished run (its checkpoint is at step {info.Step} of {info.Steps})";
+            throw new UsageException($"--out: {dir} holds {what}; " +
                                      $"continue it with --resume {dir}, replace it with --overwrite, or pick another --out.");
         }
         foreach (var path in found)
