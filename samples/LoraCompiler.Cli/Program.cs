@@ -100,33 +100,8 @@ try
 }
 catch (Exception caught)
 {
-    // Every failure is one line 'error: <file or option>: <what is wrong>' and a nonzero exit code:
-    // 2 for a command-line mistake, 1 for anything else; the stack trace only with --verbose.
-    var e = Unwrap(caught);
-    bool known = e is UsageException or WeightsException or VulkanException or TokenizerException or TrainingDataException
-        or TrainingRunException or IOException or ArgumentException or JsonException or UnauthorizedAccessException;
-    string message = e switch
-    {
-        FileNotFoundException { FileName: { } file } => $"{file}: no such file.",
-        DirectoryNotFoundException d => d.Message,
-        _ => e.Message,
-    };
-    message = string.Join(" ", message.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
-    Console.Error.WriteLine($"error: {message}" + (known ? "" : $" ({e.GetType().Name}{(verbose ? "" : "; --verbose prints where")})"));
-    if (verbose)
-        Console.Error.WriteLine(caught);
-    return e is UsageException ? 2 : 1;
+    return Failure.Report(caught, verbose, Console.Error);
 }
-
-/// <summary>The exception that says what went wrong, out of the wrappers around it (a parallel loop's, a type initializer's).</summary>
-static Exception Unwrap(Exception e) =>
-    e switch
-    {
-        AggregateException { InnerExceptions.Count: 1 } a => Unwrap(a.InnerExceptions[0]),
-        TypeInitializationException { InnerException: { } inner } => Unwrap(inner),
-        System.Reflection.TargetInvocationException { InnerException: { } inner } => Unwrap(inner),
-        _ => e,
-    };
 
 /// <summary>A command's block of the usage text: its line and the indented lines under it, or null.</summary>
 static string? CommandUsage(string usage, string command)
@@ -213,6 +188,7 @@ public static class Commands
         using (var source = ModelWeights.Open(weightsPath))
         {
             source.Validate(model.BaseTensors);
+            Directory.CreateDirectory(dir);
             QuantizedModelWriter.Quantize(source, path, groupSize, Console.WriteLine);
         }
         var copied = new List<string>();
@@ -332,14 +308,14 @@ public static class Commands
         args.RejectUnknown();
         if (validationPath is null && (validationEvery is not null || validationSequences is not null))
             throw new UsageException("--val-every and --val-batches go with --val-data FILE.");
-        if (overwrite && resumeDir is not null)
+        if (overwrite && resumeDir is not null && OutputFolder.SamePath(resumeDir, outDir))
             throw new UsageException("--overwrite: a resumed run goes on in its folder; give --overwrite without --resume to start it again.");
         if (epochs is not null && args.Given("steps") && args.Given("epochs"))
             throw new UsageException("--epochs: give --steps or --epochs, not both.");
 
         // Before any work: the output folder, and a run already in it.
         OutputFolder.Prepare(outDir, "--out");
-        if (resumeDir is null)
+        if (resumeDir is null || !OutputFolder.SamePath(resumeDir, outDir))
             OutputFolder.ClaimForNewRun(outDir, overwrite);
         foreach (var leftover in TrainingRun.RemoveLeftovers(outDir))
             Console.WriteLine($"Removed {leftover}, left by a write that was killed.");

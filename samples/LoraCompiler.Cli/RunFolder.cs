@@ -13,20 +13,27 @@ namespace LoraCompiler.Cli;
 public static class OutputFolder
 {
     /// <summary>
-    /// Creates <paramref name="dir"/> if needed and checks that a file can be written in it (a probe
-    /// file, created and deleted: permissions, a read-only mount, root or not); removes the temporary
-    /// files of writes that were killed before their rename. A problem is a <see cref="UsageException"/>
-    /// naming <paramref name="option"/>.
+    /// Checks that <paramref name="dir"/> is a folder a file can be written in, or can be created: a
+    /// probe file, created and deleted at once in it or in the nearest folder above it that exists
+    /// (so permissions, a read-only mount and root are all judged as the write will be); nothing is
+    /// left behind. Removes the temporary files of writes that were killed before their rename. A
+    /// problem is a <see cref="UsageException"/> naming <paramref name="option"/>.
     /// </summary>
     public static void Prepare(string dir, string option)
     {
         if (File.Exists(dir))
             throw new UsageException($"{option}: {dir} is a file, not a folder.");
-        string probe = Path.Combine(dir, $".lora-write-test-{Guid.NewGuid():N}");
+        string existing = Path.GetFullPath(dir);
+        while (!Directory.Exists(existing))
+        {
+            if (File.Exists(existing))
+                throw new UsageException($"{option}: {dir} cannot be created: {existing} is a file.");
+            existing = Path.GetDirectoryName(existing) ?? throw new UsageException($"{option}: {dir} has no folder above it that exists.");
+        }
         try
         {
-            Directory.CreateDirectory(dir);
-            using (new FileStream(probe, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1, FileOptions.DeleteOnClose)) { }
+            using (new FileStream(Path.Combine(existing, $".lora-write-test-{Guid.NewGuid():N}"), FileMode.CreateNew, FileAccess.Write,
+                       FileShare.None, 1, FileOptions.DeleteOnClose)) { }
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {

@@ -154,6 +154,35 @@ public sealed class CommandLineContractTests : IDisposable
         Assert.Contains(lines, l => l.TrimStart().StartsWith("at ", StringComparison.Ordinal));
     }
 
+    [Fact]
+    public void Any_other_exception_is_one_line_with_its_type_and_the_stack_trace_only_with_verbose()
+    {
+        static (int Code, string Text) Report(Exception e, bool verbose)
+        {
+            var writer = new StringWriter();
+            int code = LoraCompiler.Cli.Failure.Report(e, verbose, writer);
+            return (code, writer.ToString());
+        }
+        Exception Thrown(Exception e)
+        {
+            try { throw e; } catch (Exception caught) { return caught; }
+        }
+
+        var (code, text) = Report(Thrown(new InvalidOperationException("the state is wrong\nover two lines")), verbose: false);
+        Assert.Equal(1, code);
+        Assert.Equal("error: the state is wrong over two lines (InvalidOperationException; --verbose prints where)", text.Trim());
+
+        (code, text) = Report(Thrown(new InvalidOperationException("the state is wrong")), verbose: true);
+        Assert.Equal(1, code);
+        Assert.StartsWith("error: the state is wrong (InvalidOperationException)\n", text);
+        Assert.Contains("   at ", text);
+
+        // A parallel loop's wrapper is looked through: a usage mistake inside it is still exit code 2.
+        (code, text) = Report(new AggregateException(new LoraCompiler.Cli.UsageException("--seq: too long.")), verbose: false);
+        Assert.Equal(2, code);
+        Assert.Equal("error: --seq: too long.", text.Trim());
+    }
+
     private static void CopyFolder(string from, string to)
     {
         Directory.CreateDirectory(to);

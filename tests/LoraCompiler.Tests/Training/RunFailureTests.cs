@@ -101,6 +101,7 @@ public sealed class RunFailureTests : IDisposable
     }
 
     [Fact]
+    [System.Runtime.Versioning.UnsupportedOSPlatform("windows")]
     public void An_out_that_is_a_file_or_read_only_is_refused_before_any_step()
     {
         string file = Dir("a-file");
