@@ -230,6 +230,25 @@ public sealed class RunFailureTests : IDisposable
         Assert.True(File.Exists(notOurs), "only the atomic writes' own temporary names are removed");
     }
 
+    [Fact]
+    public void The_mapped_files_of_a_killed_trainer_are_removed_when_the_next_one_starts()
+    {
+        // A process that has ended: its pid is free, as a killed trainer's is.
+        using var ended = System.Diagnostics.Process.Start(new System.Diagnostics.ProcessStartInfo("true"))!;
+        ended.WaitForExit();
+        string stale = Directory.CreateTempSubdirectory("lora-killed-").FullName;
+        File.WriteAllText(Path.Combine(stale, "owner.pid"), $"{ended.Id}");
+        File.WriteAllText(Path.Combine(stale, "x00.f32"), "a checkpoint's pages");
+        string alive = Directory.CreateTempSubdirectory("lora-running-").FullName;
+        File.WriteAllText(Path.Combine(alive, "owner.pid"), $"{Environment.ProcessId}");
+
+        using var trainer = _fixture.CreateTrainer(new LoraCompiler.Runtime.Backends.CpuBackend());
+        Assert.True(Directory.Exists(trainer.TemporaryFolder));
+        Assert.False(Directory.Exists(stale), "the folder of a process that is gone is removed");
+        Assert.True(Directory.Exists(alive), "a running process's folder is left alone");
+        Directory.Delete(alive, recursive: true);
+    }
+
     private void AssertSameAdapter(string expectedDir, string actualDir)
     {
         var expected = LoraAdapter.Load(expectedDir, _model.Lora, _model.LoraModules);
