@@ -223,6 +223,8 @@ public sealed partial class LoraGenerator
                             : "LayerWindows = new int[Layers],");
             Line("LmHeadChunk = LmHeadChunk,");
             Line($"EosTokenIds = [{string.Join(", ", _s.EosTokenIds)}],");
+            if (_s.MaxPositionEmbeddings > 0)
+                Line($"MaxPositionEmbeddings = {_s.MaxPositionEmbeddings}, // max_position_embeddings: the positions it was trained for");
             var defaults = new List<string>();
             if (_s.ActivationsInFile)
                 defaults.Add("ActivationsInFile: true");

@@ -157,12 +157,14 @@ public sealed partial class LoraGenerator
                 optimizerStateInFile = Placement(trainer, "optimizer_state");
             }
 
+            int maxPositions = config["max_position_embeddings"] is null or JsonNull ? 0 : PositiveInt(config, "max_position_embeddings");
+
             string modelName = Path.GetFileNameWithoutExtension(path);
             return new ModelSpec(path, modelName, ClassNameFor(modelName), traits,
                 hidden, intermediate, layers, heads, kvHeads, headDim, vocab, rmsEps, rope, localRope,
                 tied, qkvBias, OutputBias: attentionBias, activation, attentionScale, windows, softcap,
                 rank, alpha, targets, chunk, lcsbGroups, activationsInFile, optimizerStateInFile, ReadEosTokenIds(config, vocab),
-                warnings.ToEquatableArray());
+                maxPositions, warnings.ToEquatableArray());
         }
 
         /// <summary>eos_token_id: one id, a list of ids, or none; each within the vocabulary.</summary>

@@ -61,6 +61,7 @@ internal sealed record RopeSpec(double Theta, RopeScalingSpec? Scaling);
 /// <param name="LayerWindows">Per layer: 0 for full causal attention, W for a sliding window of W keys.</param>
 /// <param name="LocalRope">The RoPE of the sliding layers when it differs from <paramref name="Rope"/> (Gemma 3).</param>
 /// <param name="EosTokenIds">eos_token_id, one id or a list: where generation stops.</param>
+/// <param name="MaxPositionEmbeddings">max_position_embeddings: the positions the model was trained for; 0 when the config does not say.</param>
 /// <param name="Warnings">Diagnostics that do not stop the build (a field the family's model ignores).</param>
 internal sealed record ModelSpec(
     string FilePath,
@@ -92,6 +93,7 @@ internal sealed record ModelSpec(
     bool ActivationsInFile,
     bool OptimizerStateInFile,
     EquatableArray<int> EosTokenIds,
+    int MaxPositionEmbeddings,
     EquatableArray<DiagnosticInfo> Warnings)
 {
     public string Architecture => Traits.Architecture;

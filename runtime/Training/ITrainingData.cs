@@ -45,6 +45,9 @@ public sealed class TokenWindows : ITrainingData
     public string Position
     {
         get => _offset.ToString(System.Globalization.CultureInfo.InvariantCulture);
-        set => _offset = int.Parse(value, System.Globalization.CultureInfo.InvariantCulture);
+        set => _offset = int.TryParse(value, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int offset)
+                         && offset <= _tokens.Length
+            ? offset
+            : throw new ArgumentException($"'{value}' is not a token offset in {Description} (0 to {_tokens.Length}).");
     }
 }

@@ -96,6 +96,12 @@ public sealed record ModelInfo
     /// <summary>The config's eos_token_id (one or several): generation stops at any of them.</summary>
     public IReadOnlyList<int> EosTokenIds { get; init; } = [];
 
+    /// <summary>
+    /// The config's max_position_embeddings, the positions the model was trained for (a sequence
+    /// longer than it is refused); 0 when the config does not say.
+    /// </summary>
+    public int MaxPositionEmbeddings { get; init; }
+
     /// <summary>The run settings the model JSON's <c>trainer</c> section gives (LCSB groups, mmap placement).</summary>
     public TrainerOptions Defaults { get; init; } = new();
 

@@ -38,13 +38,34 @@ public abstract class Optimizer
         SafeTensorsWriter.Write(path, tensors, metadata: new Dictionary<string, string> { ["optimizer"] = Name, ["step"] = Step.ToString() });
     }
 
-    /// <summary>Reads what <see cref="Save"/> wrote.</summary>
-    public void Load(string path)
+    /// <summary>
+    /// Reads what <see cref="Save"/> wrote. With <paramref name="parameterLengths"/> (each parameter
+    /// tensor's name and length) every state tensor must belong to one of them and have its length.
+    /// </summary>
+    public void Load(string path, IReadOnlyDictionary<string, int>? parameterLengths = null)
     {
         using var file = SafeTensorsFile.Open(path);
-        if (!file.Metadata.TryGetValue("optimizer", out var name) || name != Name || !file.Metadata.TryGetValue("step", out var step))
+        if (!file.Metadata.TryGetValue("optimizer", out var name) || name != Name || !file.Metadata.TryGetValue("step", out var stepText))
             throw new WeightsException(path, $"not a {Name} optimizer state (metadata optimizer={name ?? "missing"})");
-        Restore(int.Parse(step), file.Names.ToDictionary(n => n, n => file.Read(n)));
+        if (!int.TryParse(stepText, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int step))
+            throw new WeightsException(path, $"the step '{stepText}' in its metadata is not a step count");
+        var state = new Dictionary<string, float[]>(StringComparer.Ordinal);
+        foreach (var tensor in file.Names)
+        {
+            var values = file.Read(tensor);
+            int dot = tensor.LastIndexOf('.');
+            if (parameterLengths is not null && (dot < 0 || !parameterLengths.TryGetValue(tensor[..dot], out int length) || length != values.Length))
+                throw new WeightsException(path, $"state tensor '{tensor}' ({values.Length} values) belongs to no LoRA parameter of this trainer");
+            state[tensor] = values;
+        }
+        try
+        {
+            Restore(step, state);
+        }
+        catch (ArgumentException e)
+        {
+            throw new WeightsException(path, e.Message, e);
+        }
     }
 
     /// <param name="allocate">
@@ -114,9 +135,11 @@ public sealed class AdamW(float beta1 = 0.9f, float beta2 = 0.999f, float eps = 
             if (name.EndsWith(".exp_avg", StringComparison.Ordinal))
             {
                 string parameter = name[..^".exp_avg".Length];
+                if (!state.TryGetValue(parameter + ".exp_avg_sq", out var squares) || squares.Length != values.Length)
+                    throw new ArgumentException($"'{name}' has no '{parameter}.exp_avg_sq' of {values.Length} values beside it");
                 var (m, v) = (Allocate(name, values.Length), Allocate(parameter + ".exp_avg_sq", values.Length));
                 values.CopyTo(m);
-                state[parameter + ".exp_avg_sq"].CopyTo(v);
+                squares.CopyTo(v);
                 _moments[parameter] = (m, v);
             }
     }

@@ -431,9 +431,43 @@ public abstract class TrainerBase : IDisposable
 
     private string? _temporaryFolder;
 
-    /// <summary>A folder of this trainer's own for memory-mapped files, removed when it is disposed.</summary>
-    public string TemporaryFolder => _temporaryFolder ??=
-        Directory.CreateTempSubdirectory($"lora-{Model.Name}-").FullName;
+    /// <summary>
+    /// A folder of this trainer's own for memory-mapped files, removed when it is disposed. It holds
+    /// <c>owner.pid</c>: the folders of processes that were killed (no longer running) are removed
+    /// when the next one is created.
+    /// </summary>
+    public string TemporaryFolder => _temporaryFolder ??= CreateTemporaryFolder();
+
+    private const string OwnerFile = "owner.pid";
+
+    private string CreateTemporaryFolder()
+    {
+        RemoveStaleTemporaryFolders();
+        string folder = Directory.CreateTempSubdirectory($"lora-{Model.Name}-").FullName;
+        File.WriteAllText(Path.Combine(folder, OwnerFile), Environment.ProcessId.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        return folder;
+    }
+
+    /// <summary>Removes the temporary folders of trainers whose process is gone (killed before it could dispose them); Linux only (/proc).</summary>
+    private static void RemoveStaleTemporaryFolders()
+    {
+        if (!OperatingSystem.IsLinux() || !Directory.Exists("/proc/self"))
+            return;
+        try
+        {
+            foreach (var folder in Directory.EnumerateDirectories(Path.GetTempPath(), "lora-*-*"))
+            {
+                string owner = Path.Combine(folder, OwnerFile);
+                if (File.Exists(owner) && int.TryParse(File.ReadAllText(owner), out int pid) && pid != Environment.ProcessId
+                    && !Directory.Exists($"/proc/{pid}"))
+                    Directory.Delete(folder, recursive: true);
+            }
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            // Another process's folder, or one being removed right now: not this trainer's business.
+        }
+    }
 
     public void Dispose()
     {

@@ -44,11 +44,46 @@ public sealed record TrainingOptions
     {
         if (Steps < 1) throw new ArgumentException("Steps must be at least 1.");
         if (GradientAccumulation < 1) throw new ArgumentException("Gradient accumulation must be at least 1.");
+        if (!float.IsFinite(LearningRate) || LearningRate < 0) throw new ArgumentException($"The learning rate must be a finite number of at least 0, not {LearningRate}.");
+        if (!float.IsFinite(WeightDecay) || WeightDecay < 0) throw new ArgumentException($"Weight decay must be a finite number of at least 0, not {WeightDecay}.");
+        if (!float.IsFinite(MezoEpsilon) || MezoEpsilon <= 0) throw new ArgumentException($"MeZO's epsilon must be a finite number above 0, not {MezoEpsilon}.");
+        if (SaveEvery < 0) throw new ArgumentException($"The save interval must be at least 0 steps, not {SaveEvery}.");
+        if (LcsbGroups is < 1) throw new ArgumentException($"LCSB groups must be at least 1, not {LcsbGroups}.");
         if (Schedule is not ("constant" or "cosine")) throw new ArgumentException($"Unknown schedule '{Schedule}' (available: constant, cosine).");
         if (Method is not ("backprop" or "mezo")) throw new ArgumentException($"Unknown method '{Method}' (available: backprop, mezo).");
+        if (Optimizer is not ("adamw" or "sgd")) throw new ArgumentException($"Unknown optimizer '{Optimizer}' (available: adamw, sgd).");
         if (WarmupSteps < 0 || WarmupSteps >= Steps && Schedule == "cosine") throw new ArgumentException("Warmup must be shorter than the run.");
     }
+
+    /// <summary>The names of the properties whose values differ between two options (empty when they agree).</summary>
+    public IReadOnlyList<string> Differences(TrainingOptions other) =>
+        typeof(TrainingOptions).GetProperties()
+            .Where(p => p.GetIndexParameters().Length == 0 && !Equals(p.GetValue(this), p.GetValue(other)))
+            .Select(p => p.Name).ToList();
 }
+
+/// <summary>
+/// A run that cannot go on: a damaged checkpoint, or (<see cref="TrainingDivergedException"/>) a loss
+/// or gradient that is no longer a finite number. The message starts with the file or the step.
+/// </summary>
+public class TrainingRunException(string message, Exception? inner = null) : Exception(message, inner);
+
+/// <summary>
+/// A non-finite loss, gradient or parameter at <see cref="Step"/>. Nothing of that step is saved: the
+/// checkpoint on disk is the last one written before it, and metrics.csv holds the steps before it.
+/// </summary>
+public sealed class TrainingDivergedException(int step, string detail)
+    : TrainingRunException($"step {step}: {detail}")
+{
+    public int Step { get; } = step;
+}
+
+/// <summary>What a run's checkpoint says about the run, read before anything is loaded (<see cref="TrainingRun.ReadCheckpoint"/>).</summary>
+/// <param name="Directory">The checkpoint folder.</param>
+/// <param name="Step">The last step it holds.</param>
+/// <param name="Options">The run's options; null in a checkpoint written before they were stored.</param>
+/// <param name="Settings">What the caller stored with it (<see cref="TrainingRun.Settings"/>: the command line's options); null if none.</param>
+public sealed record CheckpointInfo(string Directory, int Step, int Steps, TrainingOptions? Options, IReadOnlyDictionary<string, string>? Settings);
 
 /// <summary>One line of metrics.csv; <see cref="ValidationLoss"/> is null at a step without validation.</summary>
 public sealed record StepMetrics(int Step, float Loss, float LearningRate, double TokensPerSecond, double ElapsedSeconds, long PrivateBytes,
@@ -82,14 +117,21 @@ public sealed record ValidationOptions(EvaluationData Data)
 /// <summary>
 /// A fine-tuning run: steps of the generated trainer with an optimizer applied layer by layer as
 /// gradients arrive (or MeZO), checkpoints written atomically, and resume from the last one.
-/// The output folder holds the final adapter (PEFT format), metrics.csv, loss.svg and
-/// <c>checkpoint/</c> (adapter, optimizer state, step and data position). With
-/// <see cref="ValidationOptions"/> the run also scores held-out data now and then (metrics.csv's
-/// <c>val_loss</c>, a second curve in loss.svg).
+/// The output folder holds the final adapter (PEFT format), metrics.csv (a row per step, flushed as
+/// the run goes), loss.svg and <c>checkpoint/</c> (adapter, optimizer state, step, data position and
+/// the run's options). With <see cref="ValidationOptions"/> the run also scores held-out data now and
+/// then (metrics.csv's <c>val_loss</c>, a second curve in loss.svg).
 /// </summary>
+/// <remarks>
+/// Nothing non-finite is saved: each step's loss, every gradient as its layer's become final and every
+/// parameter after its update are checked (one vectorized pass each), and the first NaN or infinity
+/// stops the run with a <see cref="TrainingDivergedException"/> before that step is checkpointed.
+/// <see cref="Run"/> with a cancelled token ends after the running step with a checkpoint of it.
+/// </remarks>
 public sealed class TrainingRun
 {
     public const string CheckpointFolder = "checkpoint";
+    public const string MetricsFile = "metrics.csv";
     private const string StateFile = "state.json";
     private const string OptimizerFile = "optimizer.safetensors";
 
@@ -128,20 +170,52 @@ public sealed class TrainingRun
     /// <summary>The step the run continues from (0 for a new run).</summary>
     public int StartStep { get; private set; }
 
+    /// <summary>The step of the newest checkpoint on disk (the one resumed from, or written since); null if none.</summary>
+    public int? LastCheckpointStep { get; private set; }
+
+    /// <summary>
+    /// Stored in every checkpoint beside the options and handed back by <see cref="ReadCheckpoint"/>:
+    /// what else the caller needs to continue the run (the command line keeps its options there).
+    /// </summary>
+    public IReadOnlyDictionary<string, string>? Settings { get; set; }
+
     public IReadOnlyList<StepMetrics> Metrics => _metrics;
 
     /// <summary>Called after every step.</summary>
     public event Action<StepMetrics>? StepCompleted;
 
-    /// <summary>Continues from the checkpoint in <paramref name="runDir"/>; false when it has none.</summary>
+    /// <summary>
+    /// What the checkpoint in <paramref name="runDir"/> says about its run, without loading it; null
+    /// when the folder holds none. A damaged state.json is a <see cref="TrainingRunException"/> naming it.
+    /// </summary>
+    public static CheckpointInfo? ReadCheckpoint(string runDir)
+    {
+        string? dir = CheckpointIn(runDir);
+        if (dir is null)
+            return null;
+        var state = ReadState(dir);
+        return new CheckpointInfo(dir, state.Step, state.Steps, state.Options, state.Settings);
+    }
+
+    /// <summary>
+    /// Continues from the checkpoint in <paramref name="runDir"/>; false when it has none. Options that
+    /// differ from the checkpoint's are an <see cref="ArgumentException"/> naming them.
+    /// </summary>
     public bool Resume(string runDir)
     {
         string? dir = CheckpointIn(runDir);
         if (dir is null)
             return false;
-        var state = JsonSerializer.Deserialize<CheckpointState>(File.ReadAllText(Path.Combine(dir, StateFile)))
-            ?? throw new IOException($"{Path.Combine(dir, StateFile)}: empty checkpoint state");
-        if (state.Steps != _options.Steps || state.Method != _options.Method || state.Optimizer != _options.Optimizer)
+        string statePath = Path.Combine(dir, StateFile);
+        var state = ReadState(dir);
+        if (state.Options is { } stored)
+        {
+            var differences = stored.Differences(_options);
+            if (differences.Count > 0)
+                throw new ArgumentException($"{statePath}: the checkpoint is of a run with other options: " +
+                    string.Join(", ", differences.Select(d => $"{d} {Value(stored, d)}, not {Value(_options, d)}")) + "; resume with the same options.");
+        }
+        else if (state.Steps != _options.Steps || state.Method != _options.Method || state.Optimizer != _options.Optimizer)
             throw new ArgumentException($"{dir}: the checkpoint is of a run with {state.Steps} steps, method {state.Method}, " +
                                         $"optimizer {state.Optimizer}; resume with the same options.");
         var adapter = LoraAdapter.Load(Path.Combine(dir, "adapter"), _trainer.Model.Lora, _trainer.Model.LoraModules);
@@ -152,57 +226,103 @@ public sealed class TrainingRun
         }
         _trainer.UploadAdapter();
         if (_optimizer is not Sgd)
-            _optimizer.Load(Path.Combine(dir, OptimizerFile));
-        _data.Position = state.DataPosition;
+        {
+            string optimizerPath = Path.Combine(dir, OptimizerFile);
+            _optimizer.Load(optimizerPath, _trainer.LoraModules.SelectMany(m => new[] { (m.Spec.AName, m.A.Length), (m.Spec.BName, m.B.Length) })
+                .ToDictionary(p => p.Item1, p => (int)p.Item2, StringComparer.Ordinal));
+            if (_options.Method == "backprop" && _optimizer.Step != state.Step)
+                throw new TrainingRunException($"{optimizerPath}: the optimizer state is at step {_optimizer.Step}, the checkpoint at step {state.Step}.");
+        }
+        try
+        {
+            _data.Position = state.DataPosition;
+        }
+        catch (Exception e) when (e is FormatException or OverflowException or ArgumentException or JsonException
+                                      or KeyNotFoundException or IndexOutOfRangeException or InvalidOperationException)
+        {
+            throw new TrainingRunException($"{statePath}: DataPosition '{state.DataPosition}' is not a position in {_data.Description} ({e.Message})", e);
+        }
         StartStep = state.Step;
+        LastCheckpointStep = state.Step;
         _metrics.Clear();
         _metrics.AddRange(state.Metrics);
         return true;
     }
 
+    private static string Value(TrainingOptions options, string property) =>
+        Convert.ToString(typeof(TrainingOptions).GetProperty(property)!.GetValue(options), CultureInfo.InvariantCulture) ?? "null";
+
     /// <summary>Whether the run scores its validation data after a step.</summary>
     public bool ValidatesAt(int step) =>
         _validation is not null && (step % _validation.EveryFor(_options) == 0 || step == _options.Steps);
 
-    public void Run()
+    /// <summary>
+    /// Trains from <see cref="StartStep"/> to the last step and writes the adapter; true when it got
+    /// there. When <paramref name="stop"/> is cancelled the running step is finished, checkpointed, and
+    /// the run returns false without an adapter (resume it from the checkpoint). A non-finite loss,
+    /// gradient or parameter throws <see cref="TrainingDivergedException"/> with nothing of that step saved.
+    /// </summary>
+    public bool Run(CancellationToken stop = default)
     {
         var watch = Stopwatch.StartNew();
         double elapsedBefore = _metrics.Count > 0 ? _metrics[^1].ElapsedSeconds : 0;
         double validationSeconds = 0;
         long tokens = 0;
-        for (int step = StartStep + 1; step <= _options.Steps; step++)
+        Directory.CreateDirectory(_outDir);
+        _log = MetricsLog.Open(Path.Combine(_outDir, MetricsFile), _metrics);
+        try
         {
-            float lr = _options.LearningRateAt(step);
-            float loss = _options.Method == "mezo" ? MeZOStep(step, lr, ref tokens) : BackpropStep(step, lr, ref tokens);
-            float? validationLoss = null;
-            if (ValidatesAt(step))
+            for (int step = StartStep + 1; step <= _options.Steps; step++)
             {
-                // After the step's update, before its checkpoint: the checkpoint's metrics hold it.
-                var validationWatch = Stopwatch.StartNew();
-                validationLoss = (float)_validation!.Data.Evaluate(_trainer, _validation.Sequences).Loss;
-                validationSeconds += validationWatch.Elapsed.TotalSeconds;
+                if (stop.IsCancellationRequested)
+                {
+                    if (step - 1 > (LastCheckpointStep ?? 0))
+                        SaveCheckpoint(step - 1);
+                    return false;
+                }
+                float lr = _options.LearningRateAt(step);
+                float loss = _options.Method == "mezo" ? MeZOStep(step, lr, ref tokens) : BackpropStep(step, lr, ref tokens);
+                if (!float.IsFinite(loss))
+                    throw new TrainingDivergedException(step, $"the loss is {loss.ToString(CultureInfo.InvariantCulture)}");
+                float? validationLoss = null;
+                if (ValidatesAt(step))
+                {
+                    // After the step's update, before its checkpoint: the checkpoint's metrics hold it.
+                    var validationWatch = Stopwatch.StartNew();
+                    validationLoss = (float)_validation!.Data.Evaluate(_trainer, _validation.Sequences).Loss;
+                    validationSeconds += validationWatch.Elapsed.TotalSeconds;
+                }
+                // Throughput of training alone; the elapsed time is the run's wall time, validation included.
+                var metrics = new StepMetrics(step, loss, lr, tokens / (watch.Elapsed.TotalSeconds - validationSeconds),
+                    elapsedBefore + watch.Elapsed.TotalSeconds, ProcessMemory.PrivateBytes(), validationLoss);
+                _metrics.Add(metrics);
+                _log.Append(metrics);
+                StepCompleted?.Invoke(metrics);
+                if (_options.SaveEvery > 0 && step % _options.SaveEvery == 0 && step < _options.Steps)
+                    SaveCheckpoint(step);
             }
-            // Throughput of training alone; the elapsed time is the run's wall time, validation included.
-            var metrics = new StepMetrics(step, loss, lr, tokens / (watch.Elapsed.TotalSeconds - validationSeconds),
-                elapsedBefore + watch.Elapsed.TotalSeconds, ProcessMemory.PrivateBytes(), validationLoss);
-            _metrics.Add(metrics);
-            StepCompleted?.Invoke(metrics);
-            if (_options.SaveEvery > 0 && step % _options.SaveEvery == 0 && step < _options.Steps)
-                SaveCheckpoint(step);
+            SaveCheckpoint(_options.Steps);
+            _trainer.Adapter.Save(_outDir, _options.BaseModel ?? _trainer.Model.Name);
+            return true;
         }
-        SaveCheckpoint(_options.Steps);
-        _trainer.DownloadAdapter();
-        _trainer.Adapter.Save(_outDir, _options.BaseModel ?? _trainer.Model.Name);
-        WriteMetrics();
-        foreach (var buffer in _mapped)
-            ((IDisposable)buffer).Dispose();
-        _mapped.Clear();
+        finally
+        {
+            _log.Dispose();
+            _log = null;
+            WritePlot();
+            foreach (var buffer in _mapped)
+                ((IDisposable)buffer).Dispose();
+            _mapped.Clear();
+        }
     }
+
+    private MetricsLog? _log;
 
     /// <summary>
     /// One optimizer step. On the last (or only) sequence each layer's modules are stepped as soon as
     /// that layer's gradients are final. With gradient accumulation the earlier sequences' gradients
     /// are summed into host buffers first (the trainer itself holds one layer's gradients only).
+    /// Every gradient is checked before it is used, and every parameter after its update.
     /// </summary>
     private float BackpropStep(int step, float lr, ref long tokens)
     {
@@ -212,13 +332,20 @@ public sealed class TrainingRun
 
         void Accumulate(LayerGradients layer) => _trainer.VisitGradients(layer, (spec, da, db) =>
         {
+            CheckFinite(step, "the gradient of", spec.AName, da);
+            CheckFinite(step, "the gradient of", spec.BName, db);
             TensorPrimitives.Add(Accumulator(spec.AName, da.Length), da, Accumulator(spec.AName, da.Length));
             TensorPrimitives.Add(Accumulator(spec.BName, db.Length), db, Accumulator(spec.BName, db.Length));
         });
         void StepLayer(LayerGradients layer) => _trainer.UpdateParameters(layer, (m, a, b, da, db) =>
         {
-            _optimizer.Update(m.Spec.AName, a, Total(m.Spec.AName, da), lr, gradScale);
-            _optimizer.Update(m.Spec.BName, b, Total(m.Spec.BName, db), lr, gradScale);
+            ReadOnlySpan<float> totalA = Total(m.Spec.AName, da), totalB = Total(m.Spec.BName, db);
+            CheckFinite(step, "the gradient of", m.Spec.AName, totalA);
+            CheckFinite(step, "the gradient of", m.Spec.BName, totalB);
+            _optimizer.Update(m.Spec.AName, a, totalA, lr, gradScale);
+            _optimizer.Update(m.Spec.BName, b, totalB, lr, gradScale);
+            CheckFinite(step, "the update of", m.Spec.AName, a);
+            CheckFinite(step, "the update of", m.Spec.BName, b);
         });
 
         float loss = 0;
@@ -227,18 +354,37 @@ public sealed class TrainingRun
             var (x, y) = _data.Next();
             Action<LayerGradients> handler = i == micro - 1 ? StepLayer : Accumulate;
             _trainer.LayerGradientsReady += handler;
+            float sequenceLoss;
             try
             {
                 // The LCSB group follows the optimizer step, so all sequences of a step agree.
-                loss += _trainer.ForwardBackward(x, y, step - 1) / micro;
+                sequenceLoss = _trainer.ForwardBackward(x, y, step - 1);
             }
             finally
             {
                 _trainer.LayerGradientsReady -= handler;
             }
+            if (!float.IsFinite(sequenceLoss))
+                throw new TrainingDivergedException(step, $"the loss is {sequenceLoss.ToString(CultureInfo.InvariantCulture)}");
+            loss += sequenceLoss / micro;
             tokens += x.Length;
         }
         return loss;
+    }
+
+    /// <summary>NaN or an infinity anywhere in <paramref name="values"/> stops the run (one vectorized pass: the largest magnitude is NaN or ∞ then).</summary>
+    private static void CheckFinite(int step, string what, string name, ReadOnlySpan<float> values)
+    {
+        if (!values.IsEmpty && !float.IsFinite(TensorPrimitives.MaxMagnitude(values)))
+            throw new TrainingDivergedException(step, $"{what} {name} is not finite ({(HasNaN(values) ? "NaN" : "infinite")})");
+    }
+
+    private static bool HasNaN(ReadOnlySpan<float> values)
+    {
+        foreach (float v in values)
+            if (float.IsNaN(v))
+                return true;
+        return false;
     }
 
     private readonly Dictionary<string, float[]> _accumulated = new(StringComparer.Ordinal);
@@ -267,10 +413,17 @@ public sealed class TrainingRun
 
     /// <summary>
     /// Writes the checkpoint into a fresh folder, then swaps it in: a run killed at any moment leaves
-    /// either the previous checkpoint or the new one, whole.
+    /// either the previous checkpoint or the new one, whole. Parameters that are not finite are never
+    /// written (the run has diverged: <see cref="TrainingDivergedException"/>).
     /// </summary>
     private void SaveCheckpoint(int step)
     {
+        _trainer.DownloadAdapter();
+        foreach (var module in _trainer.Adapter.Modules)
+        {
+            CheckFinite(step, "the parameter", module.Spec.AName, module.A);
+            CheckFinite(step, "the parameter", module.Spec.BName, module.B);
+        }
         string final = Path.Combine(_outDir, CheckpointFolder);
         string temporary = final + ".tmp";
         string previous = final + ".old";
@@ -278,11 +431,11 @@ public sealed class TrainingRun
             Directory.Delete(temporary, recursive: true);
         Directory.CreateDirectory(temporary);
 
-        _trainer.DownloadAdapter();
         _trainer.Adapter.Save(Path.Combine(temporary, "adapter"), _options.BaseModel ?? _trainer.Model.Name);
         if (_optimizer is not Sgd)
             _optimizer.Save(Path.Combine(temporary, OptimizerFile));
-        var state = new CheckpointState(step, _options.Steps, _options.Method, _options.Optimizer, _data.Position, [.. _metrics]);
+        var state = new CheckpointState(step, _options.Steps, _options.Method, _options.Optimizer, _data.Position, [.. _metrics],
+            _options, Settings is null ? null : new Dictionary<string, string>(Settings, StringComparer.Ordinal));
         AtomicFile.WriteAllText(Path.Combine(temporary, StateFile), JsonSerializer.Serialize(state, JsonOptions));
 
         if (Directory.Exists(final))
@@ -294,7 +447,8 @@ public sealed class TrainingRun
         Directory.Move(temporary, final);
         if (Directory.Exists(previous))
             Directory.Delete(previous, recursive: true);
-        WriteMetrics();
+        LastCheckpointStep = step;
+        WritePlot();
     }
 
     /// <summary>The checkpoint folder of a run, or the one it was replacing when it was killed mid-swap.</summary>
@@ -309,14 +463,82 @@ public sealed class TrainingRun
         return null;
     }
 
-    private void WriteMetrics()
+    /// <summary>
+    /// What writes killed mid-way left in a run's folder: the atomic writes' temporary files (in the
+    /// folder and its checkpoint), a checkpoint being assembled (<c>checkpoint.tmp</c>) and one being
+    /// replaced (<c>checkpoint.old</c>, put back when it is the only one). Returns what was removed.
+    /// </summary>
+    public static IReadOnlyList<string> RemoveLeftovers(string runDir)
     {
-        Directory.CreateDirectory(_outDir);
-        var lines = new List<string> { "step,loss,learning_rate,tokens_per_second,elapsed_seconds,private_mb,val_loss" };
-        lines.AddRange(_metrics.Select(m => string.Join(",",
-            m.Step, F(m.Loss), F(m.LearningRate), F(m.TokensPerSecond), F(m.ElapsedSeconds), F(m.PrivateBytes / 1048576.0),
-            m.ValidationLoss is float v ? v.ToString("G9", CultureInfo.InvariantCulture) : "")));
-        AtomicFile.WriteAllText(Path.Combine(_outDir, "metrics.csv"), string.Join("\n", lines) + "\n");
+        if (!Directory.Exists(runDir))
+            return [];
+        var removed = new List<string>(AtomicFile.RemoveTemporaries(runDir));
+        string final = Path.Combine(runDir, CheckpointFolder), temporary = final + ".tmp", previous = final + ".old";
+        if (Directory.Exists(temporary))
+        {
+            Directory.Delete(temporary, recursive: true);
+            removed.Add(temporary);
+        }
+        if (Directory.Exists(previous))
+        {
+            if (File.Exists(Path.Combine(final, StateFile)))
+            {
+                Directory.Delete(previous, recursive: true);
+                removed.Add(previous);
+            }
+            else if (File.Exists(Path.Combine(previous, StateFile)))
+            {
+                if (Directory.Exists(final))
+                    Directory.Delete(final, recursive: true);
+                Directory.Move(previous, final);
+            }
+        }
+        removed.AddRange(AtomicFile.RemoveTemporaries(final, SearchOption.AllDirectories));
+        return removed;
+    }
+
+    private static CheckpointState ReadState(string dir)
+    {
+        string path = Path.Combine(dir, StateFile);
+        CheckpointState? state;
+        try
+        {
+            state = JsonSerializer.Deserialize<CheckpointState>(File.ReadAllBytes(path), JsonOptions);
+        }
+        catch (Exception e) when (e is JsonException or NotSupportedException or InvalidOperationException or ArgumentException)
+        {
+            throw new TrainingRunException($"{path}: not a checkpoint state ({e.Message})", e);
+        }
+        string? problem = state switch
+        {
+            null => "empty (null)",
+            { DataPosition: null } or { Method: null } or { Optimizer: null } or { Metrics: null } => "DataPosition, Method, Optimizer or Metrics is missing",
+            { Steps: < 1 } => $"Steps is {state.Steps}",
+            _ when state.Step < 0 || state.Step > state.Steps => $"Step {state.Step} is not a step of a run of {state.Steps}",
+            _ when state.Metrics.Count != state.Step || state.Metrics.Where((m, i) => m is null || m.Step != i + 1).Any() =>
+                $"its Metrics do not hold steps 1 to {state.Step}",
+            _ => null,
+        };
+        if (problem is null && state!.Options is { } options)
+        {
+            try
+            {
+                options.Validate();
+                if (options.Steps != state.Steps || options.Method != state.Method || options.Optimizer != state.Optimizer)
+                    problem = "its Options disagree with its Steps, Method or Optimizer";
+            }
+            catch (ArgumentException e)
+            {
+                problem = $"its Options are not valid ({e.Message})";
+            }
+        }
+        if (problem is not null)
+            throw new TrainingRunException($"{path}: not a valid checkpoint state: {problem}.");
+        return state!;
+    }
+
+    private void WritePlot()
+    {
         var series = new List<(string, IReadOnlyList<(double, double)>)>
         {
             (_options.Method, _metrics.Select(m => ((double)m.Step, (double)m.Loss)).ToList()),
@@ -328,10 +550,49 @@ public sealed class TrainingRun
             "step", "loss", series);
     }
 
+    /// <summary>
+    /// metrics.csv as the run goes: rewritten at the start with the rows the run already has (a resumed
+    /// run's, from its checkpoint, dropping any a killed run wrote after it), then a row appended and
+    /// flushed after every step, so the run can be watched (<c>tail -f</c>).
+    /// </summary>
+    private sealed class MetricsLog : IDisposable
+    {
+        private const string Header = "step,loss,learning_rate,tokens_per_second,elapsed_seconds,private_mb,val_loss";
+        private readonly StreamWriter _writer;
+
+        private MetricsLog(StreamWriter writer) => _writer = writer;
+
+        public static MetricsLog Open(string path, IEnumerable<StepMetrics> existing)
+        {
+            AtomicFile.WriteAllText(path, string.Join("", existing.Select(m => Row(m) + "\n").Prepend(Header + "\n")));
+            var stream = new FileStream(path, FileMode.Append, FileAccess.Write, FileShare.Read);
+            return new MetricsLog(new StreamWriter(stream, new System.Text.UTF8Encoding(false)) { NewLine = "\n" });
+        }
+
+        public void Append(StepMetrics m)
+        {
+            _writer.WriteLine(Row(m));
+            _writer.Flush();
+        }
+
+        public void Dispose() => _writer.Dispose();
+
+        private static string Row(StepMetrics m) => string.Join(",",
+            m.Step, F(m.Loss), F(m.LearningRate), F(m.TokensPerSecond), F(m.ElapsedSeconds), F(m.PrivateBytes / 1048576.0),
+            m.ValidationLoss is float v ? v.ToString("G9", CultureInfo.InvariantCulture) : "");
+    }
+
     /// <summary>Six digits for reading; val_loss is written with nine, a float's round trip, to compare against <c>lora eval</c>.</summary>
     private static string F(double v) => v.ToString("G6", CultureInfo.InvariantCulture);
 
-    private static readonly JsonSerializerOptions JsonOptions = new() { WriteIndented = true };
+    private static readonly JsonSerializerOptions JsonOptions = new()
+    {
+        WriteIndented = true,
+        NumberHandling = System.Text.Json.Serialization.JsonNumberHandling.AllowNamedFloatingPointLiterals,
+    };
 
-    private sealed record CheckpointState(int Step, int Steps, string Method, string Optimizer, string DataPosition, List<StepMetrics> Metrics);
+    /// <param name="Options">The run's options (null in checkpoints written before they were stored).</param>
+    /// <param name="Settings">The caller's <see cref="TrainingRun.Settings"/>.</param>
+    private sealed record CheckpointState(int Step, int Steps, string Method, string Optimizer, string DataPosition, List<StepMetrics> Metrics,
+        TrainingOptions? Options = null, Dictionary<string, string>? Settings = null);
 }

@@ -39,7 +39,7 @@ public static class Bench
     private static int Kernels(Args args)
     {
         var backends = Backends(args);
-        double seconds = args.Float("seconds", 1f);
+        double seconds = args.Float("seconds", 1f, min: 0, exclusiveMin: true);
         args.RejectUnknown();
         Header();
         Console.WriteLine($"{"product (T×in → out)",-26} {"backend",-44} {"weight",-6} {"ms/call",10} {"GFLOP/s",9} {"vs cpu",7}");
@@ -84,8 +84,8 @@ public static class Bench
     {
         string name = args.Required("model");
         var model = TrainerCatalog.Find(name) ?? throw new UsageException($"No trainer for model '{name}'.");
-        int seq = args.Int("seq", 64);
-        int steps = args.Int("steps", 2);
+        int seq = Commands.Seq(args, model, 64);
+        int steps = args.Int("steps", 2, min: 1);
         string? quantize = args.Optional("quantize");
         var backends = Backends(args);
         args.RejectUnknown();

@@ -22,7 +22,7 @@ public static class BenchDecode
     {
         var model = args.Optional("model") is null ? Models.TrainerCatalog.Find("qwen2.5-0.5b")! : Commands.Model(args);
         string weightsPath = args.Required("weights");
-        int promptLength = args.Int("prompt", 16), newTokens = args.Int("tokens", 32);
+        int promptLength = args.Int("prompt", 16, min: 1), newTokens = args.Int("tokens", 32, min: 2);
         using var backend = BackendOptions.Create(args);
         args.RejectUnknown();
         if (promptLength < 1 || newTokens < 2)

@@ -322,9 +322,9 @@ public sealed record MemoryBenchOptions
             $"No trainer for model '{name}'. This build has: {string.Join(", ", TrainerCatalog.All.Select(m => m.Name))}.");
         string weights = args.Required("weights");
         string? seqs = args.Optional("seqs");
-        int seq = args.Int("seq", 256);
-        int steps = args.Int("steps", 5);
-        int rank = args.Int("rank", model.Lora.R);
+        int seq = args.Int("seq", 256, min: 2);
+        int steps = args.Int("steps", 5, min: 1);
+        int rank = args.Int("rank", model.Lora.R, min: 1);
         string backend = args.Get("backend", "cpu");
         string? device = args.Optional("device");
         bool noReference = args.Flag("no-reference");

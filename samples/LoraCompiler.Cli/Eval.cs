@@ -39,12 +39,10 @@ public static class Eval
         string dataPath = args.Required("data");
         string? adapterDir = args.Optional("adapter");
         string? tokenizerPath = args.Optional("tokenizer");
-        int seq = args.Int("seq", 256);
+        int seq = Commands.Seq(args, model, 256);
         bool json = args.Flag("json");
         using var backend = BackendOptions.Create(args);
         args.RejectUnknown();
-        if (seq < 2)
-            throw new UsageException("--seq must be at least 2.");
 
         var data = Commands.EvaluationSet(dataPath, tokenizerPath ?? Commands.TokenizerBeside(weightsPath), model, seq);
         using var weights = ModelWeights.Open(weightsPath);

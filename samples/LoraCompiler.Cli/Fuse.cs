@@ -32,6 +32,7 @@ public static class Fuse
         string sourceDir = Commands.FolderOf(weightsPath);
         if (Path.GetFullPath(outDir).TrimEnd('/') == Path.GetFullPath(sourceDir).TrimEnd('/'))
             throw new UsageException($"--out {outDir} is the base model's folder; write the fused model to another folder.");
+        OutputFolder.Prepare(outDir, "--out");
         var watch = Stopwatch.StartNew();
         var adapter = Export.LoadWhole(adapterDir, model);
         ModelFuser.FusedModel fused;

@@ -29,8 +29,9 @@ public static class Generate
         string weightsPath = args.Required("weights");
         string? adapterDir = args.Optional("adapter");
         string? promptText = args.Optional("prompt"), messagesPath = args.Optional("messages"), tokensPath = args.Optional("tokens");
-        int maxNew = args.Int("max-new-tokens", 128);
-        var sampling = new SamplingOptions(args.Float("temperature", 0f), args.Int("top-k", 0), args.Float("top-p", 1f), args.Int("seed", 0));
+        int maxNew = args.Int("max-new-tokens", 128, min: 1);
+        var sampling = new SamplingOptions(args.Float("temperature", 0f, min: 0), args.Int("top-k", 0, min: 0),
+            args.Float("top-p", 1f, min: 0, max: 1, exclusiveMin: true), args.Int("seed", 0));
         string? outPath = args.Optional("out");
         string tokenizerPath = args.Optional("tokenizer") ?? Commands.TokenizerBeside(weightsPath);
         using var backend = BackendOptions.Create(args);

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using System.Text.Json;
 using LoraCompiler.Cli;
 using LoraCompiler.Models;
@@ -17,9 +18,10 @@ string Usage = $"""
       init-random --model NAME --out DIR [--seed S] [--dtype F32|BF16|F16] [--std X] [--quantize q4] [--group-size N]
                                                   write a model.safetensors of random weights
                                                   (--quantize q4: linear and embedding weights in 4 bits)
-      quantize --model NAME --weights PATH --out DIR [--group-size 64]
+      quantize --model NAME --weights PATH --out DIR [--group-size 64] [--overwrite]
                                                   write DIR/model.safetensors with 4-bit weights (MLX's
                                                   affine layout) and copy the config and tokenizer
+                                                  (--overwrite: allow DIR to be the source's own folder)
       init-adapter --model NAME --out DIR [--seed S]
                                                   write a new PEFT adapter (A random, B zero)
       grad --model NAME --weights PATH --adapter DIR --tokens FILE --out FILE [--backend cpu|vulkan] [--device D]
@@ -32,9 +34,12 @@ string Usage = $"""
             [--optimizer adamw|sgd] [--weight-decay X] [--method backprop|mezo] [--lcsb-groups K]
             [--mezo-eps X] [--save-every N] [--epochs N] [--tokenizer FILE] [--seed S] [--backend cpu|vulkan] [--device D]
             [--activations memory|mmap] [--optimizer-state memory|mmap] [--base-model ID]
-            [--val-data FILE] [--val-every N] [--val-batches K]
+            [--val-data FILE] [--val-every N] [--val-batches K] [--overwrite]
                                                   fine-tune; writes adapter, metrics.csv, loss.svg to DIR
                                                   (--val-data: the held-out loss every N steps, on K sequences)
+                                                  --resume DIR alone continues a run with its stored options;
+                                                  --overwrite replaces the run already in --out; Ctrl-C or
+                                                  SIGTERM stops after the step with a checkpoint (exit 130, 143)
       eval --model NAME --weights PATH [--adapter DIR] --data FILE [--seq N] [--json] [--tokenizer FILE]
            [--backend cpu|vulkan] [--device D]
                                                   loss and perplexity over the data (the base model without --adapter)
@@ -48,7 +53,12 @@ string Usage = $"""
     {Bench.Usage}
 
     PATH is a model.safetensors file or a folder holding it (or shards with model.safetensors.index.json).
+    Any failure is one line 'error: ...' (exit code 2 for a usage mistake, 1 otherwise); --verbose adds the stack trace.
     """;
+
+// --verbose, anywhere: a failure prints its stack trace after the error line.
+bool verbose = args.Contains("--verbose");
+args = args.Where(a => a != "--verbose").ToArray();
 
 if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
 {
@@ -84,19 +94,13 @@ try
         "fuse" => Fuse.Run(options),
         "export" => Export.Run(options),
         "bench" => Bench.Run(args.Length > 1 ? args[1] : "", options),
-        _ => throw new UsageException($"Unknown command '{args[0]}'. Run 'lora --help' for the list."),
+        _ => throw new UsageException($"{args[0]}: unknown command. Run 'lora --help' for the list."),
     };
     return code;
 }
-catch (UsageException e)
+catch (Exception caught)
 {
-    Console.Error.WriteLine($"error: {e.Message}");
-    return 2;
-}
-catch (Exception e) when (e is WeightsException or VulkanException or TokenizerException or TrainingDataException or IOException or ArgumentException or JsonException or UnauthorizedAccessException)
-{
-    Console.Error.WriteLine($"error: {e.Message}");
-    return 1;
+    return Failure.Report(caught, verbose, Console.Error);
 }
 
 /// <summary>A command's block of the usage text: its line and the indented lines under it, or null.</summary>
@@ -125,10 +129,8 @@ public static class Commands
     public static int Plan(Args args)
     {
         var model = Model(args);
-        int seq = args.Int("seq", 256);
+        int seq = Seq(args, model, 256);
         args.RejectUnknown();
-        if (seq < 2)
-            throw new UsageException("--seq must be at least 2.");
         Console.WriteLine($"{model}");
         Console.WriteLine($"Memory plan for sequences of up to {seq} tokens (float32 buffers):");
         Console.WriteLine(model.Plan(seq).Format());
@@ -141,7 +143,7 @@ public static class Commands
         string dir = args.Required("out");
         int seed = args.Int("seed", 0);
         string dtype = args.Get("dtype", "F32").ToUpperInvariant();
-        float std = args.Float("std", RandomWeights.InitStd);
+        float std = args.Float("std", RandomWeights.InitStd, min: 0);
         string? quantize = args.Optional("quantize");
         int? groupSize = args.Optional("group-size") is null ? null : args.Int("group-size", Q4.DefaultGroupSize);
         args.RejectUnknown();
@@ -151,6 +153,7 @@ public static class Commands
             throw new UsageException("--group-size goes with --quantize q4.");
         if (quantize is not null)
             groupSize = CheckGroupSize(groupSize ?? Q4.DefaultGroupSize);
+        OutputFolder.Prepare(dir, "--out");
         var watch = Stopwatch.StartNew();
         string path = RandomWeights.Write(model, dir, seed, dtype, std,
             progress: model.ParameterCount > 50_000_000 ? Console.WriteLine : null, quantizeGroupSize: groupSize);
@@ -170,7 +173,15 @@ public static class Commands
         string weightsPath = args.Required("weights");
         string dir = args.Required("out");
         int groupSize = CheckGroupSize(args.Int("group-size", Q4.DefaultGroupSize));
+        bool overwrite = args.Flag("overwrite");
         args.RejectUnknown();
+        // The float model is not replaced by its 4-bit copy unless asked: --out must be another folder.
+        string sourceDir = FolderOf(weightsPath);
+        bool inPlace = OutputFolder.SamePath(sourceDir, dir);
+        if (inPlace && !overwrite)
+            throw new UsageException($"--out: {dir} is the folder of the source weights {weightsPath}; writing there replaces the model " +
+                                     "being quantized. Give another --out, or --overwrite to replace it.");
+        OutputFolder.Prepare(dir, "--out");
 
         var watch = Stopwatch.StartNew();
         string path = Path.Combine(dir, ModelWeights.SingleFileName);
@@ -180,12 +191,12 @@ public static class Commands
             Directory.CreateDirectory(dir);
             QuantizedModelWriter.Quantize(source, path, groupSize, Console.WriteLine);
         }
-        string sourceDir = Directory.Exists(weightsPath) ? weightsPath : Path.GetDirectoryName(Path.GetFullPath(weightsPath))!;
         var copied = new List<string>();
         foreach (var file in new[] { "config.json", "tokenizer.json", "tokenizer_config.json" })
         {
             string from = Path.Combine(sourceDir, file), to = Path.Combine(dir, file);
-            if (!File.Exists(from) || Path.GetFullPath(from) == Path.GetFullPath(to))
+            // In place (--overwrite) the config still gets its quantization entry; the tokenizer stays as it is.
+            if (!File.Exists(from) || (OutputFolder.SamePath(from, to) && file != "config.json"))
                 continue;
             if (file == "config.json")
                 WriteQuantizedConfig(from, to, groupSize);
@@ -231,9 +242,9 @@ public static class Commands
         string tokensPath = args.Required("tokens");
         string outPath = args.Required("out");
         string method = args.Get("method", "backprop");
-        int samples = args.Int("samples", 1);
+        int samples = args.Int("samples", 1, min: 1);
         ulong seed = (ulong)args.Int("seed", 0);
-        float epsilon = args.Float("mezo-eps", 1e-3f);
+        float epsilon = args.Float("mezo-eps", 1e-3f, min: 0, exclusiveMin: true);
         using var backend = Backend(args);
         args.RejectUnknown();
         if (method is not ("backprop" or "mezo"))
@@ -270,26 +281,44 @@ public static class Commands
 
     public static int Train(Args args)
     {
+        // --resume DIR alone continues a run: the options its checkpoint stored stand in for those not given.
+        string? resumeDir = args.Optional("resume");
+        CheckpointInfo? checkpoint = null;
+        if (resumeDir is not null)
+        {
+            checkpoint = TrainingRun.ReadCheckpoint(resumeDir) ?? throw new UsageException($"--resume: {resumeDir} holds no checkpoint to resume from.");
+            if (checkpoint.Settings is { } stored)
+                args.WithFallback(RunSettings.Fallback(stored, resumeDir));
+        }
         var model = Model(args);
         string weightsPath = args.Required("weights");
         string dataPath = args.Required("data");
         string outDir = args.Required("out");
         string? adapterDir = args.Optional("adapter");
-        string? resumeDir = args.Optional("resume");
         string? tokenizerPath = args.Optional("tokenizer");
+        bool overwrite = args.Flag("overwrite");
         var placement = Placement(args);
-        int? epochs = args.Optional("epochs") is null ? null : args.Int("epochs", 1);
-        int seq = args.Int("seq", 256);
-        var options = TrainingOptionsFrom(args) with { BaseModel = Export.BaseModelId(args.Optional("base-model"), weightsPath, null, model) };
+        int? epochs = args.IntOrNull("epochs", min: 1);
+        int seq = Seq(args, model, 256);
+        var options = TrainingOptionsFrom(args, model) with { BaseModel = Export.BaseModelId(args.Optional("base-model"), weightsPath, null, model) };
         string? validationPath = args.Optional("val-data");
-        int? validationEvery = args.Optional("val-every") is null ? null : args.Int("val-every", 1);
-        int? validationSequences = args.Optional("val-batches") is null ? null : args.Int("val-batches", 1);
+        int? validationEvery = args.IntOrNull("val-every", min: 1);
+        int? validationSequences = args.IntOrNull("val-batches", min: 1);
         using var backend = Backend(args);
         args.RejectUnknown();
-        if (seq < 2)
-            throw new UsageException("--seq must be at least 2.");
         if (validationPath is null && (validationEvery is not null || validationSequences is not null))
             throw new UsageException("--val-every and --val-batches go with --val-data FILE.");
+        if (overwrite && resumeDir is not null && OutputFolder.SamePath(resumeDir, outDir))
+            throw new UsageException("--overwrite: a resumed run goes on in its folder; give --overwrite without --resume to start it again.");
+        if (epochs is not null && args.Given("steps") && args.Given("epochs"))
+            throw new UsageException("--epochs: give --steps or --epochs, not both.");
+
+        // Before any work: the output folder, and a run already in it.
+        OutputFolder.Prepare(outDir, "--out");
+        if (resumeDir is null || !OutputFolder.SamePath(resumeDir, outDir))
+            OutputFolder.ClaimForNewRun(outDir, overwrite);
+        foreach (var leftover in TrainingRun.RemoveLeftovers(outDir))
+            Console.WriteLine($"Removed {leftover}, left by a write that was killed.");
 
         string tokenizer = tokenizerPath ?? TokenizerBeside(weightsPath);
         var data = TrainingStream(dataPath, tokenizer, model, seq, options.Seed);
@@ -311,16 +340,34 @@ public static class Commands
         {
             if (data is not PackedTrainingData packed)
                 throw new UsageException("--epochs needs a .jsonl dataset; give --steps for a token or text file.");
-            options = options with { Steps = (int)Math.Ceiling((double)packed.SequencesPerEpoch * n / options.GradientAccumulation) };
+            options = options with { Steps = (int)Math.Min(int.MaxValue, Math.Ceiling((double)packed.SequencesPerEpoch * n / options.GradientAccumulation)) };
         }
+
+        // What the checkpoints store, so that --resume DIR alone continues the run.
+        var settings = RunSettings.Of(new Dictionary<string, string?>
+        {
+            ["model"] = model.Name, ["weights"] = weightsPath, ["data"] = dataPath, ["tokenizer"] = tokenizer,
+            ["seq"] = Invariant(seq), ["steps"] = Invariant(options.Steps), ["epochs"] = epochs is int count ? Invariant(count) : null,
+            ["lr"] = Invariant(options.LearningRate), ["schedule"] = options.Schedule, ["warmup"] = Invariant(options.WarmupSteps),
+            ["grad-accum"] = Invariant(options.GradientAccumulation), ["seed"] = Invariant(options.Seed), ["optimizer"] = options.Optimizer,
+            ["weight-decay"] = Invariant(options.WeightDecay), ["method"] = options.Method, ["lcsb-groups"] = Invariant(options.LcsbGroups!.Value),
+            ["mezo-eps"] = Invariant(options.MezoEpsilon), ["save-every"] = Invariant(options.SaveEvery), ["base-model"] = options.BaseModel,
+            ["adapter"] = adapterDir, ["val-data"] = validationPath,
+            ["val-every"] = validationEvery is int every ? Invariant(every) : null,
+            ["val-batches"] = validationSequences is int batches ? Invariant(batches) : null,
+        }, dataPath);
+        if (checkpoint is not null)
+            RunSettings.CheckResume(checkpoint, args, dataPath);
+
         using var weights = ModelWeights.Open(weightsPath);
-        var adapter = adapterDir is null
+        // A resumed run's parameters come from its checkpoint: its starting adapter is not read again.
+        var adapter = adapterDir is null || checkpoint is not null
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, options.Seed)
             : LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
         using var trainer = model.Create(backend, weights, adapter, seq, placement);
-        var run = new TrainingRun(trainer, data, options, outDir, validation);
+        var run = new TrainingRun(trainer, data, options, outDir, validation) { Settings = settings };
         if (resumeDir is not null && !run.Resume(resumeDir))
-            throw new UsageException($"{resumeDir} holds no checkpoint to resume from.");
+            throw new UsageException($"--resume: {resumeDir} holds no checkpoint to resume from.");
 
         string schedule = options.Method == "mezo" ? "MeZO" : trainer.LcsbGroups == 1 ? "full backprop" : $"LCSB with {trainer.LcsbGroups} groups";
         Console.WriteLine($"Training {model.Name} on {backend.Name}: {schedule}, {options.Optimizer}, lr {options.LearningRate} ({options.Schedule}), " +
@@ -337,9 +384,46 @@ public static class Commands
                                   $"{m.TokensPerSecond,8:F0} tok/s  {m.PrivateBytes / 1048576.0,7:F1} MiB private" +
                                   (m.ValidationLoss is float v ? $"  val_loss {v,8:F4}" : ""));
         };
-        run.Run();
+        using var signals = new StopSignals();
+        try
+        {
+            if (!run.Run(signals.Token))
+            {
+                Console.WriteLine(run.LastCheckpointStep is int saved
+                    ? $"Stopped by {signals.SignalName} after step {saved}: the checkpoint is in {Path.Combine(outDir, TrainingRun.CheckpointFolder)}; " +
+                      $"continue with: lora train --resume {outDir}"
+                    : $"Stopped by {signals.SignalName} before the first step; nothing to save.");
+                return signals.ExitCode;
+            }
+        }
+        catch (TrainingDivergedException e)
+        {
+            string kept = run.LastCheckpointStep is int saved
+                ? $"the last checkpoint (step {saved}) is kept in {Path.Combine(outDir, TrainingRun.CheckpointFolder)}"
+                : "no checkpoint was written before it (--save-every N keeps one)";
+            throw new TrainingRunException($"{e.Message}: the run diverged (lr {options.LearningRate}); nothing of step {e.Step} was saved, " +
+                                           $"{kept}, and {Path.Combine(outDir, TrainingRun.MetricsFile)} holds steps 1 to {e.Step - 1}. " +
+                                           "Start again with a lower --lr (and --overwrite).", e);
+        }
         Console.WriteLine($"Wrote the adapter, metrics.csv and loss.svg to {outDir}.");
         return 0;
+    }
+
+    private static string Invariant(int value) => value.ToString(CultureInfo.InvariantCulture);
+
+    private static string Invariant(float value) => value.ToString("R", CultureInfo.InvariantCulture);
+
+    /// <summary>
+    /// <c>--seq N</c>: at least 2, and at most the model's max_position_embeddings (the positions it
+    /// was trained for) when its config gives it.
+    /// </summary>
+    internal static int Seq(Args args, ModelInfo model, int defaultValue)
+    {
+        int seq = args.Int("seq", defaultValue, min: 2);
+        if (model.MaxPositionEmbeddings > 0 && seq > model.MaxPositionEmbeddings)
+            throw new UsageException($"--seq: {seq} is more than the {model.MaxPositionEmbeddings} positions {model.Name} was trained for " +
+                                     "(max_position_embeddings in its config).");
+        return seq;
     }
 
     public static int CompareGrads(string[] files)
@@ -384,10 +468,10 @@ public static class Commands
         string dataPath = args.Required("data");
         string outDir = args.Required("out");
         string? weightsPath = args.Optional("weights");
-        int steps = args.Int("steps", 200);
-        int seq = args.Int("seq", 128);
-        float lr = args.Float("lr", 1e-2f);
-        float mezoLr = args.Float("mezo-lr", 1e-3f);
+        int steps = args.Int("steps", 200, min: 1);
+        int seq = Seq(args, model, 128);
+        float lr = args.Float("lr", 1e-2f, min: 0);
+        float mezoLr = args.Float("mezo-lr", 1e-3f, min: 0);
         int seed = args.Int("seed", 1);
         var methods = args.Get("methods", "full,lcsb2,lcsb4,mezo").Split(',', StringSplitOptions.RemoveEmptyEntries);
         using var backend = Backend(args);
@@ -460,24 +544,33 @@ public static class Commands
         }
     }
 
-    /// <summary>The options every training command shares.</summary>
-    private static TrainingOptions TrainingOptionsFrom(Args args)
+    /// <summary>The options every training command shares, each checked against its range.</summary>
+    private static TrainingOptions TrainingOptionsFrom(Args args, ModelInfo model)
     {
         var options = new TrainingOptions
         {
-            Steps = args.Int("steps", 100),
-            LearningRate = args.Float("lr", 1e-3f),
+            Steps = args.Int("steps", 100, min: 1),
+            LearningRate = args.Float("lr", 1e-3f, min: 0),
             Schedule = args.Get("schedule", "constant"),
-            WarmupSteps = args.Int("warmup", 0),
-            GradientAccumulation = args.Int("grad-accum", 1),
+            WarmupSteps = args.Int("warmup", 0, min: 0),
+            GradientAccumulation = args.Int("grad-accum", 1, min: 1),
             Seed = args.Int("seed", 0),
             Optimizer = args.Get("optimizer", "adamw"),
-            WeightDecay = args.Float("weight-decay", 0f),
+            WeightDecay = args.Float("weight-decay", 0f, min: 0),
             Method = args.Get("method", "backprop"),
-            LcsbGroups = args.Optional("lcsb-groups") is null ? null : args.Int("lcsb-groups", 1),
-            MezoEpsilon = args.Float("mezo-eps", 1e-3f),
-            SaveEvery = args.Int("save-every", 0),
+            // Always set (the model JSON's when not given), so that a checkpoint states the schedule it ran.
+            LcsbGroups = args.IntOrNull("lcsb-groups", min: 1, max: model.Layers) ?? model.Defaults.LcsbGroups ?? 1,
+            MezoEpsilon = args.Float("mezo-eps", 1e-3f, min: 0, exclusiveMin: true),
+            SaveEvery = args.Int("save-every", 0, min: 0),
         };
+        if (options.Schedule is not ("constant" or "cosine"))
+            throw new UsageException($"--schedule: '{options.Schedule}' is not a schedule (available: constant, cosine).");
+        if (options.Method is not ("backprop" or "mezo"))
+            throw new UsageException($"--method: '{options.Method}' is not a method (available: backprop, mezo).");
+        if (options.Optimizer is not ("adamw" or "sgd"))
+            throw new UsageException($"--optimizer: '{options.Optimizer}' is not an optimizer (available: adamw, sgd).");
+        if (options.Schedule == "cosine" && options.WarmupSteps >= options.Steps)
+            throw new UsageException($"--warmup: {options.WarmupSteps} steps of warmup leave nothing of a cosine schedule of {options.Steps} steps.");
         try
         {
             options.Validate();

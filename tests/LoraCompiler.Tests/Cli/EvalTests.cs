@@ -168,11 +168,11 @@ public class EvalTests
         string missing = Path.Combine(fixture.Dir, "missing.json");
         var (code, _, error) = Lora("eval", "--model", model.Name, "--weights", fixture.WeightsPath, "--data", missing);
         Assert.Equal(1, code);
-        Assert.Equal($"error: Could not find file '{missing}'.", error.Trim());
+        Assert.Equal($"error: {missing}: no such file.", error.Trim());
 
         var (usage, _, usageError) = Lora("eval", "--model", model.Name, "--weights", fixture.WeightsPath);
         Assert.Equal(2, usage);
-        Assert.Equal("error: Missing required option --data.", usageError.Trim());
+        Assert.Equal("error: --data: required, not given.", usageError.Trim());
     }
 
     private static string WriteTokens(ModelFixture fixture)

@@ -140,6 +140,7 @@ public sealed class TinyGemma3Trainer : TrainerBase
         LayerWindows = [7, 7, 0, 7, 7],
         LmHeadChunk = LmHeadChunk,
         EosTokenIds = [],
+        MaxPositionEmbeddings = 512, // max_position_embeddings: the positions it was trained for
         Lora = new LoraSettings(LoraRank, LoraAlpha, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
         BaseTensors = BaseTensorList().ToArray(),
         LoraModules = LoraModuleList().ToArray(),

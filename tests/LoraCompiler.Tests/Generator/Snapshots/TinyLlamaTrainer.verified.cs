@@ -115,6 +115,7 @@ public sealed class TinyLlamaTrainer : TrainerBase
         LayerWindows = new int[Layers],
         LmHeadChunk = LmHeadChunk,
         EosTokenIds = [],
+        MaxPositionEmbeddings = 256, // max_position_embeddings: the positions it was trained for
         Defaults = new TrainerOptions(ActivationsInFile: true, OptimizerStateInFile: true), // the JSON's trainer section
         Lora = new LoraSettings(LoraRank, LoraAlpha, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]),
         BaseTensors = BaseTensorList().ToArray(),
