@@ -177,17 +177,25 @@ public static class TorchReference
 
     /// <summary>
     /// A float64 constant as a 0-dimensional tensor. Every number the reference multiplies or adds is
-    /// one, never a TorchSharp Scalar: TorchSharp 0.107 hands a temporary Scalar's handle to libtorch
+    /// one, never a temporary TorchSharp Scalar: TorchSharp 0.107 hands a temporary Scalar's handle to libtorch
     /// without keeping the Scalar alive, so a garbage collection in between frees it under the call
     /// (seen as "Unknown scalar type" and toDouble failures in parallel test runs).
     /// </summary>
     public static Tensor Constant(double value) => torch.tensor(value, ScalarType.Float64);
 
+    /// <summary>
+    /// a + b. TorchSharp's + passes libtorch a temporary Scalar alpha = 1 that it does not keep alive
+    /// either; this one lives as long as the class.
+    /// </summary>
+    public static Tensor Add(Tensor a, Tensor b) => a.add(b, One);
+
+    private static readonly Scalar One = 1.0;
+
     /// <summary>RMSNorm over the last dimension: (offset + w) · x · rsqrt(mean(x²) + eps).</summary>
     public static Tensor RmsNorm(Tensor x, Tensor weight, double eps, double weightOffset = 0)
     {
-        var normalized = x * torch.rsqrt((x * x).mean(new long[] { -1 }, keepdim: true) + Constant(eps));
-        return (weightOffset == 0 ? weight : weight + Constant(weightOffset)) * normalized;
+        var normalized = x * torch.rsqrt(Add((x * x).mean(new long[] { -1 }, keepdim: true), Constant(eps)));
+        return (weightOffset == 0 ? weight : Add(weight, Constant(weightOffset))) * normalized;
     }
 
     /// <summary>
@@ -244,7 +252,7 @@ public static class TorchReference
         long half = x.shape[^1] / 2;
         var x1 = x.narrow(-1, 0, half);
         var x2 = x.narrow(-1, half, half);
-        return x * cos + torch.cat(new[] { -x2, x1 }, -1) * sin;
+        return Add(x * cos, torch.cat(new[] { -x2, x1 }, -1) * sin);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -366,12 +374,12 @@ public static class TorchReference
             string block = Array.IndexOf(AttentionModules, module) >= 0 ? "self_attn" : "mlp";
             var w = W($"model.layers.{layer}.{block}.{module}.weight", o, i);
             var y = x.matmul(w.t());
-            if (bias is not null) y = y + bias;
+            if (bias is not null) y = Add(y, bias);
             if (targets.Contains(module))
             {
                 var a = lora[AdapterName(layer, module, "lora_A")];
                 var b = lora[AdapterName(layer, module, "lora_B")];
-                y = y + x.matmul(a.t()).matmul(b.t()) * Constant(scaling);
+                y = Add(y, x.matmul(a.t()).matmul(b.t()) * Constant(scaling));
             }
             return y;
         }
@@ -419,7 +427,7 @@ public static class TorchReference
             var attn = Attention(q, k, v, attnScale, window).transpose(0, 1).reshape(T, cfg.Heads * D);
             var attnOut = Proj(attn, l, "o_proj", Optional(p + "self_attn.o_proj.bias", cfg.Hidden));
             if (cfg.SandwichNorms) attnOut = Norm(attnOut, p + "post_attention_layernorm.weight", cfg.Hidden);
-            h = h + attnOut;
+            h = Add(h, attnOut);
 
             // MLP block (GLU).
             x = Norm(h, p + (cfg.SandwichNorms ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight"), cfg.Hidden);
@@ -427,10 +435,10 @@ public static class TorchReference
             var up = Proj(x, l, "up_proj", null);
             var mlpOut = Proj(gate * up, l, "down_proj", null);
             if (cfg.SandwichNorms) mlpOut = Norm(mlpOut, p + "post_feedforward_layernorm.weight", cfg.Hidden);
-            h = h + mlpOut;
+            h = Add(h, mlpOut);
 
             if (stopGradientLayers?.Contains(l) == true)
-                h = blockInput + (h - blockInput).detach();
+                h = Add(blockInput, Add(h, -blockInput).detach());
         }
 
         h = Norm(h, "model.norm.weight", cfg.Hidden);
