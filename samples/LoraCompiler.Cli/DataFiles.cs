@@ -78,13 +78,12 @@ internal static class DataFiles
     {
         if (!IsJsonl(dataPath))
         {
-            var (tokens, description) = Tokens(dataPath, reading, model);
+            var (tokens, how) = Tokens(dataPath, reading, model);
             // Windows start every seq tokens while one more token follows; the rest of the file is in none.
             long windows = tokens.Length > seq ? (tokens.Length - 1L) / seq : 0;
             long unused = tokens.Length - 1 - windows * seq;
-            if (windows > 0 && unused > 0)
-                description += $"; the last {unused:N0} token{(unused == 1 ? " is" : "s are")} in no window of {seq}";
-            return new TokenWindows(tokens, seq, $"{dataPath} ({description})");
+            string rest = windows > 0 && unused > 0 ? $"; the last {unused:N0} {(unused == 1 ? "is" : "are")} in no window of {seq}" : "";
+            return new TokenWindows(tokens, seq, $"{dataPath} {how} ({tokens.Length:N0} tokens{rest})");
         }
         var data = Jsonl(dataPath, reading, model);
         var packed = new PackedTrainingData(data, new SequencePacker(data.Examples, seq, PackingMode.Pack, seed));
@@ -97,8 +96,8 @@ internal static class DataFiles
     {
         if (!IsJsonl(dataPath))
         {
-            var (tokens, description) = Tokens(dataPath, reading, model);
-            return EvaluationData.Windows(tokens, seq, $"{dataPath}, {description}");
+            var (tokens, how) = Tokens(dataPath, reading, model);
+            return EvaluationData.Windows(tokens, seq, $"{dataPath} {how}");
         }
         var evaluation = EvaluationData.Packed(Jsonl(dataPath, reading, model), seq);
         Warn(dataPath, evaluation.Coverage!, seq);
@@ -106,15 +105,15 @@ internal static class DataFiles
     }
 
     /// <summary>
-    /// The tokens of a token-id or text file and how they were read ("4,120 tokens by …/tokenizer.json",
-    /// "38,211 UTF-8 bytes as tokens").
+    /// The tokens of a token-id or text file and how they were read ("tokenized by …/tokenizer.json",
+    /// "as UTF-8 bytes", "as token ids").
     /// </summary>
     public static (int[] Tokens, string Description) Tokens(string path, DataReading reading, ModelInfo model)
     {
         if (IsTokenIds(path))
         {
             int[] ids = Commands.ReadTokens(path);
-            return (ids, $"{ids.Length:N0} token ids");
+            return (ids, "as token ids");
         }
         bool bytes = reading.Format switch
         {
@@ -126,7 +125,7 @@ internal static class DataFiles
         {
             var tokenizer = Tokenizer(path, reading, model);
             int[] ids = TrainingData.LoadText(path, tokenizer);
-            return (ids, $"{ids.Length:N0} tokens by {reading.TokenizerPath}");
+            return (ids, $"tokenized by {reading.TokenizerPath}");
         }
         if (model.Vocab < 256)
             throw new UsageException($"{path}: {model.Name} has a vocabulary of {model.Vocab}, too small for UTF-8 bytes as tokens; " +
@@ -135,7 +134,7 @@ internal static class DataFiles
             throw new UsageException($"{path} is text and there is no tokenizer.json at {reading.TokenizerPath} to tokenize it; " +
                                      $"{model.Name}'s vocabulary of {model.Vocab:N0} is not one of bytes. Pass --tokenizer FILE, or --data-format bytes to train on the UTF-8 bytes as token ids anyway.");
         byte[] content = File.ReadAllBytes(path);
-        return (content.Select(b => (int)b).ToArray(), $"{content.Length:N0} UTF-8 bytes as tokens");
+        return (content.Select(b => (int)b).ToArray(), "as UTF-8 bytes");
     }
 
     /// <summary>
