@@ -512,25 +512,36 @@ public sealed partial class BpeTokenizer
         public TokenizerException Error(string problem) => new(source, problem);
 
         public JsonElement Object(JsonElement parent, string name, string where) =>
-            parent.TryGetProperty(name, out var value) && value.ValueKind == JsonValueKind.Object
+            Member(parent, name, where, out var value) && value.ValueKind == JsonValueKind.Object
                 ? value
                 : throw Error($"{where} is missing or not an object.");
 
         public JsonElement Array(JsonElement parent, string name, string where) =>
-            parent.TryGetProperty(name, out var value) && value.ValueKind == JsonValueKind.Array
+            Member(parent, name, where, out var value) && value.ValueKind == JsonValueKind.Array
                 ? value
                 : throw Error($"{where} is missing or not an array.");
 
         public string? OptionalString(JsonElement parent, string name, string where)
         {
-            if (!parent.TryGetProperty(name, out var value) || value.ValueKind == JsonValueKind.Null)
+            if (!Member(parent, name, where, out var value) || value.ValueKind == JsonValueKind.Null)
                 return null;
             return value.ValueKind == JsonValueKind.String ? value.GetString() : throw Error($"{where} is not a string.");
         }
 
+        /// <summary>A member of an object; a parent that is not an object (where the file has a string, say) is an error, not JsonElement's exception.</summary>
+        private bool Member(JsonElement parent, string name, string where, out JsonElement value)
+        {
+            if (parent.ValueKind != JsonValueKind.Object)
+            {
+                int dot = where.LastIndexOf('.');
+                throw Error($"{(dot > 0 ? where[..dot] : "the top level")} is a JSON {Kind(parent)}, not an object.");
+            }
+            return parent.TryGetProperty(name, out value);
+        }
+
         public bool Flag(JsonElement parent, string name, bool fallback, string where)
         {
-            if (!parent.TryGetProperty(name, out var value) || value.ValueKind == JsonValueKind.Null)
+            if (!Member(parent, name, $"{where}.{name}", out var value) || value.ValueKind == JsonValueKind.Null)
                 return fallback;
             return value.ValueKind switch
             {
