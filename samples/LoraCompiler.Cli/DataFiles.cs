@@ -79,6 +79,9 @@ internal static class DataFiles
         if (!IsJsonl(dataPath))
         {
             var (tokens, how) = Tokens(dataPath, reading, model);
+            if (tokens.Length < seq + 1)
+                throw new TrainingDataException(dataPath, null,
+                    $"nothing to learn at --seq {seq}: the file has {tokens.Length:N0} token{(tokens.Length == 1 ? "" : "s")} ({how}), fewer than one window of {seq} and the token after it.");
             // Windows start every seq tokens while one more token follows; the rest of the file is in none.
             long windows = tokens.Length > seq ? (tokens.Length - 1L) / seq : 0;
             long unused = tokens.Length - 1 - windows * seq;

@@ -120,6 +120,13 @@ public class DataLossTests
         Assert.StartsWith($"{noAssistant}: nothing to score: none of the 3 examples", e.Message);
         Assert.Throws<TrainingDataException>(() => EvaluationData.Packed(TrainingData.Load(allPast, BpeTokenizer.Load(tokenizer)), 16));
 
+        // A text file shorter than one window.
+        string shortText = Path.Combine(fixture.Dir, "short.txt");
+        File.WriteAllText(shortText, "too short");
+        e = Assert.Throws<TrainingDataException>(() => Run(() => Commands.Train(new Args(Train(shortText)))));
+        Assert.Equal($"{shortText}: nothing to learn at --seq 16: the file has {TrainingData.LoadText(shortText, BpeTokenizer.Load(tokenizer)).Length} tokens " +
+                     $"(tokenized by {tokenizer}), fewer than one window of 16 and the token after it.", e.Message);
+
         // The command line: one line, exit code 1, no stack trace.
         var (code, stdout, stderr) = Lora(["train", .. Train(noAssistant)]);
         Assert.Equal(1, code);
