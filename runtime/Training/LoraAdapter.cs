@@ -155,11 +155,11 @@ public sealed class LoraAdapter
             throw new WeightsException(file.Path,
                 $"{extra.Count} tensor{(extra.Count > 1 ? "s belong" : " belongs")} to no LoRA module of {model}: those of {Kinds(extra)}, " +
                 $"for example '{extra[0]}' ({trains}); this adapter was trained with other targets or for another model");
-        var missing = known.Where(n => !file.Contains(n)).Order(StringComparer.Ordinal).ToList();
+        var missing = modules.SelectMany(m => new[] { m.AName, m.BName }).Where(n => !file.Contains(n)).ToList();
         if (missing.Count > 0)
             throw new WeightsException(file.Path,
-                $"{missing.Count} LoRA tensor{(missing.Count > 1 ? "s" : "")} of {model} {(missing.Count > 1 ? "are" : "is")} missing: those of {Kinds(missing)}, " +
-                $"for example '{missing[0]}' ({trains}); this adapter was trained with other targets or for another model");
+                $"tensor '{missing[0]}' is missing{(missing.Count > 1 ? $", and {missing.Count - 1} more" : "")}: the adapter has no LoRA tensors of {Kinds(missing)} " +
+                $"for {model} ({trains}); this adapter was trained with other targets or for another model");
         var listed = settings.TargetModules.ToHashSet(StringComparer.Ordinal);
         if (!listed.SetEquals(expected.TargetModules))
         {

@@ -267,7 +267,8 @@ public class DataLossTests
         // Fewer modules than the trainer's: the missing ones are named too.
         SafeTensorsWriter.Write(weights, tensors.Where(t => !t.Item1.Contains("o_proj")));
         e = Assert.Throws<WeightsException>(() => LoraAdapter.Load(fixture.AdapterPath, llama.Lora, llama.LoraModules, llama.Name));
-        Assert.StartsWith($"{weights}: 6 LoRA tensors of tiny-llama are missing: those of o_proj (in 3 layers)", e.Message);
+        Assert.StartsWith($"{weights}: tensor 'base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight' is missing, and 5 more: " +
+                          "the adapter has no LoRA tensors of o_proj (in 3 layers) for tiny-llama (tiny-llama trains q_proj, v_proj, o_proj, up_proj, down_proj)", e.Message);
 
         // The tensors right but adapter_config.json listing other targets: it would be written on, wrong, with the trained adapter.
         SafeTensorsWriter.Write(weights, tensors);
