@@ -296,13 +296,13 @@ public static class Commands
         if (validationPath is null && (validationEvery is not null || validationSequences is not null))
             throw new UsageException("--val-every and --val-batches go with --val-data FILE.");
 
-        var tokenizer = DataReading.From(tokenizerPath, weightsPath, dataFormat);
-        tokenizer.CheckFormatApplies(dataPath, validationPath);
-        var data = TrainingStream(dataPath, tokenizer, model, seq, options.Seed);
+        var reading = DataReading.From(tokenizerPath, weightsPath, dataFormat);
+        reading.CheckFormatApplies(dataPath, validationPath);
+        var data = TrainingStream(dataPath, reading, model, seq, options.Seed);
         ValidationOptions? validation = null;
         if (validationPath is not null)
         {
-            validation = new ValidationOptions(EvaluationSet(validationPath, tokenizer, model, seq))
+            validation = new ValidationOptions(EvaluationSet(validationPath, reading, model, seq))
                 { Every = validationEvery, Sequences = validationSequences };
             try
             {
