@@ -44,6 +44,13 @@ internal abstract class BpeSymbols
     /// <summary>Appends the bytes a token (of the vocabulary or an added one) decodes to.</summary>
     public abstract void AppendBytes(string token, List<byte> output);
 
+    /// <summary>
+    /// Where a chunk of an over-long word that starts at <paramref name="start"/> ends: at most
+    /// <paramref name="maxLength"/> symbols on, moved back to a place the word can be cut with the least
+    /// change to its tokens (not inside a character; before a '▁' where one is near).
+    /// </summary>
+    public abstract int ChunkEnd(string word, int start, int maxLength);
+
     /// <summary>The decoder's last touch on the whole decoded text (SentencePiece's Strip); the text itself by default.</summary>
     public virtual string Finish(string text) => text;
 }

@@ -15,7 +15,15 @@ public sealed partial class BpeTokenizer
     /// pre-tokenizer, a normalizer or decoder this class does not implement), throws a
     /// <see cref="TokenizerException"/> that names the file and what is wrong.
     /// </summary>
-    public static BpeTokenizer Load(string tokenizerJsonPath)
+    /// <remarks>
+    /// The files are read as untrusted input: anything they hold (invalid UTF-8, a member of the wrong
+    /// type, a token id of 2^31, ids that leave more than <see cref="MaxTokenIdGap"/> ids without a token,
+    /// a regular expression .NET cannot compile or that backtracks catastrophically) is a
+    /// <see cref="TokenizerException"/>, never another exception. The regular expressions run with
+    /// <paramref name="regexTimeout"/> (<see cref="TokenizerRegex.DefaultTimeout"/>, 5 s, by default) as
+    /// the limit on each match, while reading and while encoding; see also <see cref="MaxWordLength"/>.
+    /// </remarks>
+    public static BpeTokenizer Load(string tokenizerJsonPath, TimeSpan? regexTimeout = null)
     {
         ArgumentNullException.ThrowIfNull(tokenizerJsonPath);
         if (!File.Exists(tokenizerJsonPath))
@@ -24,40 +32,91 @@ public sealed partial class BpeTokenizer
             System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(tokenizerJsonPath))!, ConfigFileName);
         using var json = File.OpenRead(tokenizerJsonPath);
         using var config = File.Exists(configPath) ? File.OpenRead(configPath) : null;
-        return Load(json, config, tokenizerJsonPath, configPath);
+        return Load(json, config, tokenizerJsonPath, configPath, regexTimeout);
     }
 
     /// <summary>
     /// As <see cref="Load(string)"/> from streams (a compressed file, say). <paramref name="source"/>
     /// and <paramref name="configSource"/> name the two files in messages.
     /// </summary>
-    public static BpeTokenizer Load(Stream tokenizerJson, Stream? tokenizerConfig, string source, string? configSource = null)
+    public static BpeTokenizer Load(Stream tokenizerJson, Stream? tokenizerConfig, string source, string? configSource = null,
+        TimeSpan? regexTimeout = null)
     {
         ArgumentNullException.ThrowIfNull(tokenizerJson);
         ArgumentNullException.ThrowIfNull(source);
+        var timeout = regexTimeout ?? TokenizerRegex.DefaultTimeout;
+        if (timeout <= TimeSpan.Zero && timeout != System.Text.RegularExpressions.Regex.InfiniteMatchTimeout)
+            throw new ArgumentOutOfRangeException(nameof(regexTimeout), regexTimeout, "The time limit of a regular expression must be positive.");
         using var document = ParseJson(tokenizerJson, source);
         TokenizerConfig config = tokenizerConfig is null
             ? TokenizerConfig.None
             : TokenizerConfig.Read(tokenizerConfig, configSource ?? ConfigFileName);
-        return new BpeTokenizer(document.RootElement, config, source);
+        return new BpeTokenizer(document.RootElement, config, source, timeout);
     }
 
+    /// <summary>
+    /// The highest token id may exceed the number of tokens by at most this: ids are an index into the
+    /// table of tokens, so a file with one token of id 2,000,000,000 would otherwise make a table of
+    /// 16 GB. Real tokenizers number their tokens from 0 with few gaps.
+    /// </summary>
+    public const int MaxTokenIdGap = 1 << 20;
+
+    /// <summary>
+    /// Parses a JSON file that must be UTF-8 (a byte order mark allowed) with strings that are text: bytes
+    /// that are not UTF-8 and \u escapes of half a surrogate pair are refused here, with their line,
+    /// so that reading a member never fails later.
+    /// </summary>
     private static JsonDocument ParseJson(Stream stream, string source)
     {
+        byte[] bytes;
+        using (var copy = new MemoryStream())
+        {
+            stream.CopyTo(copy);
+            bytes = copy.ToArray();
+        }
+        var memory = bytes.AsMemory(bytes.AsSpan().StartsWith((ReadOnlySpan<byte>)[0xEF, 0xBB, 0xBF]) ? 3 : 0);
+        var span = memory.Span;
+        if (!System.Text.Unicode.Utf8.IsValid(span))
+        {
+            System.Text.Unicode.Utf8.ToUtf16(span, new char[span.Length], out int read, out _, replaceInvalidSequences: false);
+            throw new TokenizerException(source, $"not valid UTF-8 at {LineAndByte(span, read)} (0x{span[read]:X2}); a tokenizer file is UTF-8 JSON.");
+        }
+        var options = new JsonReaderOptions { MaxDepth = 256 };
         try
         {
-            return JsonDocument.Parse(stream, new JsonDocumentOptions { MaxDepth = 256 });
+            var json = new Utf8JsonReader(span, options);
+            while (json.Read())
+            {
+                if (json.TokenType is not (JsonTokenType.String or JsonTokenType.PropertyName) || !json.ValueIsEscaped)
+                    continue;
+                try
+                {
+                    json.GetString();
+                }
+                catch (InvalidOperationException e)
+                {
+                    throw new TokenizerException(source,
+                        $"the string at {LineAndByte(span, (int)json.TokenStartIndex)} holds a \\u escape of an unpaired surrogate, which is no character: {e.Message}", e);
+                }
+            }
+            return JsonDocument.Parse(memory, new JsonDocumentOptions { MaxDepth = 256 });
         }
         catch (JsonException e)
         {
             throw new TokenizerException(source, $"not valid JSON at line {e.LineNumber + 1}, byte {e.BytePositionInLine + 1}: {e.Message}", e);
         }
+
+        static string LineAndByte(ReadOnlySpan<byte> text, int at)
+        {
+            int lineStart = text[..at].LastIndexOf((byte)'\n') + 1;
+            return $"line {text[..at].Count((byte)'\n') + 1}, byte {at - lineStart + 1}";
+        }
     }
 
-    private BpeTokenizer(JsonElement root, TokenizerConfig config, string source)
+    private BpeTokenizer(JsonElement root, TokenizerConfig config, string source, TimeSpan regexTimeout)
     {
         Source = source;
-        var reader = new Reader(source);
+        var reader = new Reader(source, regexTimeout);
         if (root.ValueKind != JsonValueKind.Object)
             throw reader.Error("the top level is not a JSON object.");
 
@@ -66,8 +125,9 @@ public sealed partial class BpeTokenizer
         string type = reader.OptionalString(model, "type", "model.type") ?? "BPE";
         if (type != "BPE")
             throw reader.Error($"model.type is '{type}'; only BPE tokenizers (model.type \"BPE\": byte-level as Qwen and Llama 3 use, or SentencePiece-style with byte fallback as Gemma uses) are supported.");
-        if (model.TryGetProperty("dropout", out var dropout) && dropout.ValueKind == JsonValueKind.Number && dropout.GetDouble() != 0)
-            throw reader.Error("model.dropout is set; BPE dropout is not supported.");
+        if (model.TryGetProperty("dropout", out var dropout) && dropout.ValueKind != JsonValueKind.Null
+            && !(dropout.ValueKind == JsonValueKind.Number && dropout.TryGetDouble(out double p) && p == 0))
+            throw reader.Error($"model.dropout is {dropout.GetRawText()}; BPE dropout is not supported (null or 0 is).");
         foreach (string affix in new[] { "continuing_subword_prefix", "end_of_word_suffix" })
             if (!string.IsNullOrEmpty(reader.OptionalString(model, affix, $"model.{affix}")))
                 throw reader.Error($"model.{affix} is set; BPE with subword affixes is not supported.");
@@ -89,12 +149,12 @@ public sealed partial class BpeTokenizer
             throw reader.Error((hasPreTokenizer ? "pre_tokenizer has no ByteLevel step" : "pre_tokenizer is missing") + " and model.byte_fallback is not true; " + supported);
 
         var vocab = reader.Object(model, "vocab", "model.vocab");
-        _vocab = new Dictionary<string, int>(capacity: 160_000, StringComparer.Ordinal);
+        _vocab = new Dictionary<string, int>(capacity: vocab.GetPropertyCount(), StringComparer.Ordinal);
         int maxId = -1;
         foreach (var entry in vocab.EnumerateObject())
         {
             if (entry.Value.ValueKind != JsonValueKind.Number || !entry.Value.TryGetInt32(out int id) || id < 0)
-                throw reader.Error($"model.vocab entry '{entry.Name}' has the id {entry.Value.GetRawText()}, not a non-negative integer.");
+                throw reader.Error($"model.vocab entry '{entry.Name}' has the id {entry.Value.GetRawText()}, not a non-negative integer below 2^31.");
             _vocab[entry.Name] = id;
             maxId = Math.Max(maxId, id);
         }
@@ -159,8 +219,9 @@ public sealed partial class BpeTokenizer
                 string where = $"added_tokens[{index++}]";
                 if (token.ValueKind != JsonValueKind.Object)
                     throw reader.Error($"{where} is not an object.");
-                if (!token.TryGetProperty("id", out var idElement) || !idElement.TryGetInt32(out int id) || id < 0)
-                    throw reader.Error($"{where} has no non-negative integer id.");
+                if (!token.TryGetProperty("id", out var idElement) || idElement.ValueKind != JsonValueKind.Number
+                    || !idElement.TryGetInt32(out int id) || id < 0)
+                    throw reader.Error($"{where}.id is {(token.TryGetProperty("id", out idElement) ? idElement.GetRawText() : "missing")}, not a non-negative integer below 2^31.");
                 string content = reader.OptionalString(token, "content", $"{where}.content")
                                  ?? throw reader.Error($"{where} has no content.");
                 if (content.Length == 0)
@@ -175,6 +236,9 @@ public sealed partial class BpeTokenizer
             }
         }
         AddedTokens = added;
+        int tokenCount = _vocab.Count + added.Count;
+        if (maxId >= (long)tokenCount + MaxTokenIdGap)
+            throw reader.Error($"the highest token id is {maxId:N0} for {tokenCount:N0} tokens; ids more than {MaxTokenIdGap:N0} past the number of tokens are not supported (ids index a table of tokens).");
         _addedByContent = new Dictionary<string, int>(StringComparer.Ordinal);
         foreach (var token in added)
             _addedByContent[token.Content] = token.Id;
@@ -204,9 +268,10 @@ public sealed partial class BpeTokenizer
         EosToken = config.EosToken;
         BosToken = config.BosToken;
         ChatTemplate = config.ChatTemplate;
-        AddBosToken = config.AddBosToken
-                      ?? (root.TryGetProperty("post_processor", out var post) && BosToken is not null
-                          && FirstTemplateToken(post) == BosToken);
+        string? firstTemplateToken = root.TryGetProperty("post_processor", out var post)
+            ? FirstTemplateToken(post, "post_processor", reader)
+            : null;
+        AddBosToken = config.AddBosToken ?? (BosToken is not null && firstTemplateToken == BosToken);
     }
 
     private static Func<string, string>? ReadNormalizer(JsonElement element, string where, Reader reader)
@@ -236,17 +301,8 @@ public sealed partial class BpeTokenizer
                 }
                 if (pattern.TryGetProperty("Regex", out var r) && r.ValueKind == JsonValueKind.String)
                 {
-                    System.Text.RegularExpressions.Regex regex;
-                    try
-                    {
-                        regex = RegexSplit.Compile(r.GetString()!);
-                    }
-                    catch (ArgumentException e)
-                    {
-                        throw reader.Error($"{where}.pattern {r.GetString()} cannot be used with .NET's Regex: {e.Message}");
-                    }
-                    string replacement = content.Replace("$", "$$", StringComparison.Ordinal);
-                    return s => regex.Replace(s, replacement);
+                    var regex = TokenizerRegex.Create(r.GetString()!, $"{where}.pattern", reader.Source, reader.RegexTimeout);
+                    return s => regex.Replace(s, content);
                 }
                 throw reader.Error($"{where}.pattern has neither a Regex nor a String.");
             }
@@ -305,22 +361,15 @@ public sealed partial class BpeTokenizer
                 string behaviorName = reader.OptionalString(element, "behavior", $"{where}.behavior") ?? "Isolated";
                 if (!Enum.TryParse<SplitBehavior>(behaviorName, out var behavior))
                     throw reader.Error($"{where}.behavior is '{behaviorName}'; expected Removed, Isolated, MergedWithPrevious, MergedWithNext or Contiguous.");
-                System.Text.RegularExpressions.Regex compiled;
-                try
-                {
-                    compiled = RegexSplit.Compile(regex);
-                }
-                catch (ArgumentException e)
-                {
-                    throw reader.Error($"{where}.pattern {regex} cannot be used with .NET's Regex: {e.Message}");
-                }
+                var compiled = TokenizerRegex.Create(regex, $"{where}.pattern", reader.Source, reader.RegexTimeout);
                 steps.Add(new RegexSplit(compiled, behavior, reader.Flag(element, "invert", false, where)));
                 break;
             }
             case "ByteLevel":
                 steps.Add(new ByteLevelSplit(
                     addPrefixSpace: reader.Flag(element, "add_prefix_space", true, where),
-                    useRegex: reader.Flag(element, "use_regex", true, where)));
+                    useRegex: reader.Flag(element, "use_regex", true, where),
+                    where, reader.Source, reader.RegexTimeout));
                 byteLevel = true;
                 break;
             default:
@@ -399,51 +448,100 @@ public sealed partial class BpeTokenizer
             : throw reader.Error($"{where}.{name} is not a non-negative integer.");
     }
 
-    /// <summary>The special token a TemplateProcessing post-processor puts before a single sequence, or null.</summary>
-    private static string? FirstTemplateToken(JsonElement post)
+    /// <summary>
+    /// The special token a TemplateProcessing post-processor puts before a single sequence, or null. The
+    /// parts read are checked: a post-processor is null or an object with a string type, a Sequence's
+    /// processors an array, a TemplateProcessing's single an array of {"SpecialToken": {"id": …}} and
+    /// {"Sequence": …} objects; other post-processors (ByteLevel, RobertaProcessing, …) change nothing
+    /// this class does and are not read further.
+    /// </summary>
+    private static string? FirstTemplateToken(JsonElement post, string where, Reader reader)
     {
-        if (post.ValueKind != JsonValueKind.Object || !post.TryGetProperty("type", out var type))
+        if (post.ValueKind == JsonValueKind.Null)
             return null;
-        if (type.GetString() == "Sequence" && post.TryGetProperty("processors", out var processors) && processors.ValueKind == JsonValueKind.Array)
+        if (post.ValueKind != JsonValueKind.Object)
+            throw reader.Error($"{where} is a JSON {Kind(post)}, not an object.");
+        string? type = reader.OptionalString(post, "type", $"{where}.type");
+        if (type == "Sequence")
         {
-            foreach (var processor in processors.EnumerateArray())
-                if (FirstTemplateToken(processor) is { } token)
-                    return token;
-            return null;
+            string? first = null;
+            int i = 0;
+            foreach (var processor in reader.Array(post, "processors", $"{where}.processors").EnumerateArray())
+                first ??= FirstTemplateToken(processor, $"{where}.processors[{i++}]", reader);
+            return first;
         }
-        if (type.GetString() != "TemplateProcessing" || !post.TryGetProperty("single", out var single)
-            || single.ValueKind != JsonValueKind.Array || single.GetArrayLength() == 0)
+        if (type != "TemplateProcessing" || !post.TryGetProperty("single", out var single) || single.ValueKind == JsonValueKind.Null)
             return null;
-        return single[0].TryGetProperty("SpecialToken", out var special) && special.TryGetProperty("id", out var id)
-            ? id.GetString()
-            : null;
+        if (single.ValueKind != JsonValueKind.Array)
+            throw reader.Error($"{where}.single is a JSON {Kind(single)}, not an array.");
+        string? token = null;
+        int index = 0;
+        foreach (var piece in single.EnumerateArray())
+        {
+            string at = $"{where}.single[{index}]";
+            if (piece.ValueKind != JsonValueKind.Object)
+                throw reader.Error($"{at} is a JSON {Kind(piece)}, not an object with SpecialToken or Sequence.");
+            if (piece.TryGetProperty("SpecialToken", out var special))
+            {
+                if (special.ValueKind != JsonValueKind.Object)
+                    throw reader.Error($"{at}.SpecialToken is a JSON {Kind(special)}, not an object.");
+                string id = reader.OptionalString(special, "id", $"{at}.SpecialToken.id")
+                            ?? throw reader.Error($"{at}.SpecialToken has no id.");
+                if (index == 0)
+                    token = id;
+            }
+            else if (!piece.TryGetProperty("Sequence", out _))
+            {
+                throw reader.Error($"{at} has neither SpecialToken nor Sequence.");
+            }
+            index++;
+        }
+        return token;
     }
 
+    private static string Kind(JsonElement element) => element.ValueKind.ToString().ToLowerInvariant();
+
     /// <summary>Typed access to JSON members with errors that name the file and the member.</summary>
-    private readonly struct Reader(string source)
+    private readonly struct Reader(string source, TimeSpan regexTimeout)
     {
+        public string Source => source;
+
+        /// <summary>The time limit of one match of the file's regular expressions.</summary>
+        public TimeSpan RegexTimeout => regexTimeout;
+
         public TokenizerException Error(string problem) => new(source, problem);
 
         public JsonElement Object(JsonElement parent, string name, string where) =>
-            parent.TryGetProperty(name, out var value) && value.ValueKind == JsonValueKind.Object
+            Member(parent, name, where, out var value) && value.ValueKind == JsonValueKind.Object
                 ? value
                 : throw Error($"{where} is missing or not an object.");
 
         public JsonElement Array(JsonElement parent, string name, string where) =>
-            parent.TryGetProperty(name, out var value) && value.ValueKind == JsonValueKind.Array
+            Member(parent, name, where, out var value) && value.ValueKind == JsonValueKind.Array
                 ? value
                 : throw Error($"{where} is missing or not an array.");
 
         public string? OptionalString(JsonElement parent, string name, string where)
         {
-            if (!parent.TryGetProperty(name, out var value) || value.ValueKind == JsonValueKind.Null)
+            if (!Member(parent, name, where, out var value) || value.ValueKind == JsonValueKind.Null)
                 return null;
             return value.ValueKind == JsonValueKind.String ? value.GetString() : throw Error($"{where} is not a string.");
         }
 
+        /// <summary>A member of an object; a parent that is not an object (where the file has a string, say) is an error, not JsonElement's exception.</summary>
+        private bool Member(JsonElement parent, string name, string where, out JsonElement value)
+        {
+            if (parent.ValueKind != JsonValueKind.Object)
+            {
+                int dot = where.LastIndexOf('.');
+                throw Error($"{(dot > 0 ? where[..dot] : "the top level")} is a JSON {Kind(parent)}, not an object.");
+            }
+            return parent.TryGetProperty(name, out value);
+        }
+
         public bool Flag(JsonElement parent, string name, bool fallback, string where)
         {
-            if (!parent.TryGetProperty(name, out var value) || value.ValueKind == JsonValueKind.Null)
+            if (!Member(parent, name, $"{where}.{name}", out var value) || value.ValueKind == JsonValueKind.Null)
                 return fallback;
             return value.ValueKind switch
             {
@@ -465,12 +563,17 @@ public sealed partial class BpeTokenizer
             var root = document.RootElement;
             if (root.ValueKind != JsonValueKind.Object)
                 throw new TokenizerException(source, "the top level is not a JSON object.");
+            bool? addBos = !root.TryGetProperty("add_bos_token", out var add) ? null : add.ValueKind switch
+            {
+                JsonValueKind.True => true,
+                JsonValueKind.False => false,
+                JsonValueKind.Null => null,
+                _ => throw new TokenizerException(source, $"add_bos_token is a JSON {Kind(add)}, not true or false."),
+            };
             return new TokenizerConfig(
                 TokenText(root, "eos_token", source),
                 TokenText(root, "bos_token", source),
-                root.TryGetProperty("add_bos_token", out var add) && add.ValueKind is JsonValueKind.True or JsonValueKind.False
-                    ? add.GetBoolean()
-                    : null,
+                addBos,
                 Template(root, source));
         }
 
@@ -484,7 +587,7 @@ public sealed partial class BpeTokenizer
                 JsonValueKind.Null => null,
                 JsonValueKind.String => value.GetString(),
                 JsonValueKind.Object when value.TryGetProperty("content", out var c) && c.ValueKind == JsonValueKind.String => c.GetString(),
-                _ => throw new TokenizerException(source, $"{name} is neither a string nor an object with a content."),
+                _ => throw new TokenizerException(source, $"{name} is a JSON {Kind(value)}, neither a string nor an object with a string content."),
             };
         }
 
@@ -497,18 +600,24 @@ public sealed partial class BpeTokenizer
                 return value.GetString();
             if (value.ValueKind == JsonValueKind.Array)
             {
-                string? first = null;
+                string? first = null, chosen = null;
+                int i = 0;
                 foreach (var entry in value.EnumerateArray())
                 {
-                    if (entry.ValueKind != JsonValueKind.Object || !entry.TryGetProperty("template", out var template) || template.ValueKind != JsonValueKind.String)
-                        continue;
+                    string where = $"chat_template[{i++}]";
+                    if (entry.ValueKind != JsonValueKind.Object)
+                        throw new TokenizerException(source, $"{where} is a JSON {Kind(entry)}, not an object with a name and a template.");
+                    if (!entry.TryGetProperty("template", out var template) || template.ValueKind != JsonValueKind.String)
+                        throw new TokenizerException(source, $"{where}.template is missing or not a string.");
+                    if (entry.TryGetProperty("name", out var name) && name.ValueKind is not (JsonValueKind.String or JsonValueKind.Null))
+                        throw new TokenizerException(source, $"{where}.name is a JSON {Kind(name)}, not a string.");
                     first ??= template.GetString();
-                    if (entry.TryGetProperty("name", out var name) && name.GetString() == "default")
-                        return template.GetString();
+                    if (name.ValueKind == JsonValueKind.String && name.GetString() == "default")
+                        chosen ??= template.GetString();
                 }
-                return first;
+                return chosen ?? first;
             }
-            throw new TokenizerException(source, "chat_template is neither a string nor a list of {name, template}.");
+            throw new TokenizerException(source, $"chat_template is a JSON {Kind(value)}, neither a string nor a list of {{name, template}}.");
         }
     }
 }

@@ -147,6 +147,18 @@ public sealed partial class BpeTokenizer
         }
     }
 
+    /// <summary>
+    /// The longest word BPE runs on, in first symbols (bytes, or characters): a longer pre-tokenized
+    /// word is cut into chunks of at most this many (not inside a character, and in SentencePiece-style
+    /// words before a '▁' where there is one among the last 1,024) and each chunk is merged on its own.
+    /// BPE's time and memory grow with the word (about 3 µs and 70 bytes a symbol), so one word of
+    /// 100 MB, which Hugging Face's tokenizers merge whole, would take minutes and gigabytes; with
+    /// chunks, memory stays under a few MB whatever the text, and the tokens differ from an unbounded
+    /// BPE only at the cuts of such words (a Qwen or Llama word of 16,384 bytes is a blob, not text; a
+    /// Gemma "word" is a line, which is rarely that long).
+    /// </summary>
+    public const int MaxWordLength = 16_384;
+
     /// <summary>Pre-tokenizes a run of normalized text with no added tokens in it and appends the BPE ids of each piece.</summary>
     private void EncodeRun(string run, List<string> pieces, List<int> output)
     {
@@ -158,6 +170,21 @@ public sealed partial class BpeTokenizer
             if (piece.Length == 0)
                 continue;
             string word = _symbols.Word(piece);
+            if (word.Length > MaxWordLength)
+            {
+                if (_ignoreMerges && _vocab.TryGetValue(word, out int whole))
+                {
+                    output.Add(whole);
+                    continue;
+                }
+                for (int start = 0; start < word.Length;)
+                {
+                    int end = _symbols.ChunkEnd(word, start, MaxWordLength);
+                    output.AddRange(Bpe(word[start..end]));
+                    start = end;
+                }
+                continue;
+            }
             if (_cache.TryGetValue(word, out var cached))
             {
                 output.AddRange(cached);

@@ -64,6 +64,18 @@ internal sealed class ByteFallbackSymbols : BpeSymbols
         return ids.ToArray();
     }
 
+    /// <summary>Before a '▁' (a space) within the last 1,024 characters where there is one, else not inside a surrogate pair.</summary>
+    public override int ChunkEnd(string word, int start, int maxLength)
+    {
+        int end = start + maxLength;
+        if (end >= word.Length)
+            return word.Length;
+        int space = word.AsSpan(end - Math.Min(1024, maxLength / 2), Math.Min(1024, maxLength / 2)).LastIndexOf('▁');
+        if (space > 0)
+            return end - Math.Min(1024, maxLength / 2) + space;
+        return char.IsLowSurrogate(word[end]) ? end - 1 : end;
+    }
+
     public override void AppendBytes(string token, List<byte> output)
     {
         if (_decoder.ByteFallback && IsBytePiece(token, out byte value))

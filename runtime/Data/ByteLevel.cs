@@ -102,4 +102,15 @@ internal sealed class ByteLevelSymbols : BpeSymbols
     }
 
     public override void AppendBytes(string token, List<byte> output) => ByteLevel.AppendBytes(token, output);
+
+    /// <summary>Not inside a UTF-8 sequence: the chunk ends before a byte that starts a character (or after 3 continuation bytes).</summary>
+    public override int ChunkEnd(string word, int start, int maxLength)
+    {
+        int end = start + maxLength;
+        if (end >= word.Length)
+            return word.Length;
+        for (int back = 0; back < 3 && (ByteLevel.CharToByte[word[end]] & 0xC0) == 0x80; back++)
+            end--;
+        return end;
+    }
 }

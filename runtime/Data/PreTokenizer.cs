@@ -42,23 +42,21 @@ internal abstract class PreTokenizerStep
 /// <c>\p{N}</c> never match; the pattern therefore runs on a shadow string in which each such
 /// character is one BMP character of the same Unicode category, and the match boundaries are mapped
 /// back. And .NET has no possessive quantifiers, so <c>X?+</c> becomes the atomic group <c>(?&gt;X?)</c>
-/// (see <see cref="TranslatePattern"/>).
+/// (see <see cref="TranslatePattern"/>). Each match runs under the time limit of a
+/// <see cref="TokenizerRegex"/>.
 /// </remarks>
 internal sealed class RegexSplit : PreTokenizerStep
 {
-    private readonly Regex _regex;
+    private readonly TokenizerRegex _regex;
     private readonly SplitBehavior _behavior;
     private readonly bool _invert;
 
-    public RegexSplit(Regex regex, SplitBehavior behavior, bool invert)
+    public RegexSplit(TokenizerRegex regex, SplitBehavior behavior, bool invert)
     {
         _regex = regex;
         _behavior = behavior;
         _invert = invert;
     }
-
-    public static Regex Compile(string onigurumaPattern) =>
-        new(TranslatePattern(onigurumaPattern), RegexOptions.Compiled | RegexOptions.CultureInvariant);
 
     public override void Split(string piece, List<string> output)
     {
@@ -69,16 +67,23 @@ internal sealed class RegexSplit : PreTokenizerStep
         // The text cut into alternating matched and unmatched spans, in original indices.
         var spans = new List<(int Start, int End, bool Match)>();
         int last = 0;
-        foreach (var m in _regex.EnumerateMatches(shadow))
+        try
         {
-            if (m.Length == 0)
-                continue;
-            int start = map is null ? m.Index : map[m.Index];
-            int end = map is null ? m.Index + m.Length : map[m.Index + m.Length];
-            if (start > last)
-                spans.Add((last, start, _invert));
-            spans.Add((start, end, !_invert));
-            last = end;
+            foreach (var m in _regex.Regex.EnumerateMatches(shadow))
+            {
+                if (m.Length == 0)
+                    continue;
+                int start = map is null ? m.Index : map[m.Index];
+                int end = map is null ? m.Index + m.Length : map[m.Index + m.Length];
+                if (start > last)
+                    spans.Add((last, start, _invert));
+                spans.Add((start, end, !_invert));
+                last = end;
+            }
+        }
+        catch (RegexMatchTimeoutException e)
+        {
+            throw _regex.TimedOut(e, piece.Length);
         }
         if (last < piece.Length)
             spans.Add((last, piece.Length, _invert));
@@ -339,10 +344,10 @@ internal sealed class ByteLevelSplit : PreTokenizerStep
     private readonly bool _addPrefixSpace;
     private readonly RegexSplit? _split;
 
-    public ByteLevelSplit(bool addPrefixSpace, bool useRegex)
+    public ByteLevelSplit(bool addPrefixSpace, bool useRegex, string where, string source, TimeSpan timeout)
     {
         _addPrefixSpace = addPrefixSpace;
-        _split = useRegex ? new RegexSplit(RegexSplit.Compile(Gpt2Pattern), SplitBehavior.Isolated, invert: false) : null;
+        _split = useRegex ? new RegexSplit(TokenizerRegex.Create(Gpt2Pattern, $"{where} (GPT-2's pattern, use_regex)", source, timeout), SplitBehavior.Isolated, invert: false) : null;
     }
 
     public override void Split(string piece, List<string> output)

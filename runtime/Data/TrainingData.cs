@@ -62,39 +62,72 @@ public sealed class TrainingData
     /// <summary>The number of positions in the loss over all examples.</summary>
     public long LossTokenCount => Examples.Sum(e => (long)e.LossTokens);
 
-    /// <summary>Reads and tokenizes a JSONL file.</summary>
+    /// <summary>
+    /// Reads and tokenizes a JSONL file. The file must be UTF-8: a byte sequence that is not throws a
+    /// <see cref="TrainingDataException"/> with its line (it is never read as U+FFFD).
+    /// </summary>
     public static TrainingData Load(string path, BpeTokenizer tokenizer, TrainingDataOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(path);
         if (!File.Exists(path))
             throw new TrainingDataException(path, null, "the file does not exist.");
-        using var reader = new StreamReader(path, detectEncodingFromByteOrderMarks: true);
-        return Read(reader, path, tokenizer, options);
+        return Read(StrictUtf8.ReadLines(path), path, tokenizer, options);
+    }
+
+    /// <summary>
+    /// A plain text file (.txt, .md, source code) as one token stream, tokenized as a <c>{"text"}</c>
+    /// line is: [BOS] text EOS, BOS where the tokenizer adds one, EOS where it has one. The file must be
+    /// UTF-8: a byte sequence that is not throws a <see cref="TrainingDataException"/> with its line.
+    /// </summary>
+    public static int[] LoadText(string path, BpeTokenizer tokenizer, TrainingDataOptions? options = null)
+    {
+        ArgumentNullException.ThrowIfNull(path);
+        ArgumentNullException.ThrowIfNull(tokenizer);
+        if (!File.Exists(path))
+            throw new TrainingDataException(path, null, "the file does not exist.");
+        options ??= new TrainingDataOptions();
+        string text = StrictUtf8.ReadAllText(path);
+        var ids = new List<int>(text.Length / 3 + 2);
+        if (tokenizer.AddBosToken && tokenizer.BosId is int bos)
+            ids.Add(bos);
+        tokenizer.Encode(text, options.ParseSpecialTokens, ids);
+        if (tokenizer.EosId is int eos)
+            ids.Add(eos);
+        return ids.ToArray();
     }
 
     /// <summary>Reads and tokenizes JSONL from a reader; <paramref name="source"/> names it in messages.</summary>
     public static TrainingData Read(TextReader reader, string source, BpeTokenizer tokenizer, TrainingDataOptions? options = null)
     {
         ArgumentNullException.ThrowIfNull(reader);
+        return Read(Lines(reader), source, tokenizer, options);
+
+        static IEnumerable<(int, string)> Lines(TextReader reader)
+        {
+            int number = 0;
+            while (reader.ReadLine() is { } line)
+                yield return (++number, line);
+        }
+    }
+
+    private static TrainingData Read(IEnumerable<(int Number, string Text)> allLines, string source, BpeTokenizer tokenizer, TrainingDataOptions? options)
+    {
         ArgumentNullException.ThrowIfNull(tokenizer);
         options ??= new TrainingDataOptions();
         var encoder = new ExampleEncoder(tokenizer, options.ParseSpecialTokens, options.ChatFormat);
 
         var lines = new List<(int Number, string Text)>();
-        int number = 0;
-        while (reader.ReadLine() is { } line)
-        {
-            number++;
+        foreach (var (number, line) in allLines)
             if (!string.IsNullOrWhiteSpace(line))
                 lines.Add((number, line));
-        }
         if (lines.Count == 0)
             throw new TrainingDataException(source, null, "the file has no examples (no non-blank line).");
 
         // Lines are independent and the tokenizer is thread-safe: tokenize them in parallel, then
-        // report the first failing line in file order.
+        // report the first failing line in file order (a tokenizer that fails, a regex past its time
+        // limit, say, fails on the first line it fails on).
         var examples = new TrainingExample?[lines.Count];
-        var errors = new TrainingDataException?[lines.Count];
+        var errors = new Exception?[lines.Count];
         Parallel.For(0, lines.Count, i =>
         {
             var (line, text) = lines[i];
@@ -103,15 +136,22 @@ public sealed class TrainingData
                 var (tokens, targets) = EncodeLine(text, encoder, source, line);
                 examples[i] = new TrainingExample(tokens, targets, line);
             }
-            catch (TrainingDataException e)
+            catch (Exception e) when (e is TrainingDataException or TokenizerException)
             {
                 errors[i] = e;
             }
         });
         if (errors.FirstOrDefault(e => e is not null) is { } first)
-            throw first;
+            System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(first);
         return new TrainingData(source, examples.Select(e => e!).ToArray());
     }
+
+    /// <summary>
+    /// How much of the examples sequences of <paramref name="maxLength"/> tokens hold, packed or cut as
+    /// <paramref name="mode"/> does it: which examples are cut, which are dropped, how many tokens in
+    /// the loss are never learned.
+    /// </summary>
+    public DataCoverage Coverage(int maxLength, PackingMode mode = PackingMode.Pack) => DataCoverage.Of(Examples, maxLength, mode);
 
     private static (int[] Tokens, int[] Targets) EncodeLine(string text, ExampleEncoder encoder, string source, int line)
     {
@@ -161,9 +201,20 @@ public sealed class TrainingData
             }
         }
 
-        string String(JsonElement element, string where) => element.ValueKind == JsonValueKind.String
-            ? element.GetString()!
-            : throw Error($"\"{where}\" is a JSON {element.ValueKind.ToString().ToLowerInvariant()}, not a string.");
+        string String(JsonElement element, string where)
+        {
+            if (element.ValueKind != JsonValueKind.String)
+                throw Error($"\"{where}\" is a JSON {element.ValueKind.ToString().ToLowerInvariant()}, not a string.");
+            try
+            {
+                return element.GetString()!;
+            }
+            catch (InvalidOperationException e)
+            {
+                // A \uD800-style escape of half a surrogate pair: no character, so no UTF-8 to train on.
+                throw Error($"\"{where}\" holds a \\u escape of an unpaired surrogate ({e.Message}).", e);
+            }
+        }
 
         List<ChatMessage> Messages(JsonElement element)
         {

@@ -28,6 +28,9 @@ public sealed class EvaluationData
     /// <summary>What the data is, for the progress output.</summary>
     public string Description { get; }
 
+    /// <summary>What the sequences keep of JSONL examples (the ones cut or dropped); null for a token stream, which loses nothing.</summary>
+    public DataCoverage? Coverage { get; private init; }
+
     /// <summary>How many sequences one pass scores.</summary>
     public int Count { get; }
 
@@ -68,10 +71,11 @@ public sealed class EvaluationData
     public static EvaluationData Packed(TrainingData data, int sequence)
     {
         ArgumentNullException.ThrowIfNull(data);
+        var coverage = data.Coverage(sequence);
+        if (coverage.NothingToLearnProblem() is { } problem)
+            throw new TrainingDataException(data.Source, null, problem.Replace("nothing to learn", "nothing to score", StringComparison.Ordinal));
         var counter = new SequencePacker(data.Examples, sequence, PackingMode.Pack, shuffle: false);
         int count = counter.CountSequences(0);
-        if (count == 0)
-            throw new ArgumentException($"{data.Source} has no row in the loss within sequences of {sequence} tokens.");
 
         IEnumerable<(int[], int[])> Pack()
         {
@@ -83,8 +87,12 @@ public sealed class EvaluationData
             }
         }
         return new EvaluationData(
-            $"{data.Source} ({data.Examples.Count:N0} examples, {data.LossTokenCount:N0} tokens in the loss, in {Plural(count, "sequence")} of up to {sequence})",
-            count, Pack);
+            $"{data.Source} ({data.Examples.Count:N0} examples, " +
+            (coverage.LostLossTokens > 0
+                ? $"{coverage.LearnedLossTokens:N0} of their {coverage.LossTokens:N0} tokens in the loss within reach ({coverage.Dropped:N0} examples dropped, {coverage.Cut:N0} cut)"
+                : $"{data.LossTokenCount:N0} tokens in the loss") +
+            $", in {Plural(count, "sequence")} of up to {sequence})",
+            count, Pack) { Coverage = coverage };
     }
 
     private static string Plural(int count, string noun) => $"{count:N0} {noun}{(count == 1 ? "" : "s")}";

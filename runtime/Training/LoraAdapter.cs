@@ -59,10 +59,13 @@ public sealed class LoraAdapter
     /// <summary>
     /// Loads a PEFT adapter folder for <paramref name="modules"/>, checking its rank and alpha against
     /// <paramref name="expected"/> and every tensor's presence, shape and values (all finite). Tensors
-    /// may be F32, F16 or BF16. LoRA tensors of modules not in <paramref name="modules"/> are ignored.
-    /// Any problem with either file is a <see cref="WeightsException"/> naming it.
+    /// may be F32, F16 or BF16. The adapter must adapt exactly the trainer's modules: a tensor of any
+    /// other module (an adapter of all seven projections into a trainer of five), a missing one, or
+    /// <c>target_modules</c> that name other modules than <paramref name="expected"/>'s is refused,
+    /// since dropping them would change the adapter without a word. Any problem with either file is a
+    /// <see cref="WeightsException"/> naming it; <paramref name="modelName"/> names the model in those messages.
     /// </summary>
-    public static LoraAdapter Load(string dir, LoraSettings expected, IReadOnlyList<LoraModuleSpec> modules)
+    public static LoraAdapter Load(string dir, LoraSettings expected, IReadOnlyList<LoraModuleSpec> modules, string? modelName = null)
     {
         if (!Directory.Exists(dir))
             throw new WeightsException(dir, "adapter folder does not exist");
@@ -77,6 +80,7 @@ public sealed class LoraAdapter
 
         var settings = ReadConfig(configPath, expected);
         using var file = SafeTensorsFile.Open(weightsPath);
+        CheckModules(file, configPath, settings, expected, modules, modelName ?? "the model");
         var loaded = new List<LoraModule>(modules.Count);
         foreach (var spec in modules)
         {
@@ -137,6 +141,56 @@ public sealed class LoraAdapter
         {
             yield return (module.Spec.AName, [Settings.R, module.Spec.In], module.A);
             yield return (module.Spec.BName, [module.Spec.Out, Settings.R], module.B);
+        }
+    }
+
+    /// <summary>Refuses an adapter whose modules are not exactly the trainer's, naming the modules that differ.</summary>
+    static void CheckModules(SafeTensorsFile file, string configPath, LoraSettings settings, LoraSettings expected,
+        IReadOnlyList<LoraModuleSpec> modules, string model)
+    {
+        string trains = $"{model} trains {string.Join(", ", expected.TargetModules)}";
+        var known = modules.SelectMany(m => new[] { m.AName, m.BName }).ToHashSet(StringComparer.Ordinal);
+        var extra = file.Names.Where(n => !known.Contains(n)).Order(StringComparer.Ordinal).ToList();
+        if (extra.Count > 0)
+            throw new WeightsException(file.Path,
+                $"{extra.Count} tensor{(extra.Count > 1 ? "s belong" : " belongs")} to no LoRA module of {model}: those of {Kinds(extra)}, " +
+                $"for example '{extra[0]}' ({trains}); this adapter was trained with other targets or for another model");
+        var missing = modules.SelectMany(m => new[] { m.AName, m.BName }).Where(n => !file.Contains(n)).ToList();
+        if (missing.Count > 0)
+            throw new WeightsException(file.Path,
+                $"tensor '{missing[0]}' is missing{(missing.Count > 1 ? $", and {missing.Count - 1} more" : "")}: the adapter has no LoRA tensors of {Kinds(missing)} " +
+                $"for {model} ({trains}); this adapter was trained with other targets or for another model");
+        var listed = settings.TargetModules.ToHashSet(StringComparer.Ordinal);
+        if (!listed.SetEquals(expected.TargetModules))
+        {
+            var more = settings.TargetModules.Where(t => !expected.TargetModules.Contains(t)).Distinct().ToList();
+            var fewer = expected.TargetModules.Where(t => !listed.Contains(t)).ToList();
+            throw new WeightsException(configPath,
+                $"target_modules is [{string.Join(", ", settings.TargetModules)}] but {trains}" +
+                (more.Count > 0 ? $"; {string.Join(", ", more)} {(more.Count > 1 ? "are" : "is")} not trained there" : "") +
+                (fewer.Count > 0 ? $"; {string.Join(", ", fewer)} {(fewer.Count > 1 ? "are" : "is")} not listed" : ""));
+        }
+
+        // "q_proj, k_proj (in 3 layers)": the module kinds of tensor names, in the order first seen.
+        static string Kinds(IEnumerable<string> names)
+        {
+            var kinds = names.GroupBy(Kind).Select(g =>
+            {
+                int layers = g.Select(n => n.Contains(".layers.", StringComparison.Ordinal) ? n.Split(".layers.")[1].Split('.')[0] : "").Distinct().Count();
+                return layers > 1 ? $"{g.Key} (in {layers} layers)" : g.Key;
+            });
+            return string.Join(", ", kinds);
+        }
+
+        static string Kind(string name)
+        {
+            foreach (string suffix in (string[])[".lora_A.weight", ".lora_B.weight"])
+                if (name.EndsWith(suffix, StringComparison.Ordinal))
+                {
+                    string module = name[..^suffix.Length];
+                    return module[(module.LastIndexOf('.') + 1)..];
+                }
+            return name;
         }
     }
 

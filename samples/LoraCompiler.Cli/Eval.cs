@@ -13,17 +13,21 @@ public static class Eval
 {
     public const string Usage = $$"""
         lora eval --model NAME --weights PATH [--adapter DIR] --data FILE [--seq N] [--json] [--tokenizer FILE]
-                  [--backend cpu|vulkan] [--device D]
+                  [--data-format auto|text|bytes] [--backend cpu|vulkan] [--device D]
 
         The token-weighted mean loss over the data (the cross-entropy of every row in the loss, summed over
         all sequences and divided by the number of those rows) and its perplexity, exp(loss); forward only.
 
           --adapter DIR     the PEFT adapter to score; without it the base model (a new adapter has B = 0)
           --data FILE       .jsonl ({"text"}, {"prompt","completion"} or {"messages"} lines: the rows train
-                            learns), a .json array of token ids, or any other file's UTF-8 bytes as tokens
+                            learns), a .json array of token ids, or a text file (any other name): tokenized
+                            with the tokenizer.json, or without one its UTF-8 bytes as tokens for a byte
+                            vocabulary (the tiny models); examples cut or dropped at --seq are reported
           --seq N           tokens per sequence [256]: a token file's windows, a JSONL file's packing
           --json            end with one line {"loss": …, "perplexity": …, "tokens": …}
-          --tokenizer FILE  the tokenizer.json for JSONL data [the one beside the weights]
+          --tokenizer FILE  the tokenizer.json for JSONL and text data [the one beside the weights]
+          --data-format F   auto|text|bytes: a text file tokenized where there is a tokenizer.json (auto),
+                            always tokenized (text), or its UTF-8 bytes as token ids (bytes) [auto]
           {{BackendOptions.Help}}
         """;
 
@@ -39,16 +43,19 @@ public static class Eval
         string dataPath = args.Required("data");
         string? adapterDir = args.Optional("adapter");
         string? tokenizerPath = args.Optional("tokenizer");
+        string? dataFormat = args.Optional("data-format");
         int seq = Commands.Seq(args, model, 256);
         bool json = args.Flag("json");
         using var backend = BackendOptions.Create(args);
         args.RejectUnknown();
 
-        var data = Commands.EvaluationSet(dataPath, tokenizerPath ?? Commands.TokenizerBeside(weightsPath), model, seq);
+        var reading = DataReading.From(tokenizerPath, weightsPath, dataFormat);
+        reading.CheckFormatApplies(dataPath);
+        var data = Commands.EvaluationSet(dataPath, reading, model, seq);
         using var weights = ModelWeights.Open(weightsPath);
         var adapter = adapterDir is null
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, seed: 0) // B = 0: exactly the base model
-            : LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
+            : Export.LoadWhole(adapterDir, model);
         using var trainer = model.Create(backend, weights, adapter, seq);
         trainer.CaptureGradients = false; // only Loss is called: nothing is kept for a backward
 

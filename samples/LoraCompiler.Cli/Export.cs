@@ -56,23 +56,11 @@ public static class Export
 
     /// <summary>
     /// The PEFT adapter for the model, whole: <see cref="LoraAdapter.Load"/> checks its rank, alpha and
-    /// every module's A and B; this also refuses an adapter holding LoRA tensors of modules the model
-    /// does not adapt (other target modules), which Load would skip, since a fused or exported adapter
-    /// must not lose a module without a word.
+    /// that it adapts exactly the model's modules (refusing the tensors of any other, which would be
+    /// lost), with the model's name in its messages.
     /// </summary>
-    internal static LoraAdapter LoadWhole(string adapterDir, ModelInfo model)
-    {
-        var adapter = LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
-        string weights = Path.Combine(adapterDir, LoraAdapter.WeightsFileName);
-        var known = model.LoraModules.SelectMany(m => new[] { m.AName, m.BName }).ToHashSet(StringComparer.Ordinal);
-        using var file = SafeTensorsFile.Open(weights);
-        var extra = file.Names.Where(n => !known.Contains(n)).Order(StringComparer.Ordinal).ToList();
-        if (extra.Count > 0)
-            throw new WeightsException(weights,
-                $"{extra.Count} tensor{(extra.Count > 1 ? "s belong" : " belongs")} to no LoRA module of {model.Name} (its targets: {string.Join(", ", model.Lora.TargetModules)}), " +
-                $"for example '{extra[0]}'; this adapter was trained with other targets or for another model");
-        return adapter;
-    }
+    internal static LoraAdapter LoadWhole(string adapterDir, ModelInfo model) =>
+        LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules, model.Name);
 
     /// <summary>
     /// The base model an exported adapter names: <c>--base-model</c>; else <c>_name_or_path</c> in the

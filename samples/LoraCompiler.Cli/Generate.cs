@@ -54,7 +54,7 @@ public static class Generate
         // the 256 byte values (the tiny models, trained on a text's bytes) reads and writes UTF-8 bytes;
         // with --tokens and neither, the ids are printed.
         bool haveTokenizer = File.Exists(tokenizerPath) || args.Optional("tokenizer") is not null;
-        bool bytes = !haveTokenizer && model.Vocab >= 256 && messagesPath is null;
+        bool bytes = !haveTokenizer && model.Vocab is >= 256 and <= DataFiles.ByteVocabularyLimit && messagesPath is null;
         BpeTokenizer? tokenizer = haveTokenizer || (tokensPath is null && !bytes) ? LoadTokenizer(tokenizerPath, model) : null;
         var encoder = tokenizer is null ? null : new ExampleEncoder(tokenizer);
         int[] prompt;

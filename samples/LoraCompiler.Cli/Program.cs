@@ -32,16 +32,20 @@ string Usage = $"""
       train --model NAME --weights PATH --data FILE --out DIR [--adapter DIR] [--resume DIR]
             [--steps N] [--seq N] [--lr X] [--schedule constant|cosine] [--warmup N] [--grad-accum N]
             [--optimizer adamw|sgd] [--weight-decay X] [--method backprop|mezo] [--lcsb-groups K]
-            [--mezo-eps X] [--save-every N] [--epochs N] [--tokenizer FILE] [--seed S] [--backend cpu|vulkan] [--device D]
+            [--mezo-eps X] [--save-every N] [--epochs N] [--tokenizer FILE] [--data-format auto|text|bytes] [--seed S]
+            [--backend cpu|vulkan] [--device D]
             [--activations memory|mmap] [--optimizer-state memory|mmap] [--base-model ID]
             [--val-data FILE] [--val-every N] [--val-batches K] [--overwrite]
                                                   fine-tune; writes adapter, metrics.csv, loss.svg to DIR
-                                                  (--val-data: the held-out loss every N steps, on K sequences)
+                                                  (--val-data: the held-out loss every N steps, on K sequences;
+                                                  a text file is tokenized with the tokenizer.json, or read as
+                                                  UTF-8 bytes without one for a byte vocabulary (the tiny
+                                                  models) or with --data-format bytes)
                                                   --resume DIR alone continues a run with its stored options;
                                                   --overwrite replaces the run already in --out; Ctrl-C or
                                                   SIGTERM stops after the step with a checkpoint (exit 130, 143)
       eval --model NAME --weights PATH [--adapter DIR] --data FILE [--seq N] [--json] [--tokenizer FILE]
-           [--backend cpu|vulkan] [--device D]
+           [--data-format auto|text|bytes] [--backend cpu|vulkan] [--device D]
                                                   loss and perplexity over the data (the base model without --adapter)
 
       study --model NAME --data FILE --out DIR [--weights PATH] [--steps N] [--seq N] [--lr X]
@@ -297,6 +301,7 @@ public static class Commands
         string? adapterDir = args.Optional("adapter");
         string? tokenizerPath = args.Optional("tokenizer");
         bool overwrite = args.Flag("overwrite");
+        string? dataFormat = args.Optional("data-format");
         var placement = Placement(args);
         int? epochs = args.IntOrNull("epochs", min: 1);
         int seq = Seq(args, model, 256);
@@ -320,12 +325,13 @@ public static class Commands
         foreach (var leftover in TrainingRun.RemoveLeftovers(outDir))
             Console.WriteLine($"Removed {leftover}, left by a write that was killed.");
 
-        string tokenizer = tokenizerPath ?? TokenizerBeside(weightsPath);
-        var data = TrainingStream(dataPath, tokenizer, model, seq, options.Seed);
+        var reading = DataReading.From(tokenizerPath, weightsPath, dataFormat);
+        reading.CheckFormatApplies(dataPath, validationPath);
+        var data = TrainingStream(dataPath, reading, model, seq, options.Seed);
         ValidationOptions? validation = null;
         if (validationPath is not null)
         {
-            validation = new ValidationOptions(EvaluationSet(validationPath, tokenizer, model, seq))
+            validation = new ValidationOptions(EvaluationSet(validationPath, reading, model, seq))
                 { Every = validationEvery, Sequences = validationSequences };
             try
             {
@@ -346,7 +352,7 @@ public static class Commands
         // What the checkpoints store, so that --resume DIR alone continues the run.
         var settings = RunSettings.Of(new Dictionary<string, string?>
         {
-            ["model"] = model.Name, ["weights"] = weightsPath, ["data"] = dataPath, ["tokenizer"] = tokenizer,
+            ["model"] = model.Name, ["weights"] = weightsPath, ["data"] = dataPath, ["tokenizer"] = tokenizerPath, ["data-format"] = dataFormat,
             ["seq"] = Invariant(seq), ["steps"] = Invariant(options.Steps), ["epochs"] = epochs is int count ? Invariant(count) : null,
             ["lr"] = Invariant(options.LearningRate), ["schedule"] = options.Schedule, ["warmup"] = Invariant(options.WarmupSteps),
             ["grad-accum"] = Invariant(options.GradientAccumulation), ["seed"] = Invariant(options.Seed), ["optimizer"] = options.Optimizer,
@@ -363,7 +369,7 @@ public static class Commands
         // A resumed run's parameters come from its checkpoint: its starting adapter is not read again.
         var adapter = adapterDir is null || checkpoint is not null
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, options.Seed)
-            : LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
+            : Export.LoadWhole(adapterDir, model);
         using var trainer = model.Create(backend, weights, adapter, seq, placement);
         var run = new TrainingRun(trainer, data, options, outDir, validation) { Settings = settings };
         if (resumeDir is not null && !run.Resume(resumeDir))
@@ -595,38 +601,18 @@ public static class Commands
     /// <summary>
     /// The sequences a run trains on: a <c>.jsonl</c> file of text, prompt/completion or chat examples
     /// through the model's tokenizer, packed into sequences; otherwise consecutive windows of a token
-    /// file or of a text file's bytes.
+    /// file or of a text file's tokens (<see cref="DataFiles"/>).
     /// </summary>
-    private static ITrainingData TrainingStream(string dataPath, string tokenizerPath, ModelInfo model, int seq, int seed)
-    {
-        if (!IsJsonl(dataPath))
-            return new TokenWindows(ReadTrainingTokens(dataPath, model), seq, dataPath);
-        var data = LoadJsonl(dataPath, tokenizerPath, model);
-        return new PackedTrainingData(data, new SequencePacker(data.Examples, seq, PackingMode.Pack, seed));
-    }
+    private static ITrainingData TrainingStream(string dataPath, DataReading reading, ModelInfo model, int seq, int seed) =>
+        DataFiles.Training(dataPath, reading, model, seq, seed);
 
     /// <summary>
     /// Held-out data for <c>eval</c> and <c>train --val-data</c>, in the formats <see cref="TrainingStream"/>
     /// reads and packed the same way, in the file's order: every window of a token or text file, every
     /// packed sequence of a JSONL file.
     /// </summary>
-    internal static EvaluationData EvaluationSet(string dataPath, string tokenizerPath, ModelInfo model, int seq) =>
-        IsJsonl(dataPath)
-            ? EvaluationData.Packed(LoadJsonl(dataPath, tokenizerPath, model), seq)
-            : EvaluationData.Windows(ReadTrainingTokens(dataPath, model), seq, dataPath);
-
-    private static bool IsJsonl(string path) => path.EndsWith(".jsonl", StringComparison.OrdinalIgnoreCase);
-
-    /// <summary>A JSONL file tokenized with the model's tokenizer.json.</summary>
-    private static TrainingData LoadJsonl(string dataPath, string tokenizerPath, ModelInfo model)
-    {
-        if (!File.Exists(tokenizerPath))
-            throw new UsageException($"{dataPath} is JSONL and needs the model's tokenizer.json, which is not at {tokenizerPath}; pass --tokenizer FILE.");
-        var tokenizer = BpeTokenizer.Load(tokenizerPath);
-        if (tokenizer.VocabSize > model.Vocab)
-            throw new UsageException($"{tokenizerPath} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
-        return TrainingData.Load(dataPath, tokenizer);
-    }
+    internal static EvaluationData EvaluationSet(string dataPath, DataReading reading, ModelInfo model, int seq) =>
+        DataFiles.Evaluation(dataPath, reading, model, seq);
 
     /// <summary>The folder of a weights PATH: the folder itself, or the one holding the file.</summary>
     internal static string FolderOf(string weightsPath) =>
@@ -664,8 +650,9 @@ public static class Commands
     }
 
     /// <summary>
-    /// Training tokens: a <c>.json</c> file is an array of token ids; any other file is text whose UTF-8
-    /// bytes are the tokens (for models whose vocabulary holds the 256 byte values).
+    /// The study's tokens: a <c>.json</c> file is an array of token ids; any other file is text whose UTF-8
+    /// bytes are the tokens (for models whose vocabulary holds the 256 byte values; the study runs on
+    /// random weights, where no tokenizer gives the tokens a meaning).
     /// </summary>
     private static int[] ReadTrainingTokens(string path, ModelInfo model)
     {
