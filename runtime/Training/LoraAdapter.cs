@@ -214,22 +214,7 @@ public sealed class LoraAdapter
     /// <summary>Reads PEFT's config and checks it describes plain LoRA with the expected rank and alpha.</summary>
     static LoraSettings ReadConfig(string path, LoraSettings expected)
     {
-        long length = new FileInfo(path).Length;
-        if (length > MaxConfigBytes)
-            throw new WeightsException(path, $"adapter config has {length} bytes, more than the {MaxConfigBytes} one may have");
-        if (length == 0) // also a FIFO or a device, which reading would block on
-            throw new WeightsException(path, "adapter config is empty or not a regular file");
-        byte[] bytes;
-        try
-        {
-            bytes = File.ReadAllBytes(path);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new WeightsException(path, $"cannot read the adapter config: {e.Message}", e);
-        }
-        if (!System.Text.Unicode.Utf8.IsValid(bytes))
-            throw new WeightsException(path, "malformed JSON: the file is not valid UTF-8");
+        byte[] bytes = WeightsException.ReadSmallJson(path, "adapter config", MaxConfigBytes, "malformed JSON");
         JsonDocument document;
         try
         {

@@ -31,14 +31,14 @@ public sealed class TokenGenerator : IDisposable
     private readonly Tensor _logits;
     private readonly float[] _host;
 
-    /// <param name="trainer">Created with a MaxSequence of at least <paramref name="maxTokens"/>.</param>
+    /// <param name="trainer">Created with a MaxSequence of at least <paramref name="maxTokens"/>; the logits live on its backend.</param>
     /// <param name="maxTokens">The prompt and the generated tokens together.</param>
-    public TokenGenerator(TrainerBase trainer, IBackend backend, int maxTokens)
+    public TokenGenerator(TrainerBase trainer, int maxTokens)
     {
         _trainer = trainer;
-        _backend = backend;
+        _backend = trainer.Backend;
         _cache = trainer.CreateCache(maxTokens);
-        _logits = backend.Allocate("decode:logits", trainer.Model.Vocab);
+        _logits = _backend.Allocate("decode:logits", trainer.Model.Vocab);
         _host = new float[trainer.Model.Vocab];
     }
 

@@ -87,7 +87,7 @@ public abstract class TrainerBase : IDisposable
     public ModelWeights Weights { get; }
 
     /// <summary>The backend every kernel runs on.</summary>
-    protected IBackend Backend { get; }
+    public IBackend Backend { get; }
 
     /// <summary>alpha / r of the adapter this trainer was created with.</summary>
     protected float LoraScale { get; }

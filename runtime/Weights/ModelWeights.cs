@@ -457,22 +457,7 @@ public sealed class ModelWeights : IDisposable
 
     static List<(string Name, string Shard)> ReadWeightMap(string indexPath)
     {
-        long length = new FileInfo(indexPath).Length;
-        if (length > MaxIndexBytes)
-            throw new WeightsException(indexPath, $"index has {length} bytes, more than the {MaxIndexBytes} an index may have");
-        if (length == 0) // also a FIFO or a device, which reading would block on
-            throw new WeightsException(indexPath, "index is empty or not a regular file");
-        byte[] bytes;
-        try
-        {
-            bytes = File.ReadAllBytes(indexPath);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new WeightsException(indexPath, $"cannot read the index: {e.Message}", e);
-        }
-        if (!System.Text.Unicode.Utf8.IsValid(bytes))
-            throw new WeightsException(indexPath, "malformed index JSON: the file is not valid UTF-8");
+        byte[] bytes = WeightsException.ReadSmallJson(indexPath, "index", MaxIndexBytes, "malformed index JSON");
         try
         {
             using var document = JsonDocument.Parse(bytes);

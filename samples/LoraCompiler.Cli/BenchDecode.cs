@@ -38,7 +38,7 @@ public static class BenchDecode
         int maxTokens = promptLength + newTokens;
         using var trainer = model.Create(backend, weights, LoraAdapter.CreateNew(model.Lora, model.LoraModules, seed: 1), maxTokens);
         trainer.CaptureGradients = false;
-        using var generator = new TokenGenerator(trainer, backend, maxTokens);
+        using var generator = new TokenGenerator(trainer, maxTokens);
         var prompt = Enumerable.Range(0, promptLength).Select(i => (i * 7919 + 11) % model.Vocab).ToArray();
         Console.Error.WriteLine($"Decoding {newTokens} tokens of {model.Name} after a {promptLength}-token prompt on {backend.Name}...");
         generator.Step(prompt, 0);

@@ -158,9 +158,15 @@ internal static class DataFiles
         if (!reading.HasTokenizer)
             throw new UsageException($"{dataPath} is {(IsJsonl(dataPath) ? "JSONL" : "text")} and needs the model's tokenizer.json, which is not at {reading.TokenizerPath}; pass --tokenizer FILE" +
                                      (IsJsonl(dataPath) ? "." : ", or --data-format bytes for its UTF-8 bytes as token ids."));
-        var tokenizer = BpeTokenizer.Load(reading.TokenizerPath);
+        return LoadTokenizer(reading.TokenizerPath, model);
+    }
+
+    /// <summary>A tokenizer.json for <paramref name="model"/>: one whose ids all fit the model's vocabulary.</summary>
+    internal static BpeTokenizer LoadTokenizer(string path, ModelInfo model)
+    {
+        var tokenizer = BpeTokenizer.Load(path);
         if (tokenizer.VocabSize > model.Vocab)
-            throw new UsageException($"{reading.TokenizerPath} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
+            throw new UsageException($"{path} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
         return tokenizer;
     }
 

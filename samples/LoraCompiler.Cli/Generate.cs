@@ -79,11 +79,11 @@ public static class Generate
         using var weights = ModelWeights.Open(weightsPath);
         var adapter = adapterDir is null
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, seed: 0) // B = 0: exactly the base model
-            : LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
+            : Export.LoadWhole(adapterDir, model);
         int maxTokens = prompt.Length + maxNew;
         using var trainer = model.Create(backend, weights, adapter, maxTokens);
         trainer.CaptureGradients = false;
-        using var generator = new TokenGenerator(trainer, backend, maxTokens);
+        using var generator = new TokenGenerator(trainer, maxTokens);
 
         Console.Error.WriteLine($"{model.Name} on {backend.Name}: {prompt.Length} prompt tokens, up to {maxNew} new " +
                                 $"({(sampling.Temperature == 0 ? "greedy" : $"temperature {sampling.Temperature}, top-k {sampling.TopK}, top-p {sampling.TopP}, seed {sampling.Seed}")}); " +
@@ -119,10 +119,7 @@ public static class Generate
     {
         if (!File.Exists(path))
             throw new UsageException($"The prompt needs the model's tokenizer.json, which is not at {path}; pass --tokenizer FILE.");
-        var tokenizer = BpeTokenizer.Load(path);
-        if (tokenizer.VocabSize > model.Vocab)
-            throw new UsageException($"{path} has {tokenizer.VocabSize} tokens, more than the {model.Vocab} of {model.Name}.");
-        return tokenizer;
+        return DataFiles.LoadTokenizer(path, model);
     }
 
     /// <summary>A JSON array of {"role", "content"} messages, or an object holding one under "messages" (a line of chat JSONL).</summary>

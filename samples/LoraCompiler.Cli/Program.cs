@@ -256,7 +256,7 @@ public static class Commands
 
         int[] tokens = ReadTokens(tokensPath);
         using var weights = ModelWeights.Open(weightsPath);
-        var adapter = LoraAdapter.Load(adapterDir, model.Lora, model.LoraModules);
+        var adapter = Export.LoadWhole(adapterDir, model);
         using var trainer = model.Create(backend, weights, adapter, tokens.Length);
         trainer.LcsbGroups = 1; // the exact gradient of every layer, whatever schedule training uses
 

@@ -96,18 +96,7 @@ public sealed class GeneratorTests
 
     // ---- the repository's model files ----------------------------------------------------------
 
-    private static string RepoRoot([CallerFilePath] string testFile = "")
-    {
-        foreach (string? start in new[] { Path.GetDirectoryName(testFile), AppContext.BaseDirectory })
-        {
-            for (var dir = string.IsNullOrEmpty(start) ? null : new DirectoryInfo(start); dir is not null; dir = dir.Parent)
-            {
-                if (File.Exists(Path.Combine(dir.FullName, "LoraCompiler.sln")))
-                    return dir.FullName;
-            }
-        }
-        throw new InvalidOperationException("No folder above the tests holds LoraCompiler.sln.");
-    }
+    private static string RepoRoot() => ModelFixture.RepoRoot();
 
     private static string ModelPath(string name) => Path.Combine(RepoRoot(), "models", name + ".json");
 

@@ -52,11 +52,20 @@ public sealed class ModelFixture : IDisposable
     /// </summary>
     public ReferenceConfig ReferenceConfig => HuggingFaceConfig.Read(Path.Combine(RepoRoot(), Model.SourceFile));
 
-    private static string RepoRoot([System.Runtime.CompilerServices.CallerFilePath] string testFile = "")
+    /// <summary>
+    /// The repository's root: the folder above the tests' sources (or, failing that, above the test
+    /// binaries) that holds LoraCompiler.sln.
+    /// </summary>
+    public static string RepoRoot([System.Runtime.CompilerServices.CallerFilePath] string testFile = "")
     {
-        for (var dir = new DirectoryInfo(Path.GetDirectoryName(testFile)!); dir is not null; dir = dir.Parent)
-            if (File.Exists(Path.Combine(dir.FullName, "LoraCompiler.sln")))
-                return dir.FullName;
+        foreach (string? start in new[] { Path.GetDirectoryName(testFile), AppContext.BaseDirectory })
+        {
+            for (var dir = string.IsNullOrEmpty(start) ? null : new DirectoryInfo(start); dir is not null; dir = dir.Parent)
+            {
+                if (File.Exists(Path.Combine(dir.FullName, "LoraCompiler.sln")))
+                    return dir.FullName;
+            }
+        }
         throw new InvalidOperationException("No folder above the tests holds LoraCompiler.sln.");
     }
 

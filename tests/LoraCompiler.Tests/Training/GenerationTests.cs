@@ -25,7 +25,7 @@ public sealed class GenerationTests
         using var fixture = new ModelFixture(model, seed: 17, promptLength);
         int[] prompt = fixture.Tokens;
         using var trainer = fixture.CreateTrainer(new CpuBackend(), promptLength + newTokens);
-        using var generator = new TokenGenerator(trainer, new CpuBackend(), promptLength + newTokens);
+        using var generator = new TokenGenerator(trainer, promptLength + newTokens);
 
         var stepLogits = new List<float[]>();
         var sequence = prompt.ToList();
@@ -72,7 +72,7 @@ public sealed class GenerationTests
         int[] tokens = fixture.Tokens;
         const int prompt = 5;
         using var trainer = fixture.CreateTrainer(new CpuBackend(), tokens.Length);
-        using var generator = new TokenGenerator(trainer, new CpuBackend(), tokens.Length);
+        using var generator = new TokenGenerator(trainer, tokens.Length);
         var all = TorchReference.Logits(fixture.ReferenceConfig, fixture.Weights, fixture.Adapter, tokens);
 
         for (int t = prompt - 1; t < tokens.Length; t++)
@@ -90,13 +90,13 @@ public sealed class GenerationTests
         using var fixture = new ModelFixture(model, seed: 5, sequence: 19);
         int[] tokens = fixture.Tokens;
         using var trainer = fixture.CreateTrainer(new CpuBackend(), tokens.Length);
-        using var cached = new TokenGenerator(trainer, new CpuBackend(), tokens.Length);
+        using var cached = new TokenGenerator(trainer, tokens.Length);
 
         cached.Step(tokens.AsSpan(0, 3), 0);
         for (int t = 3; t < tokens.Length; t++)
         {
             float[] step = (float[])cached.Step(tokens.AsSpan(t, 1), t).Clone();
-            using var whole = new TokenGenerator(trainer, new CpuBackend(), tokens.Length);
+            using var whole = new TokenGenerator(trainer, tokens.Length);
             float[] full = whole.Step(tokens.AsSpan(0, t + 1), 0);
             double error = RelativeError(step, full.Select(v => (double)v).ToArray());
             Assert.True(error < 1e-5, $"position {t}: the cached step's logits differ from the full forward's by {error:E2}");
@@ -123,7 +123,7 @@ public sealed class GenerationTests
     }
 
     private static TokenGenerator NewGenerator(ModelFixture fixture, int maxTokens) =>
-        new(fixture.CreateTrainer(new CpuBackend(), maxTokens), new CpuBackend(), maxTokens);
+        new(fixture.CreateTrainer(new CpuBackend(), maxTokens), maxTokens);
 
     private static double RelativeError(float[] actual, double[] expected)
     {

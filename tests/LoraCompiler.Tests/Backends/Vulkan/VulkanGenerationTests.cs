@@ -20,8 +20,8 @@ public sealed class VulkanGenerationTests
         using var vulkan = VulkanTestDevice.Create();
         using var cpuTrainer = fixture.CreateTrainer(new CpuBackend(), tokens.Length);
         using var gpuTrainer = fixture.CreateTrainer(vulkan, tokens.Length);
-        using var cpu = new TokenGenerator(cpuTrainer, new CpuBackend(), tokens.Length);
-        using var gpu = new TokenGenerator(gpuTrainer, vulkan, tokens.Length);
+        using var cpu = new TokenGenerator(cpuTrainer, tokens.Length);
+        using var gpu = new TokenGenerator(gpuTrainer, tokens.Length);
         for (int t = prompt - 1; t < tokens.Length; t++)
         {
             var (expected, actual) = t == prompt - 1
@@ -38,5 +38,5 @@ public sealed class VulkanGenerationTests
     }
 
     private static TokenGenerator NewGenerator(ModelFixture fixture, IBackend backend) =>
-        new(fixture.CreateTrainer(backend, 14), backend, 14);
+        new(fixture.CreateTrainer(backend, 14), 14);
 }
