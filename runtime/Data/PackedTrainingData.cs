@@ -8,6 +8,7 @@ public sealed class PackedTrainingData : ITrainingData
 {
     private readonly TrainingData _data;
     private readonly SequencePacker _packer;
+    private readonly int[] _tokens, _targets; // the sequence Next hands out, reused
 
     /// <summary>
     /// The stream of <paramref name="packer"/> over <paramref name="data"/>'s examples. Data of which no
@@ -20,6 +21,7 @@ public sealed class PackedTrainingData : ITrainingData
         ArgumentNullException.ThrowIfNull(packer);
         _data = data;
         _packer = packer;
+        (_tokens, _targets) = (new int[packer.MaxLength], new int[packer.MaxLength]);
         Coverage = data.Coverage(packer.MaxLength, packer.Mode);
         if (Coverage.NothingToLearnProblem() is { } problem)
             throw new TrainingDataException(data.Source, null, problem);
@@ -36,10 +38,10 @@ public sealed class PackedTrainingData : ITrainingData
         (Coverage.Dropped + Coverage.Cut > 0 ? $" ({Coverage.Dropped:N0} examples dropped, {Coverage.Cut:N0} cut)" : "") +
         $", {_packer.Mode} into {_packer.MaxLength})";
 
-    public (int[] Tokens, int[] Targets) Next()
+    public (ReadOnlyMemory<int> Tokens, ReadOnlyMemory<int> Targets) Next()
     {
-        var sequence = _packer.Next();
-        return (sequence.Tokens, sequence.Targets);
+        int length = _packer.Next(_tokens, _targets);
+        return (_tokens.AsMemory(0, length), _targets.AsMemory(0, length));
     }
 
     public string Position

@@ -111,21 +111,43 @@ public sealed class SequencePacker
     /// <summary>The next sequence, going on into the next epoch at the end of one.</summary>
     public TrainingSequence Next()
     {
-        var start = Position;
+        var start = Advance();
+        int length = Length(_parts);
+        var (tokens, targets) = (new int[length], new int[length]);
+        Copy(_parts, tokens, targets);
+        return new TrainingSequence(tokens, targets, start, _parts.Select(p => p.Example).Distinct().ToArray());
+    }
+
+    /// <summary>
+    /// As <see cref="Next()"/>, into the caller's buffers (at least <see cref="MaxLength"/> long); returns
+    /// the sequence's length. Allocates nothing: a training step reads its sequence this way.
+    /// </summary>
+    public int Next(Span<int> tokens, Span<int> targets)
+    {
+        Advance();
+        int length = Length(_parts);
+        Copy(_parts, tokens[..length], targets[..length]);
+        return length;
+    }
+
+    private readonly List<Part> _parts = [];
+
+    /// <summary>Plans the next sequence that has a position in the loss into <see cref="_parts"/>, moves past it, and returns where it starts.</summary>
+    private DataPosition Advance()
+    {
         int emptyRun = 0;
         while (true)
         {
-            var (parts, next) = Plan(Position);
-            Position = next;
-            var sequence = Build(parts, start);
-            if (sequence.Targets.Any(t => t >= 0))
-                return sequence;
+            var start = Position;
+            Position = Plan(start, _parts);
+            foreach (var part in _parts)
+                if (HasLoss(part))
+                    return start;
             // Skipped: nothing in it is learned. Give up after a whole epoch of such sequences.
-            emptyRun += parts.Count;
+            emptyRun += _parts.Count;
             if (emptyRun > _examples.Count)
                 throw new InvalidOperationException(
                     $"No sequence of {MaxLength} tokens has a position in the loss: every example's learned tokens lie past the cut.");
-            start = Position;
         }
     }
 
@@ -142,13 +164,13 @@ public sealed class SequencePacker
     public int CountSequences(int epoch)
     {
         var position = new DataPosition(epoch, 0, 0);
+        var parts = new List<Part>();
         int count = 0;
         while (position.Epoch == epoch)
         {
-            var (parts, next) = Plan(position);
-            if (parts.Any(p => HasLoss(p)))
+            position = Plan(position, parts);
+            if (parts.Any(HasLoss))
                 count++;
-            position = next;
         }
         return count;
     }
@@ -156,10 +178,10 @@ public sealed class SequencePacker
     /// <summary>A piece of an example: which one (index into the data), from which token, how many.</summary>
     private readonly record struct Part(int Example, int Start, int Length);
 
-    /// <summary>The parts of the sequence that starts at a position, and the position after it.</summary>
-    private (List<Part> Parts, DataPosition Next) Plan(DataPosition position)
+    /// <summary>Fills <paramref name="parts"/> with the parts of the sequence that starts at a position; returns the position after it.</summary>
+    private DataPosition Plan(DataPosition position, List<Part> parts)
     {
-        var parts = new List<Part>();
+        parts.Clear();
         int epoch = position.Epoch;
         int index = position.Example;
         int n = _examples.Count;
@@ -211,26 +233,30 @@ public sealed class SequencePacker
                         offset = 0;
                     }
                 }
-                return (parts, Normalize(new DataPosition(epoch, index, offset)));
+                return Normalize(new DataPosition(epoch, index, offset));
             }
         }
-        return (parts, Normalize(new DataPosition(epoch, index, 0)));
+        return Normalize(new DataPosition(epoch, index, 0));
     }
 
-    private TrainingSequence Build(List<Part> parts, DataPosition start)
+    private static int Length(List<Part> parts)
     {
-        int length = parts.Sum(p => p.Length);
-        var tokens = new int[length];
-        var targets = new int[length];
+        int length = 0;
+        foreach (var part in parts)
+            length += part.Length;
+        return length;
+    }
+
+    private void Copy(List<Part> parts, Span<int> tokens, Span<int> targets)
+    {
         int at = 0;
         foreach (var part in parts)
         {
             var example = _examples[part.Example];
-            Array.Copy(example.Tokens, part.Start, tokens, at, part.Length);
-            Array.Copy(example.Targets, part.Start, targets, at, part.Length);
+            example.Tokens.AsSpan(part.Start, part.Length).CopyTo(tokens[at..]);
+            example.Targets.AsSpan(part.Start, part.Length).CopyTo(targets[at..]);
             at += part.Length;
         }
-        return new TrainingSequence(tokens, targets, start, parts.Select(p => p.Example).Distinct().ToArray());
     }
 
     private bool HasLoss(Part part) => _examples[part.Example].Targets.AsSpan(part.Start, part.Length).ContainsAnyExcept(-1);

@@ -6,8 +6,11 @@ public interface ITrainingData
     /// <summary>What the data is, for the progress output.</summary>
     string Description { get; }
 
-    /// <summary>The next sequence: tokens, and per row the token it must predict or −1 (not in the loss).</summary>
-    (int[] Tokens, int[] Targets) Next();
+    /// <summary>
+    /// The next sequence: tokens, and per row the token it must predict or −1 (not in the loss). The
+    /// memory may be the stream's own, reused by the next call (a step allocates nothing for its data).
+    /// </summary>
+    (ReadOnlyMemory<int> Tokens, ReadOnlyMemory<int> Targets) Next();
 
     /// <summary>The position in the stream, as a string a checkpoint stores.</summary>
     string Position { get; set; }
@@ -32,14 +35,13 @@ public sealed class TokenWindows : ITrainingData
 
     public string Description { get; }
 
-    public (int[] Tokens, int[] Targets) Next()
+    public (ReadOnlyMemory<int> Tokens, ReadOnlyMemory<int> Targets) Next()
     {
         if (_offset + _sequence + 1 > _tokens.Length)
             _offset = 0;
-        var tokens = _tokens.AsSpan(_offset, _sequence).ToArray();
-        var targets = _tokens.AsSpan(_offset + 1, _sequence).ToArray();
+        var window = (_tokens.AsMemory(_offset, _sequence), _tokens.AsMemory(_offset + 1, _sequence));
         _offset += _sequence;
-        return (tokens, targets);
+        return window;
     }
 
     public string Position

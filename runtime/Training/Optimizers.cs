@@ -19,23 +19,32 @@ public abstract class Optimizer
     /// <summary>One parameter tensor: p ← p − lr·update(g·gradScale).</summary>
     public abstract void Update(string name, Span<float> parameter, ReadOnlySpan<float> gradient, float learningRate, float gradScale = 1);
 
-    /// <summary>Every state tensor, by name, for a checkpoint.</summary>
-    public abstract IEnumerable<(string Name, float[] Values)> State();
+    /// <summary>Every state tensor, by name, for a checkpoint: the optimizer's own memory, not a copy.</summary>
+    public abstract IEnumerable<(string Name, ReadOnlyMemory<float> Values)> State();
 
-    /// <summary>Restores what <see cref="State"/> returned, and the step count.</summary>
-    public void Restore(int step, IReadOnlyDictionary<string, float[]> state)
+    /// <summary>
+    /// Restores the step count and the state tensors <paramref name="read"/> fills: it is called once
+    /// per name in <paramref name="names"/>, with the optimizer's own storage of that tensor's length.
+    /// </summary>
+    public void Restore(int step, IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read)
     {
         Step = step;
-        RestoreState(state);
+        RestoreState(names, read);
     }
 
-    protected abstract void RestoreState(IReadOnlyDictionary<string, float[]> state);
+    protected abstract void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read);
 
-    /// <summary>Writes the state and step to one safetensors file (atomically).</summary>
+    /// <summary>
+    /// Writes the state and step to one safetensors file (atomically), streamed from the state tensors
+    /// themselves: a checkpoint costs no copy of the moments.
+    /// </summary>
     public void Save(string path)
     {
-        var tensors = State().Select(s => (s.Name, new[] { s.Values.Length }, s.Values)).ToList();
-        SafeTensorsWriter.Write(path, tensors, metadata: new Dictionary<string, string> { ["optimizer"] = Name, ["step"] = Step.ToString() });
+        var state = State().ToList();
+        var tensors = state.Select(s => new TensorSpec(s.Name, [s.Values.Length])).ToList();
+        int next = 0; // called once per tensor, in order
+        SafeTensorsWriter.Write(path, tensors, _ => state[next++].Values,
+            metadata: new Dictionary<string, string> { ["optimizer"] = Name, ["step"] = Step.ToString() });
     }
 
     /// <summary>
@@ -49,18 +58,26 @@ public abstract class Optimizer
             throw new WeightsException(path, $"not a {Name} optimizer state (metadata optimizer={name ?? "missing"})");
         if (!int.TryParse(stepText, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int step))
             throw new WeightsException(path, $"the step '{stepText}' in its metadata is not a step count");
-        var state = new Dictionary<string, float[]>(StringComparer.Ordinal);
+        var lengths = new Dictionary<string, int>(StringComparer.Ordinal);
         foreach (var tensor in file.Names)
         {
-            var values = file.Read(tensor);
+            long values = file.Info(tensor).Elements;
             int dot = tensor.LastIndexOf('.');
-            if (parameterLengths is not null && (dot < 0 || !parameterLengths.TryGetValue(tensor[..dot], out int length) || length != values.Length))
-                throw new WeightsException(path, $"state tensor '{tensor}' ({values.Length} values) belongs to no LoRA parameter of this trainer");
-            state[tensor] = values;
+            if (parameterLengths is not null && (dot < 0 || !parameterLengths.TryGetValue(tensor[..dot], out int length) || length != values))
+                throw new WeightsException(path, $"state tensor '{tensor}' ({values} values) belongs to no LoRA parameter of this trainer");
+            if (values > Array.MaxLength)
+                throw new WeightsException(path, $"state tensor '{tensor}' has {values} values, more than a state tensor can hold");
+            lengths[tensor] = (int)values;
         }
         try
         {
-            Restore(step, state);
+            // Read straight into the optimizer's storage (the heap or its mapped files): no second copy.
+            Restore(step, lengths, (name, destination) =>
+            {
+                file.Read(name, destination);
+                if (!destination.IsEmpty && !float.IsFinite(System.Numerics.Tensors.TensorPrimitives.MaxMagnitude(destination)))
+                    throw new WeightsException(path, $"state tensor '{name}' holds values that are not finite (NaN or infinite)");
+            });
         }
         catch (ArgumentException e)
         {
@@ -91,8 +108,8 @@ public sealed class Sgd : Optimizer
             parameter[i] -= learningRate * gradScale * gradient[i];
     }
 
-    public override IEnumerable<(string Name, float[] Values)> State() => [];
-    protected override void RestoreState(IReadOnlyDictionary<string, float[]> state) { }
+    public override IEnumerable<(string Name, ReadOnlyMemory<float> Values)> State() => [];
+    protected override void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read) { }
 }
 
 /// <summary>
@@ -124,22 +141,23 @@ public sealed class AdamW(float beta1 = 0.9f, float beta2 = 0.999f, float eps = 
         }
     }
 
-    public override IEnumerable<(string Name, float[] Values)> State() =>
+    public override IEnumerable<(string Name, ReadOnlyMemory<float> Values)> State() =>
         _moments.OrderBy(p => p.Key, StringComparer.Ordinal)
-            .SelectMany(p => new[] { (p.Key + ".exp_avg", p.Value.M.ToArray()), (p.Key + ".exp_avg_sq", p.Value.V.ToArray()) });
+            .SelectMany(p => new[] { (p.Key + ".exp_avg", (ReadOnlyMemory<float>)p.Value.M), (p.Key + ".exp_avg_sq", (ReadOnlyMemory<float>)p.Value.V) });
 
-    protected override void RestoreState(IReadOnlyDictionary<string, float[]> state)
+    protected override void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read)
     {
         _moments.Clear();
-        foreach (var (name, values) in state)
+        foreach (var (name, length) in names)
             if (name.EndsWith(".exp_avg", StringComparison.Ordinal))
             {
                 string parameter = name[..^".exp_avg".Length];
-                if (!state.TryGetValue(parameter + ".exp_avg_sq", out var squares) || squares.Length != values.Length)
-                    throw new ArgumentException($"'{name}' has no '{parameter}.exp_avg_sq' of {values.Length} values beside it");
-                var (m, v) = (Allocate(name, values.Length), Allocate(parameter + ".exp_avg_sq", values.Length));
-                values.CopyTo(m);
-                squares.CopyTo(v);
+                string squares = parameter + ".exp_avg_sq";
+                if (!names.TryGetValue(squares, out int squaresLength) || squaresLength != length)
+                    throw new ArgumentException($"'{name}' has no '{squares}' of {length} values beside it");
+                var (m, v) = (Allocate(name, length), Allocate(squares, length));
+                read(name, m.Span);
+                read(squares, v.Span);
                 _moments[parameter] = (m, v);
             }
     }

@@ -75,10 +75,38 @@ public abstract class TrainerBase : IDisposable
     public event Action<LayerGradients>? LayerGradientsReady;
 
     /// <summary>The modules of one layer, in <see cref="LoraModules"/> order.</summary>
-    public IEnumerable<LoraTensors> LayerModules(int layer)
+    public IReadOnlyList<LoraTensors> LayerModules(int layer) => ModulesOf(layer);
+
+    private LoraTensors[][]? _layerModules;
+
+    /// <summary>The modules of each layer, grouped once (a step looks them up for every layer without allocating).</summary>
+    private LoraTensors[] ModulesOf(int layer)
     {
-        string prefix = $"model.layers.{layer}.";
-        return _lora.Where(m => m.Spec.Module.StartsWith(prefix, StringComparison.Ordinal));
+        _layerModules ??= Enumerable.Range(0, Model.Layers)
+            .Select(l => _lora.Where(m => m.Spec.Module.StartsWith($"model.layers.{l}.", StringComparison.Ordinal)).ToArray())
+            .ToArray();
+        return _layerModules[layer];
+    }
+
+    private float[] _zeros = [];
+    private float[] _hostDa = [], _hostDb = [];
+
+    /// <summary>n zeros: the gradients of a layer LCSB skipped.</summary>
+    private ReadOnlySpan<float> Zeros(long n)
+    {
+        if (_zeros.Length < n)
+            _zeros = new float[n];
+        return _zeros.AsSpan(0, (int)n);
+    }
+
+    /// <summary>Host buffers for one module's gradients, reused by every module (a backend whose tensors the host cannot read in place).</summary>
+    private (float[] DA, float[] DB) HostGradients(LoraTensors m)
+    {
+        if (_hostDa.Length < m.DA.Length)
+            _hostDa = new float[m.DA.Length];
+        if (_hostDb.Length < m.DB.Length)
+            _hostDb = new float[m.DB.Length];
+        return (_hostDa, _hostDb);
     }
 
     public ModelInfo Model { get; }
@@ -185,7 +213,7 @@ public abstract class TrainerBase : IDisposable
     /// <summary>Called by a layer's generated backward before it accumulates into the shared gradient buffers.</summary>
     protected void ClearGradients(int layer)
     {
-        foreach (var m in LayerModules(layer))
+        foreach (var m in ModulesOf(layer))
         {
             Backend.Zero(m.DA, m.DA.Length);
             Backend.Zero(m.DB, m.DB.Length);
@@ -247,11 +275,11 @@ public abstract class TrainerBase : IDisposable
     /// <summary>Calls <paramref name="visit"/> with the gradients of each module of a layer, read from the backend (zeros for a skipped layer).</summary>
     public void VisitGradients(LayerGradients layer, GradientVisitor visit)
     {
-        foreach (var m in LayerModules(layer.Layer))
+        foreach (var m in ModulesOf(layer.Layer))
         {
             if (layer.Skipped)
             {
-                visit(m.Spec, new float[m.DA.Length], new float[m.DB.Length]);
+                visit(m.Spec, Zeros(m.DA.Length), Zeros(m.DB.Length));
                 continue;
             }
             if (m.DA is CpuTensor da && m.DB is CpuTensor db)
@@ -259,10 +287,10 @@ public abstract class TrainerBase : IDisposable
                 visit(m.Spec, da.Span, db.Span);
                 continue;
             }
-            var (hostDa, hostDb) = (new float[m.DA.Length], new float[m.DB.Length]);
-            Backend.Download(m.DA, hostDa);
-            Backend.Download(m.DB, hostDb);
-            visit(m.Spec, hostDa, hostDb);
+            var (hostDa, hostDb) = HostGradients(m);
+            Backend.Download(m.DA, hostDa.AsSpan(0, (int)m.DA.Length));
+            Backend.Download(m.DB, hostDb.AsSpan(0, (int)m.DB.Length));
+            visit(m.Spec, hostDa.AsSpan(0, (int)m.DA.Length), hostDb.AsSpan(0, (int)m.DB.Length));
         }
     }
 
@@ -297,38 +325,43 @@ public abstract class TrainerBase : IDisposable
     /// buffers; on another backend they are host copies, uploaded again afterwards. <see cref="Adapter"/>
     /// is not touched: call <see cref="DownloadAdapter"/> before saving.
     /// </summary>
-    public void UpdateParameters(LayerGradients layer, ParameterUpdate update) => UpdateParameters(LayerModules(layer.Layer), layer.Skipped, update);
+    public void UpdateParameters(LayerGradients layer, ParameterUpdate update)
+    {
+        foreach (var m in ModulesOf(layer.Layer))
+            UpdateParameters(m, layer.Skipped, update);
+    }
 
     /// <summary>As <see cref="UpdateParameters(LayerGradients, ParameterUpdate)"/> for any modules, with the gradients the backend holds.</summary>
-    public void UpdateParameters(IEnumerable<LoraTensors> modules, ParameterUpdate update) => UpdateParameters(modules, skipped: false, update);
-
-    private void UpdateParameters(IEnumerable<LoraTensors> modules, bool skipped, ParameterUpdate update)
+    public void UpdateParameters(IEnumerable<LoraTensors> modules, ParameterUpdate update)
     {
         foreach (var m in modules)
+            UpdateParameters(m, skipped: false, update);
+    }
+
+    private void UpdateParameters(LoraTensors m, bool skipped, ParameterUpdate update)
+    {
+        if (m.A is CpuTensor a && m.B is CpuTensor b && m.DA is CpuTensor da && m.DB is CpuTensor db)
         {
-            if (m.A is CpuTensor a && m.B is CpuTensor b && m.DA is CpuTensor da && m.DB is CpuTensor db)
-            {
-                if (skipped)
-                    update(m, a.Span, b.Span, new float[m.DA.Length], new float[m.DB.Length]);
-                else
-                    update(m, a.Span, b.Span, da.Span, db.Span);
-            }
+            if (skipped)
+                update(m, a.Span, b.Span, Zeros(m.DA.Length), Zeros(m.DB.Length));
             else
-            {
-                var host = _adapterModules[m.Spec.Module];
-                var (hostDa, hostDb) = (new float[m.DA.Length], new float[m.DB.Length]);
-                Backend.Download(m.A, host.A);
-                Backend.Download(m.B, host.B);
-                if (!skipped)
-                {
-                    Backend.Download(m.DA, hostDa);
-                    Backend.Download(m.DB, hostDb);
-                }
-                update(m, host.A, host.B, hostDa, hostDb);
-                Backend.Write(m.A, host.A);
-                Backend.Write(m.B, host.B);
-            }
+                update(m, a.Span, b.Span, da.Span, db.Span);
+            return;
         }
+        var host = _adapterModules[m.Spec.Module];
+        Backend.Download(m.A, host.A);
+        Backend.Download(m.B, host.B);
+        if (skipped)
+            update(m, host.A, host.B, Zeros(m.DA.Length), Zeros(m.DB.Length));
+        else
+        {
+            var (hostDa, hostDb) = HostGradients(m);
+            Backend.Download(m.DA, hostDa.AsSpan(0, (int)m.DA.Length));
+            Backend.Download(m.DB, hostDb.AsSpan(0, (int)m.DB.Length));
+            update(m, host.A, host.B, hostDa.AsSpan(0, (int)m.DA.Length), hostDb.AsSpan(0, (int)m.DB.Length));
+        }
+        Backend.Write(m.A, host.A);
+        Backend.Write(m.B, host.B);
     }
 
     /// <summary>A buffer of the memory plan, sized for <see cref="MaxSequence"/>.</summary>
@@ -388,6 +421,7 @@ public abstract class TrainerBase : IDisposable
             Track(Backend is CpuBackend ? new CpuTensor(m.Spec.BName, m.B) : Backend.Upload(m.Spec.BName, m.B)),
             gradients.DA, gradients.DB);
         _lora.Add(tensors);
+        _layerModules = null;
         return tensors;
     }
 

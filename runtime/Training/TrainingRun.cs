@@ -153,6 +153,7 @@ public sealed class TrainingRun
         _optimizer = Optimizer.Create(options.Optimizer, options.WeightDecay,
             trainer.OptimizerStateInFile ? InFile : null);
         trainer.CaptureGradients = false; // each layer's gradients are consumed as they arrive
+        (_layerReady, _accumulate, _update) = (LayerReady, Accumulate, Update);
         if (options.LcsbGroups is int groups)
             trainer.LcsbGroups = groups;
     }
@@ -270,6 +271,7 @@ public sealed class TrainingRun
         long tokens = 0;
         Directory.CreateDirectory(_outDir);
         _log = MetricsLog.Open(Path.Combine(_outDir, MetricsFile), _metrics);
+        _trainer.LayerGradientsReady += _layerReady;
         try
         {
             for (int step = StartStep + 1; step <= _options.Steps; step++)
@@ -307,6 +309,7 @@ public sealed class TrainingRun
         }
         finally
         {
+            _trainer.LayerGradientsReady -= _layerReady;
             _log.Dispose();
             _log = null;
             WritePlot();
@@ -322,54 +325,75 @@ public sealed class TrainingRun
     /// One optimizer step. On the last (or only) sequence each layer's modules are stepped as soon as
     /// that layer's gradients are final. With gradient accumulation the earlier sequences' gradients
     /// are summed into host buffers first (the trainer itself holds one layer's gradients only).
-    /// Every gradient is checked before it is used, and every parameter after its update.
+    /// Every gradient is checked before it is used, and every parameter after its update. A step in
+    /// the steady state allocates nothing: the handlers are made once, the sums are kept from step
+    /// to step, and the sequence comes in the data's own buffers.
     /// </summary>
     private float BackpropStep(int step, float lr, ref long tokens)
     {
         int micro = _options.GradientAccumulation;
-        float gradScale = 1f / micro;
+        (_step, _learningRate, _gradientScale) = (step, lr, 1f / micro);
         _optimizer.BeginStep();
-
-        void Accumulate(LayerGradients layer) => _trainer.VisitGradients(layer, (spec, da, db) =>
-        {
-            CheckFinite(step, "the gradient of", spec.AName, da);
-            CheckFinite(step, "the gradient of", spec.BName, db);
-            TensorPrimitives.Add(Accumulator(spec.AName, da.Length), da, Accumulator(spec.AName, da.Length));
-            TensorPrimitives.Add(Accumulator(spec.BName, db.Length), db, Accumulator(spec.BName, db.Length));
-        });
-        void StepLayer(LayerGradients layer) => _trainer.UpdateParameters(layer, (m, a, b, da, db) =>
-        {
-            ReadOnlySpan<float> totalA = Total(m.Spec.AName, da), totalB = Total(m.Spec.BName, db);
-            CheckFinite(step, "the gradient of", m.Spec.AName, totalA);
-            CheckFinite(step, "the gradient of", m.Spec.BName, totalB);
-            _optimizer.Update(m.Spec.AName, a, totalA, lr, gradScale);
-            _optimizer.Update(m.Spec.BName, b, totalB, lr, gradScale);
-            CheckFinite(step, "the update of", m.Spec.AName, a);
-            CheckFinite(step, "the update of", m.Spec.BName, b);
-        });
-
         float loss = 0;
         for (int i = 0; i < micro; i++)
         {
             var (x, y) = _data.Next();
-            Action<LayerGradients> handler = i == micro - 1 ? StepLayer : Accumulate;
-            _trainer.LayerGradientsReady += handler;
-            float sequenceLoss;
-            try
-            {
-                // The LCSB group follows the optimizer step, so all sequences of a step agree.
-                sequenceLoss = _trainer.ForwardBackward(x, y, step - 1);
-            }
-            finally
-            {
-                _trainer.LayerGradientsReady -= handler;
-            }
+            _lastSequence = i == micro - 1;
+            // The LCSB group follows the optimizer step, so all sequences of a step agree.
+            float sequenceLoss = _trainer.ForwardBackward(x.Span, y.Span, step - 1);
             if (!float.IsFinite(sequenceLoss))
                 throw new TrainingDivergedException(step, $"the loss is {sequenceLoss.ToString(CultureInfo.InvariantCulture)}");
             loss += sequenceLoss / micro;
             tokens += x.Length;
         }
         return loss;
+    }
+
+    // What the handlers below need of the running step (set by BackpropStep; fields, so that the
+    // handlers are made once and a step allocates no closures).
+    private int _step;
+    private float _learningRate, _gradientScale;
+    private bool _lastSequence;
+    private readonly Action<LayerGradients> _layerReady;
+    private readonly TrainerBase.GradientVisitor _accumulate;
+    private readonly TrainerBase.ParameterUpdate _update;
+
+    /// <summary>A layer's gradients are final: summed for later (an earlier sequence of the step), or the layer is stepped (the last).</summary>
+    private void LayerReady(LayerGradients layer)
+    {
+        if (_lastSequence)
+            _trainer.UpdateParameters(layer, _update);
+        else
+            _trainer.VisitGradients(layer, _accumulate);
+    }
+
+    private void Accumulate(LoraModuleSpec spec, ReadOnlySpan<float> da, ReadOnlySpan<float> db)
+    {
+        CheckFinite(_step, "the gradient of", spec.AName, da);
+        CheckFinite(_step, "the gradient of", spec.BName, db);
+        Span<float> sumA = Accumulator(spec.AName, da.Length), sumB = Accumulator(spec.BName, db.Length);
+        TensorPrimitives.Add(sumA, da, sumA);
+        TensorPrimitives.Add(sumB, db, sumB);
+    }
+
+    private void Update(LoraTensors m, Span<float> a, Span<float> b, ReadOnlySpan<float> da, ReadOnlySpan<float> db)
+    {
+        Step(m.Spec.AName, a, da);
+        Step(m.Spec.BName, b, db);
+
+        void Step(string name, Span<float> parameter, ReadOnlySpan<float> gradient)
+        {
+            // The step's total: this sequence's gradient plus the earlier sequences' sums, which are
+            // then zeroed for the next step.
+            var sum = _accumulated.TryGetValue(name, out var s) ? s.Span : default;
+            if (!sum.IsEmpty)
+                TensorPrimitives.Add(sum, gradient, sum);
+            ReadOnlySpan<float> total = sum.IsEmpty ? gradient : sum;
+            CheckFinite(_step, "the gradient of", name, total);
+            _optimizer.Update(name, parameter, total, _learningRate, _gradientScale);
+            CheckFinite(_step, "the update of", name, parameter);
+            sum.Clear();
+        }
     }
 
     /// <summary>NaN or an infinity anywhere in <paramref name="values"/> stops the run (one vectorized pass: the largest magnitude is NaN or ∞ then).</summary>
@@ -387,20 +411,14 @@ public sealed class TrainingRun
         return false;
     }
 
-    private readonly Dictionary<string, float[]> _accumulated = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, Memory<float>> _accumulated = new(StringComparer.Ordinal);
 
-    private float[] Accumulator(string name, int length) =>
-        _accumulated.TryGetValue(name, out var sum) ? sum : _accumulated[name] = new float[length];
-
-    /// <summary>This sequence's gradient plus what earlier sequences of the step accumulated (then cleared).</summary>
-    private ReadOnlySpan<float> Total(string name, ReadOnlySpan<float> gradient)
+    /// <summary>The sum of a gradient over a step's earlier sequences (kept from step to step; mapped like the optimizer state with trainer.optimizer_state = "mmap").</summary>
+    private Span<float> Accumulator(string name, int length)
     {
         if (!_accumulated.TryGetValue(name, out var sum))
-            return gradient;
-        TensorPrimitives.Add(sum, gradient, sum);
-        var total = sum.ToArray();
-        Array.Clear(sum);
-        return total;
+            _accumulated[name] = sum = _trainer.OptimizerStateInFile ? InFile(name + ".sum", length) : new float[length];
+        return sum.Span;
     }
 
     private float MeZOStep(int step, float lr, ref long tokens)
@@ -408,7 +426,7 @@ public sealed class TrainingRun
         var (x, y) = _data.Next();
         tokens += 2L * x.Length;
         ulong seed = (ulong)_options.Seed * 0x100000001B3UL + (ulong)step;
-        return MeZO.Step(_trainer, x, y, seed, _options.MezoEpsilon, lr);
+        return MeZO.Step(_trainer, x.Span, y.Span, seed, _options.MezoEpsilon, lr);
     }
 
     /// <summary>

@@ -90,7 +90,7 @@ public static class SafeTensorsWriter
     /// Writes float32 tensors whose data is produced one at a time by <paramref name="data"/>, so a file
     /// larger than memory (a full-size random model) can be written. Same format and atomicity as above.
     /// </summary>
-    public static void Write(string path, IReadOnlyList<TensorSpec> tensors, Func<TensorSpec, float[]> data,
+    public static void Write(string path, IReadOnlyList<TensorSpec> tensors, Func<TensorSpec, ReadOnlyMemory<float>> data,
         string dtype = "F32", IReadOnlyDictionary<string, string>? metadata = null)
     {
         CheckFloatDtype(path, dtype);
@@ -101,7 +101,7 @@ public static class SafeTensorsWriter
             var values = data(spec);
             if (values.Length != spec.Elements)
                 throw new WeightsException(path, $"tensor '{spec.Name}' has {values.Length} values but shape {WeightsException.Format(spec.Shape)} needs {spec.Elements}");
-            WriteFloats(stream, values, dtype);
+            WriteFloats(stream, values.Span, dtype);
         }, metadata);
     }
 

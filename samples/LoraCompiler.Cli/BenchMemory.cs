@@ -416,7 +416,7 @@ public sealed class RepeatedSequence(int[] tokens) : ITrainingData
 
     public string Description => $"{_tokens.Length} fixed tokens";
 
-    public (int[] Tokens, int[] Targets) Next() => (_tokens, _targets);
+    public (ReadOnlyMemory<int> Tokens, ReadOnlyMemory<int> Targets) Next() => (_tokens, _targets);
 
     public string Position { get => "0"; set { } }
 }

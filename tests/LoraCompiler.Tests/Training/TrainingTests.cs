@@ -177,7 +177,7 @@ public class TrainingTests
     private sealed class RepeatedSequence(int[] tokens, int[] targets) : ITrainingData
     {
         public string Description => "one repeated sequence";
-        public (int[] Tokens, int[] Targets) Next() => (tokens, targets);
+        public (ReadOnlyMemory<int> Tokens, ReadOnlyMemory<int> Targets) Next() => (tokens, targets);
         public string Position { get => "0"; set { } }
     }
 }
