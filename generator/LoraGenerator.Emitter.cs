@@ -589,9 +589,8 @@ public sealed partial class LoraGenerator
             Line("/// <summary>Maps one layer's base weights from the model files into their fields.</summary>");
             Line("private void MapLayer(int layer)");
             Open();
-            Line("string p = $\"model.layers.{layer}.\";");
             foreach (var (field, name, _, _) in weights)
-                Line($"_{field} = MapWeight(p + \"{name}\");");
+                Line($"_{field} = MapWeight(layer, \"{name}\");");
             Close();
             Line();
             Line("/// <summary>Gives the running layer's weights back: their pages leave memory until the layer runs again.</summary>");

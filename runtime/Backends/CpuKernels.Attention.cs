@@ -41,61 +41,67 @@ internal static unsafe partial class CpuKernels
         Need(output, (long)T * qs, nameof(output)); Need(lse, (long)heads * T, nameof(lse));
         Need(q, (long)T * qs, nameof(q)); Need(k, (long)T * ks, nameof(k)); Need(v, (long)T * ks, nameof(v));
         int blocks = Ceil(T, AttentionBlock);
-        const int B = AttentionBlock;
         long visited = 0;
         fixed (float* po = output) fixed (float* pl = lse) fixed (float* pq = q) fixed (float* pk = k) fixed (float* pv = v)
         {
             float* O = po, LSE = pl, Q = pq, K = pk, V = pv;
-            For(heads * blocks, threads, AttentionWork(T, heads, headDim, window), item =>
-            {
-                int h = item / blocks, qb = blocks - 1 - item % blocks, g = h / group; // longest rows first
-                int t0 = qb * B, rows = Math.Min(T, t0 + B) - t0, first = FirstKeyBlock(qb, window);
-                float* oh = O + (long)t0 * qs + h * headDim;
-                float* rowMax = stackalloc float[B], rescale = stackalloc float[B], tileSum = stackalloc float[B];
-                double* rowSum = stackalloc double[B];
-                // The running max starts finite, so that a column whose first tiles are all masked (a
-                // window's edge) keeps m and its sum at rest instead of computing exp(−∞ + ∞).
-                new Span<float>(rowMax, B).Fill(float.MinValue);
-                new Span<double>(rowSum, B).Clear();
-                float[] scratch = ArrayPool<float>.Shared.Rent(B * B + headDim * B);
-                fixed (float* St = scratch)
-                {
-                    float* qt = St + B * B; // qᵀ of the query block, [hd, rows] with row stride B
-                    Transpose(qt, B, Q + (long)t0 * qs + h * headDim, qs, rows, headDim);
-                    for (int kb = first; kb <= qb; kb++)
-                    {
-                        int s0 = kb * B, keys = Math.Min(T, s0 + B) - s0;
-                        float* kRows = K + (long)s0 * ks + g * headDim;
-                        // Sᵀ = scale·k·qᵀ over the tile, [keys, rows]; key i sees the queries VisibleQueries gives.
-                        GemmNN(St, B, kRows, ks, qt, B, keys, headDim, rows, scale, false, 1);
-                        if (IsMasked(t0, rows, s0, keys, window))
-                            for (int i = 0; i < keys; i++)
-                            {
-                                var (lo, hi) = VisibleQueries(s0 + i, t0, rows, window);
-                                new Span<float>(St + i * B, lo).Fill(float.NegativeInfinity);
-                                new Span<float>(St + i * B + hi, rows - hi).Fill(float.NegativeInfinity);
-                            }
-                        OnlineSoftmaxColumns(St, B, keys, rows, rowMax, rescale, tileSum);
-                        for (int j = 0; j < rows; j++)
-                        {
-                            rowSum[j] = rowSum[j] * rescale[j] + tileSum[j];
-                            if (kb > first && rescale[j] != 1f)
-                                Scale(oh + (long)j * qs, headDim, rescale[j]);
-                        }
-                        // out (=|+=) exp(Sᵀ − m)ᵀ·v over the tile
-                        GemmTN(oh, qs, St, B, V + (long)s0 * ks + g * headDim, ks, keys, rows, headDim, 1f, kb > first, 1);
-                    }
-                }
-                ArrayPool<float>.Shared.Return(scratch);
-                for (int j = 0; j < rows; j++)
-                {
-                    Scale(oh + (long)j * qs, headDim, (float)(1.0 / rowSum[j]));
-                    LSE[(long)h * T + t0 + j] = (float)(rowMax[j] + Math.Log(rowSum[j]));
-                }
-                Interlocked.Add(ref visited, qb - first + 1);
-            });
+            For(heads * blocks, threads, AttentionWork(T, heads, headDim, window), new AttentionRows(O, LSE, Q, K, V, &visited, T, qs, ks, headDim, group, blocks, scale, window));
         }
         return visited;
+    }
+
+    /// <summary>Forward over one (head, query block): the online softmax across its key blocks.</summary>
+    private readonly struct AttentionRows(float* O, float* LSE, float* Q, float* K, float* V, long* visited, int T, int qs, int ks, int headDim, int group, int blocks, float scale, int window) : IParallelBody
+    {
+        public void Run(int item)
+        {
+            const int B = AttentionBlock;
+            int h = item / blocks, qb = blocks - 1 - item % blocks, g = h / group; // longest rows first
+            int t0 = qb * B, rows = Math.Min(T, t0 + B) - t0, first = FirstKeyBlock(qb, window);
+            float* oh = O + (long)t0 * qs + h * headDim;
+            float* rowMax = stackalloc float[B], rescale = stackalloc float[B], tileSum = stackalloc float[B];
+            double* rowSum = stackalloc double[B];
+            // The running max starts finite, so that a column whose first tiles are all masked (a
+            // window's edge) keeps m and its sum at rest instead of computing exp(−∞ + ∞).
+            new Span<float>(rowMax, B).Fill(float.MinValue);
+            new Span<double>(rowSum, B).Clear();
+            float[] scratch = ArrayPool<float>.Shared.Rent(B * B + headDim * B);
+            fixed (float* St = scratch)
+            {
+                float* qt = St + B * B; // qᵀ of the query block, [hd, rows] with row stride B
+                Transpose(qt, B, Q + (long)t0 * qs + h * headDim, qs, rows, headDim);
+                for (int kb = first; kb <= qb; kb++)
+                {
+                    int s0 = kb * B, keys = Math.Min(T, s0 + B) - s0;
+                    float* kRows = K + (long)s0 * ks + g * headDim;
+                    // Sᵀ = scale·k·qᵀ over the tile, [keys, rows]; key i sees the queries VisibleQueries gives.
+                    GemmNN(St, B, kRows, ks, qt, B, keys, headDim, rows, scale, false, 1);
+                    if (IsMasked(t0, rows, s0, keys, window))
+                        for (int i = 0; i < keys; i++)
+                        {
+                            var (lo, hi) = VisibleQueries(s0 + i, t0, rows, window);
+                            new Span<float>(St + i * B, lo).Fill(float.NegativeInfinity);
+                            new Span<float>(St + i * B + hi, rows - hi).Fill(float.NegativeInfinity);
+                        }
+                    OnlineSoftmaxColumns(St, B, keys, rows, rowMax, rescale, tileSum);
+                    for (int j = 0; j < rows; j++)
+                    {
+                        rowSum[j] = rowSum[j] * rescale[j] + tileSum[j];
+                        if (kb > first && rescale[j] != 1f)
+                            Scale(oh + (long)j * qs, headDim, rescale[j]);
+                    }
+                    // out (=|+=) exp(Sᵀ − m)ᵀ·v over the tile
+                    GemmTN(oh, qs, St, B, V + (long)s0 * ks + g * headDim, ks, keys, rows, headDim, 1f, kb > first, 1);
+                }
+            }
+            ArrayPool<float>.Shared.Return(scratch);
+            for (int j = 0; j < rows; j++)
+            {
+                Scale(oh + (long)j * qs, headDim, (float)(1.0 / rowSum[j]));
+                LSE[(long)h * T + t0 + j] = (float)(rowMax[j] + Math.Log(rowSum[j]));
+            }
+            Interlocked.Add(ref *visited, qb - first + 1);
+        }
     }
 
     /// <summary>
@@ -134,64 +140,78 @@ internal static unsafe partial class CpuKernels
 
             // Pass 1, per (head, query block): D, then dq = scale·Σ_kb dS·k, with the tiles laid out
             // [keys, queries] against the block's transposed q and dOut.
-            For(heads * blocks, threads, work, item =>
-            {
-                int h = item / blocks, qb = blocks - 1 - item % blocks, g = h / group; // longest rows first
-                int t0 = qb * B, rows = Math.Min(T, t0 + B) - t0, first = FirstKeyBlock(qb, window);
-                for (int t = t0; t < t0 + rows; t++)
-                {
-                    long at = (long)t * qs + h * headDim;
-                    D[(long)h * T + t] = (float)DotDouble(DO + at, O + at, headDim);
-                }
-                float[] scratch = ArrayPool<float>.Shared.Rent(tileFloats);
-                fixed (float* tiles = scratch)
-                {
-                    var tile = new AttentionTile(tiles, headDim);
-                    a.LoadQueries(tile, h, t0, rows);
-                    for (int kb = first; kb <= qb; kb++)
-                    {
-                        int s0 = kb * B, keys = Math.Min(T, s0 + B) - s0;
-                        a.GradientsByKey(tile, h, g, t0, rows, s0, keys);
-                        // dq (=|+=) scale·dS·k, dS read down the columns of the [keys, queries] tile
-                        GemmTN(DQ + (long)t0 * qs + h * headDim, qs, tile.dS, B, K + (long)s0 * ks + g * headDim, ks, keys, rows, headDim, scale, kb > first, 1);
-                    }
-                }
-                ArrayPool<float>.Shared.Return(scratch);
-                Interlocked.Add(ref visited, qb - first + 1);
-            });
+            For(heads * blocks, threads, work, new AttentionQueryGradients(a, DQ, DO, O, D, K, &visited, T, qs, ks, headDim, group, blocks, scale, window, tileFloats));
 
             // Pass 2, per (kv head, key block): dk and dv rows s0..s1 sum over the group's heads and
             // the query blocks that can see them.
-            For(kvHeads * blocks, threads, work, item =>
-            {
-                int g = item / blocks, kb = item % blocks, last = LastQueryBlock(kb, blocks, window);
-                int s0 = kb * B, keys = Math.Min(T, s0 + B) - s0;
-                float* dkRows = DK + (long)s0 * ks + g * headDim, dvRows = DV + (long)s0 * ks + g * headDim;
-                float[] scratch = ArrayPool<float>.Shared.Rent(tileFloats);
-                fixed (float* tiles = scratch)
-                {
-                    var tile = new AttentionTile(tiles, headDim);
-                    a.LoadKeys(tile, g, s0, keys);
-                    for (int j = 0; j < group; j++)
-                    {
-                        int h = g * group + j;
-                        for (int qb = kb; qb <= last; qb++)
-                        {
-                            int t0 = qb * B, rows = Math.Min(T, t0 + B) - t0;
-                            bool add = j > 0 || qb > kb;
-                            a.GradientsByQuery(tile, h, t0, rows, s0, keys);
-                            // dv (=|+=) Pᵀ·dOut, dk (=|+=) scale·dSᵀ·q
-                            GemmTN(dvRows, ks, tile.P, B, DO + (long)t0 * qs + h * headDim, qs, rows, keys, headDim, 1f, add, 1);
-                            GemmTN(dkRows, ks, tile.dS, B, Q + (long)t0 * qs + h * headDim, qs, rows, keys, headDim, scale, add, 1);
-                        }
-                    }
-                }
-                ArrayPool<float>.Shared.Return(scratch);
-                Interlocked.Add(ref visited, (long)group * (last - kb + 1));
-            });
+            For(kvHeads * blocks, threads, work, new AttentionKeyGradients(a, DK, DV, DO, Q, &visited, T, qs, ks, headDim, group, blocks, scale, window, tileFloats));
         }
         ArrayPool<float>.Shared.Return(dRows);
         return visited;
+    }
+
+    /// <summary>Backward pass 2 over one (kv head, key block): its dk and dv rows, summed over the group's heads and the query blocks that see them.</summary>
+    private readonly struct AttentionKeyGradients(AttentionOperands a, float* DK, float* DV, float* DO, float* Q, long* visited, int T, int qs, int ks, int headDim, int group, int blocks, float scale, int window, int tileFloats) : IParallelBody
+    {
+        public void Run(int item)
+        {
+            const int B = AttentionBlock;
+            int g = item / blocks, kb = item % blocks, last = LastQueryBlock(kb, blocks, window);
+            int s0 = kb * B, keys = Math.Min(T, s0 + B) - s0;
+            float* dkRows = DK + (long)s0 * ks + g * headDim, dvRows = DV + (long)s0 * ks + g * headDim;
+            float[] scratch = ArrayPool<float>.Shared.Rent(tileFloats);
+            fixed (float* tiles = scratch)
+            {
+                var tile = new AttentionTile(tiles, headDim);
+                a.LoadKeys(tile, g, s0, keys);
+                for (int j = 0; j < group; j++)
+                {
+                    int h = g * group + j;
+                    for (int qb = kb; qb <= last; qb++)
+                    {
+                        int t0 = qb * B, rows = Math.Min(T, t0 + B) - t0;
+                        bool add = j > 0 || qb > kb;
+                        a.GradientsByQuery(tile, h, t0, rows, s0, keys);
+                        // dv (=|+=) Pᵀ·dOut, dk (=|+=) scale·dSᵀ·q
+                        GemmTN(dvRows, ks, tile.P, B, DO + (long)t0 * qs + h * headDim, qs, rows, keys, headDim, 1f, add, 1);
+                        GemmTN(dkRows, ks, tile.dS, B, Q + (long)t0 * qs + h * headDim, qs, rows, keys, headDim, scale, add, 1);
+                    }
+                }
+            }
+            ArrayPool<float>.Shared.Return(scratch);
+            Interlocked.Add(ref *visited, (long)group * (last - kb + 1));
+        }
+    }
+
+    /// <summary>Backward pass 1 over one (head, query block): D for its rows, then dq.</summary>
+    private readonly struct AttentionQueryGradients(AttentionOperands a, float* DQ, float* DO, float* O, float* D, float* K, long* visited, int T, int qs, int ks, int headDim, int group, int blocks, float scale, int window, int tileFloats) : IParallelBody
+    {
+        public void Run(int item)
+        {
+            const int B = AttentionBlock;
+            int h = item / blocks, qb = blocks - 1 - item % blocks, g = h / group; // longest rows first
+            int t0 = qb * B, rows = Math.Min(T, t0 + B) - t0, first = FirstKeyBlock(qb, window);
+            for (int t = t0; t < t0 + rows; t++)
+            {
+                long at = (long)t * qs + h * headDim;
+                D[(long)h * T + t] = (float)DotDouble(DO + at, O + at, headDim);
+            }
+            float[] scratch = ArrayPool<float>.Shared.Rent(tileFloats);
+            fixed (float* tiles = scratch)
+            {
+                var tile = new AttentionTile(tiles, headDim);
+                a.LoadQueries(tile, h, t0, rows);
+                for (int kb = first; kb <= qb; kb++)
+                {
+                    int s0 = kb * B, keys = Math.Min(T, s0 + B) - s0;
+                    a.GradientsByKey(tile, h, g, t0, rows, s0, keys);
+                    // dq (=|+=) scale·dS·k, dS read down the columns of the [keys, queries] tile
+                    GemmTN(DQ + (long)t0 * qs + h * headDim, qs, tile.dS, B, K + (long)s0 * ks + g * headDim, ks, keys, rows, headDim, scale, kb > first, 1);
+                }
+            }
+            ArrayPool<float>.Shared.Return(scratch);
+            Interlocked.Add(ref *visited, qb - first + 1);
+        }
     }
 
     /// <summary>

@@ -123,7 +123,13 @@ internal static unsafe partial class CpuKernels
         int depthBlocks = Ceil(K, NtDepthBlock);
         int depth = Math.Min(K, Ceil(Ceil(K, depthBlocks), TOps.Width) * TOps.Width);
 
-        For(rowTiles * colTiles, threads, (long)M * N * K, tile =>
+        For(rowTiles * colTiles, threads, (long)M * N * K, new DotTiles<TV, TOps>(c, ldc, a, lda, b, ldb, M, N, K, alpha, accumulate, rowBlock, colTiles, depth));
+    }
+
+    /// <summary>One [rowBlock, NtColBlock] tile of an NT product, K in blocks of depth.</summary>
+    private readonly struct DotTiles<TV, TOps>(float* c, int ldc, float* a, int lda, float* b, int ldb, int M, int N, int K, float alpha, bool accumulate, int rowBlock, int colTiles, int depth) : IParallelBody where TV : struct where TOps : IVecOps<TV>
+    {
+        public void Run(int tile)
         {
             int i0 = tile / colTiles * rowBlock, j0 = tile % colTiles * NtColBlock;
             int i1 = Math.Min(M, i0 + rowBlock), j1 = Math.Min(N, j0 + NtColBlock);
@@ -144,7 +150,7 @@ internal static unsafe partial class CpuKernels
                                                b + (long)j * ldb + k0, ldb, Math.Min(3, j1 - j), kn, alpha, add);
                 }
             }
-        });
+        }
     }
 
     /// <summary>
@@ -280,7 +286,13 @@ internal static unsafe partial class CpuKernels
             rowBlock = Math.Max(6, rowBlock / 12 * 6); // halve, keeping whole micro-kernels
         int rowTiles = Ceil(R, rowBlock);
 
-        For(rowTiles * colTiles, threads, (long)R * cols * P, tile =>
+        For(rowTiles * colTiles, threads, (long)R * cols * P, new BroadcastTiles(c, ldc, a, aRow, aStep, b, ldb, R, cols, P, alpha, accumulate, rowBlock, colTiles));
+    }
+
+    /// <summary>One [rowBlock, BcColBlock] tile of a broadcast (NN/TN) product.</summary>
+    private readonly struct BroadcastTiles(float* c, int ldc, float* a, int aRow, int aStep, float* b, int ldb, int R, int cols, int P, float alpha, bool accumulate, int rowBlock, int colTiles) : IParallelBody
+    {
+        public void Run(int tile)
         {
             int r0 = tile / colTiles * rowBlock, q0 = tile % colTiles * BcColBlock;
             int r1 = Math.Min(R, r0 + rowBlock), q1 = Math.Min(cols, q0 + BcColBlock);
@@ -299,7 +311,7 @@ internal static unsafe partial class CpuKernels
                     q = BroadcastColumns<Vector128<float>, Vec128Ops>(c, ldc, ap, aRow, aStep, bp, ldb, r0, r1, q, q1, pn, alpha, add);
                 BroadcastColumns<float, ScalarOps>(c, ldc, ap, aRow, aStep, bp, ldb, r0, r1, q, q1, pn, alpha, add);
             }
-        });
+        }
     }
 
     /// <summary>Columns [q, q1) in steps of 2 then 1 vectors, every row of the tile; returns the first column not done.</summary>

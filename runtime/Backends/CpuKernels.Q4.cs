@@ -218,7 +218,13 @@ internal static unsafe partial class CpuKernels
         int depthBlocks = Ceil(K, NtDepthBlock);
         int depth = Math.Min(K, Ceil(Ceil(K, depthBlocks), 16) * 16);
 
-        For(rowTiles * colTiles, threads, (long)M * N * K, tile =>
+        For(rowTiles * colTiles, threads, (long)M * N * K, new DotTilesQ4<TV, TOps>(c, ldc, a, lda, w, w0, M, N, K, alpha, accumulate, rowBlock, colTiles, depth));
+    }
+
+    /// <summary>One tile of the 4-bit NT product: each depth block of its W panel dequantized once, then the float micro-kernels.</summary>
+    private readonly struct DotTilesQ4<TV, TOps>(float* c, int ldc, float* a, int lda, Q4Matrix w, int w0, int M, int N, int K, float alpha, bool accumulate, int rowBlock, int colTiles, int depth) : IParallelBody where TV : struct where TOps : IVecOps<TV>
+    {
+        public void Run(int tile)
         {
             int i0 = tile / colTiles * rowBlock, j0 = tile % colTiles * NtColBlock;
             int i1 = Math.Min(M, i0 + rowBlock), j1 = Math.Min(N, j0 + NtColBlock);
@@ -243,7 +249,7 @@ internal static unsafe partial class CpuKernels
                     }
                 }
             ReturnPanel(panel);
-        });
+        }
     }
 
     // ================================================================ decoding: y = x·Wᵀ for a few rows of x
@@ -284,11 +290,15 @@ internal static unsafe partial class CpuKernels
         {
             var layout = new NibbleLayout(xf, gf, x, T, cols, w.GroupSize);
             int chunkRows = Math.Clamp(Ceil(Ceil(rows, 4 * Math.Max(1, threads)), NibbleRowBlock) * NibbleRowBlock, NibbleRowBlock, 64 * NibbleRowBlock);
-            For(Ceil(rows, chunkRows), threads, (long)T * rows * cols, chunk =>
-                NibbleRows(y, w, layout, T, chunk * chunkRows, Math.Min(rows, (chunk + 1) * chunkRows)));
+            For(Ceil(rows, chunkRows), threads, (long)T * rows * cols, new NibbleChunks(y, w, layout, T, rows, chunkRows));
         }
         ArrayPool<float>.Shared.Return(xBuffer);
         ArrayPool<int>.Shared.Return(groupBuffer);
+    }
+
+    private readonly struct NibbleChunks(float* y, Q4Matrix w, NibbleLayout layout, int T, int rows, int chunkRows) : IParallelBody
+    {
+        public void Run(int chunk) => NibbleRows(y, w, layout, T, chunk * chunkRows, Math.Min(rows, (chunk + 1) * chunkRows));
     }
 
     /// <summary>
@@ -502,7 +512,13 @@ internal static unsafe partial class CpuKernels
             rowBlock = Math.Max(6, rowBlock / 12 * 6);
         int rowTiles = Ceil(R, rowBlock);
 
-        For(rowTiles * colTiles, threads, (long)R * cols * P, tile =>
+        For(rowTiles * colTiles, threads, (long)R * cols * P, new BroadcastTilesQ4(c, ldc, a, lda, w, w0, R, cols, P, alpha, accumulate, rowBlock, colTiles, colBlock));
+    }
+
+    /// <summary>One tile of the 4-bit NN product: each depth block of its W panel dequantized once, then the float micro-kernels.</summary>
+    private readonly struct BroadcastTilesQ4(float* c, int ldc, float* a, int lda, Q4Matrix w, int w0, int R, int cols, int P, float alpha, bool accumulate, int rowBlock, int colTiles, int colBlock) : IParallelBody
+    {
+        public void Run(int tile)
         {
             int r0 = tile / colTiles * rowBlock, q0 = tile % colTiles * colBlock;
             int r1 = Math.Min(R, r0 + rowBlock), q1 = Math.Min(cols, q0 + colBlock);
@@ -526,7 +542,7 @@ internal static unsafe partial class CpuKernels
                     BroadcastColumns<float, ScalarOps>(c, ldc, ap, lda, 1, bp, ld, r0, r1, q, q1, pn, alpha, add);
                 }
             ReturnPanel(panel);
-        });
+        }
     }
 
     // ================================================================ the LM head's weight

@@ -48,22 +48,24 @@ internal static unsafe partial class CpuKernels
         Need(y, (long)T * C, nameof(y)); Need(rstd, T, nameof(rstd)); Need(x, (long)T * C, nameof(x)); Need(w, C, nameof(w));
         float[]? shifted = OffsetWeight(w, C, weightOffset);
         fixed (float* py = y) fixed (float* pr = rstd) fixed (float* px = x) fixed (float* pw = shifted is null ? w : shifted)
-        {
-            float* Y = py, R = pr, X = px, W = pw;
-            For(T, threads, (long)T * C, t =>
-            {
-                float* xt = X + (long)t * C, yt = Y + (long)t * C;
-                double meanSquare = DotDouble(xt, xt, C) / C;
-                float r = (float)(1.0 / Math.Sqrt(meanSquare + eps));
-                R[t] = r;
-                // y = (x·r)·w, the order Hugging Face rounds in.
-                var row = new Span<float>(yt, C);
-                TensorPrimitives.Multiply(new ReadOnlySpan<float>(xt, C), r, row);
-                TensorPrimitives.Multiply(row, new ReadOnlySpan<float>(W, C), row);
-            });
-        }
+            For(T, threads, (long)T * C, new RmsNormRows(py, pr, px, pw, C, eps));
         if (shifted is not null)
             ArrayPool<float>.Shared.Return(shifted);
+    }
+
+    private readonly struct RmsNormRows(float* Y, float* R, float* X, float* W, int C, float eps) : IParallelBody
+    {
+        public void Run(int t)
+        {
+            float* xt = X + (long)t * C, yt = Y + (long)t * C;
+            double meanSquare = DotDouble(xt, xt, C) / C;
+            float r = (float)(1.0 / Math.Sqrt(meanSquare + eps));
+            R[t] = r;
+            // y = (x·r)·w, the order Hugging Face rounds in.
+            var row = new Span<float>(yt, C);
+            TensorPrimitives.Multiply(new ReadOnlySpan<float>(xt, C), r, row);
+            TensorPrimitives.Multiply(row, new ReadOnlySpan<float>(W, C), row);
+        }
     }
 
     /// <summary>
@@ -77,27 +79,29 @@ internal static unsafe partial class CpuKernels
         Need(w, C, nameof(w)); Need(rstd, T, nameof(rstd));
         float[]? shifted = OffsetWeight(w, C, weightOffset);
         fixed (float* pdx = dx) fixed (float* pdy = dy) fixed (float* px = x) fixed (float* pw = shifted is null ? w : shifted) fixed (float* pr = rstd)
-        {
-            float* DX = pdx, DY = pdy, X = px, W = pw, R = pr;
-            For(T, threads, (long)T * C, t =>
-            {
-                float* xt = X + (long)t * C, dyt = DY + (long)t * C, dxt = DX + (long)t * C;
-                double r = R[t];
-                double dot = 0; // ⟨dy⊙w′, x⟩
-                for (int i = 0; i < C; i++)
-                    dot += (double)dyt[i] * W[i] * xt[i];
-                float coef = (float)(r * r * r * dot / C);
-                float rf = (float)r;
-                if (accumulate)
-                    for (int i = 0; i < C; i++)
-                        dxt[i] += rf * dyt[i] * W[i] - coef * xt[i];
-                else
-                    for (int i = 0; i < C; i++)
-                        dxt[i] = rf * dyt[i] * W[i] - coef * xt[i];
-            });
-        }
+            For(T, threads, (long)T * C, new RmsNormGradientRows(pdx, pdy, px, pw, pr, C, accumulate));
         if (shifted is not null)
             ArrayPool<float>.Shared.Return(shifted);
+    }
+
+    private readonly struct RmsNormGradientRows(float* DX, float* DY, float* X, float* W, float* R, int C, bool accumulate) : IParallelBody
+    {
+        public void Run(int t)
+        {
+            float* xt = X + (long)t * C, dyt = DY + (long)t * C, dxt = DX + (long)t * C;
+            double r = R[t];
+            double dot = 0; // ⟨dy⊙w′, x⟩
+            for (int i = 0; i < C; i++)
+                dot += (double)dyt[i] * W[i] * xt[i];
+            float coef = (float)(r * r * r * dot / C);
+            float rf = (float)r;
+            if (accumulate)
+                for (int i = 0; i < C; i++)
+                    dxt[i] += rf * dyt[i] * W[i] - coef * xt[i];
+            else
+                for (int i = 0; i < C; i++)
+                    dxt[i] = rf * dyt[i] * W[i] - coef * xt[i];
+        }
     }
 
     /// <summary>
@@ -226,22 +230,24 @@ internal static unsafe partial class CpuKernels
         Need(h, n, nameof(h)); Need(gate, n, nameof(gate)); Need(up, n, nameof(up));
         bool gelu = IsGelu(activation);
         fixed (float* ph = h) fixed (float* pg = gate) fixed (float* pu = up)
+            ForChunks(n, threads, new GluChunks(ph, pg, pu, gelu));
+    }
+
+    private readonly struct GluChunks(float* H, float* G, float* U, bool gelu) : IChunkBody
+    {
+        public void Run(long start, int len)
         {
-            float* H = ph, G = pg, U = pu;
-            ForChunks(n, threads, (start, len) =>
+            var hs = new Span<float>(H + start, len);
+            var gs = new ReadOnlySpan<float>(G + start, len);
+            if (gelu)
             {
-                var hs = new Span<float>(H + start, len);
-                var gs = new ReadOnlySpan<float>(G + start, len);
-                if (gelu)
-                {
-                    GeluArgument(H + start, G + start, len); // 2u
-                    TensorPrimitives.Sigmoid(hs, hs);
-                }
-                else
-                    TensorPrimitives.Sigmoid(gs, hs);
-                TensorPrimitives.Multiply(hs, gs, hs);
-                TensorPrimitives.Multiply(hs, new ReadOnlySpan<float>(U + start, len), hs);
-            });
+                GeluArgument(H + start, G + start, len); // 2u
+                TensorPrimitives.Sigmoid(hs, hs);
+            }
+            else
+                TensorPrimitives.Sigmoid(gs, hs);
+            TensorPrimitives.Multiply(hs, gs, hs);
+            TensorPrimitives.Multiply(hs, new ReadOnlySpan<float>(U + start, len), hs);
         }
     }
 
@@ -256,26 +262,28 @@ internal static unsafe partial class CpuKernels
         Need(dGate, n, nameof(dGate)); Need(dUp, n, nameof(dUp)); Need(dh, n, nameof(dh)); Need(gate, n, nameof(gate)); Need(up, n, nameof(up));
         bool gelu = IsGelu(activation);
         fixed (float* pdg = dGate) fixed (float* pdu = dUp) fixed (float* pdh = dh) fixed (float* pg = gate) fixed (float* pu = up)
+            ForChunks(n, threads, new GluGradientChunks(pdg, pdu, pdh, pg, pu, gelu));
+    }
+
+    private readonly struct GluGradientChunks(float* DG, float* DU, float* DH, float* G, float* U, bool gelu) : IChunkBody
+    {
+        public void Run(long start, int len)
         {
-            float* DG = pdg, DU = pdu, DH = pdh, G = pg, U = pu;
-            ForChunks(n, threads, (start, len) =>
+            float* dg = DG + start, du = DU + start, d = DH + start, g = G + start, u = U + start;
+            // s into dGate first (dh, gate and up are inputs, so they may not be overwritten;
+            // dUp may be dh itself: each element of dh is read before dUp's is written).
+            var sg = new Span<float>(dg, len);
+            if (gelu)
             {
-                float* dg = DG + start, du = DU + start, d = DH + start, g = G + start, u = U + start;
-                // s into dGate first (dh, gate and up are inputs, so they may not be overwritten;
-                // dUp may be dh itself: each element of dh is read before dUp's is written).
-                var sg = new Span<float>(dg, len);
-                if (gelu)
-                {
-                    GeluArgument(dg, g, len);
-                    TensorPrimitives.Sigmoid(sg, sg);
-                    GeluBackward(dg, du, d, g, u, len);
-                }
-                else
-                {
-                    TensorPrimitives.Sigmoid(new ReadOnlySpan<float>(g, len), sg);
-                    SiluBackward(dg, du, d, g, u, len);
-                }
-            });
+                GeluArgument(dg, g, len);
+                TensorPrimitives.Sigmoid(sg, sg);
+                GeluBackward(dg, du, d, g, u, len);
+            }
+            else
+            {
+                TensorPrimitives.Sigmoid(new ReadOnlySpan<float>(g, len), sg);
+                SiluBackward(dg, du, d, g, u, len);
+            }
         }
     }
 
@@ -506,18 +514,7 @@ internal static unsafe partial class CpuKernels
             {
                 int n = Math.Min(chunk, V - v0), vStart = v0;
                 w.Logits(L, X, N, v0, n, C, threads);
-                For(N, threads, (long)N * n, t =>
-                {
-                    Span<float> row = new(L + (long)t * n, n);
-                    if (softcap > 0)
-                        SoftCap(row, softcap);
-                    int j = label[t] - vStart;
-                    if ((uint)j < (uint)n)
-                        target[t] = row[j];
-                    double m = Math.Max(max[t], TensorPrimitives.Max(row));
-                    sumExp[t] = sumExp[t] * Math.Exp(max[t] - m) + SumExp(row, (float)m);
-                    max[t] = m;
-                });
+                For(N, threads, (long)N * n, new LogSumExpRows(L, n, vStart, label, max, sumExp, target, softcap));
             }
             for (int t = 0; t < N; t++)
             {
@@ -532,27 +529,51 @@ internal static unsafe partial class CpuKernels
             {
                 int n = Math.Min(chunk, V - v0), vStart = v0;
                 w.Logits(L, X, N, v0, n, C, threads);
-                For(N, threads, (long)N * n, t =>
-                {
-                    Span<float> row = new(L + (long)t * n, n);
-                    int j = label[t] - vStart;
-                    if (softcap > 0)
-                    {
-                        SoftCapGradient(row, softcap, (float)max[t], inv, j);
-                        return;
-                    }
-                    // exp(l − lse)/N, minus 1/N at the label
-                    TensorPrimitives.Subtract(row, (float)max[t], row);
-                    TensorPrimitives.Exp(row, row);
-                    TensorPrimitives.Multiply(row, inv, row);
-                    if ((uint)j < (uint)n)
-                        row[j] -= inv;
-                });
+                For(N, threads, (long)N * n, new LogitGradientRows(L, n, vStart, label, max, inv, softcap));
                 w.InputGradient(DX, L, N, v0, n, C, v0 > 0, threads);
             }
         }
         ArrayPool<double>.Shared.Return(stats);
         return lossSum;
+    }
+
+    /// <summary>Pass 1 of the LM head over one chunk of the vocabulary: each row's running log-sum-exp and target logit.</summary>
+    private readonly struct LogSumExpRows(float* L, int n, int vStart, int* label, double* max, double* sumExp, double* target, float softcap)
+        : IParallelBody
+    {
+        public void Run(int t)
+        {
+            Span<float> row = new(L + (long)t * n, n);
+            if (softcap > 0)
+                SoftCap(row, softcap);
+            int j = label[t] - vStart;
+            if ((uint)j < (uint)n)
+                target[t] = row[j];
+            double m = Math.Max(max[t], TensorPrimitives.Max(row));
+            sumExp[t] = sumExp[t] * Math.Exp(max[t] - m) + SumExp(row, (float)m);
+            max[t] = m;
+        }
+    }
+
+    /// <summary>Pass 2 of the LM head over one chunk: dlogits = (softmax − onehot)/N in place (max holds each row's log-sum-exp).</summary>
+    private readonly struct LogitGradientRows(float* L, int n, int vStart, int* label, double* max, float inv, float softcap) : IParallelBody
+    {
+        public void Run(int t)
+        {
+            Span<float> row = new(L + (long)t * n, n);
+            int j = label[t] - vStart;
+            if (softcap > 0)
+            {
+                SoftCapGradient(row, softcap, (float)max[t], inv, j);
+                return;
+            }
+            // exp(l − lse)/N, minus 1/N at the label
+            TensorPrimitives.Subtract(row, (float)max[t], row);
+            TensorPrimitives.Exp(row, row);
+            TensorPrimitives.Multiply(row, inv, row);
+            if ((uint)j < (uint)n)
+                row[j] -= inv;
+        }
     }
 
     /// <summary>row = c·tanh(row/c), the order Hugging Face rounds in.</summary>
@@ -647,41 +668,47 @@ internal static unsafe partial class CpuKernels
 
     // ================================================================ threading and checks
 
-    private static ParallelOptions? s_options;
-
-    /// <summary>body(0..count), in parallel when threads &gt; 1 and the work is worth it.</summary>
-    internal static void For(int count, int threads, long work, Action<int> body)
+    /// <summary>body.Run(0..count), in parallel (<see cref="WorkerPool"/>) when threads &gt; 1 and the work is worth it.</summary>
+    internal static void For<TBody>(int count, int threads, long work, TBody body) where TBody : struct, IParallelBody
     {
         if (threads <= 1 || count <= 1 || work < ParallelMinWork)
         {
             for (int i = 0; i < count; i++)
-                body(i);
+                body.Run(i);
             return;
         }
-        var options = s_options;
-        if (options is null || options.MaxDegreeOfParallelism != threads)
-            s_options = options = new ParallelOptions { MaxDegreeOfParallelism = threads };
-        Parallel.For(0, count, options, body);
+        WorkerPool.For(count, threads, body);
     }
 
-    /// <summary>body(start, length) over [0, n) in chunks, one chunk per thread-sized slice.</summary>
-    private static void ForChunks(long n, int threads, Action<long, int> body)
+    /// <summary>An elementwise loop's body over one chunk [start, start + length).</summary>
+    internal interface IChunkBody
+    {
+        void Run(long start, int length);
+    }
+
+    /// <summary>body.Run(start, length) over [0, n) in chunks, one chunk per thread-sized slice.</summary>
+    private static void ForChunks<TBody>(long n, int threads, TBody body) where TBody : struct, IChunkBody
     {
         if (threads <= 1 || n < ElementwiseParallelMin)
         {
             for (long start = 0; start < n; start += int.MaxValue)
-                body(start, (int)Math.Min(int.MaxValue, n - start));
+                body.Run(start, (int)Math.Min(int.MaxValue, n - start));
             return;
         }
         // A few chunks per thread for balance, each a multiple of 64 floats.
         long size = (n + 4L * threads - 1) / (4L * threads);
         size = Math.Min(int.MaxValue, (size + 63) / 64 * 64);
         int chunks = (int)((n + size - 1) / size);
-        For(chunks, threads, long.MaxValue, i =>
+        For(chunks, threads, long.MaxValue, new Chunks<TBody>(n, size, body));
+    }
+
+    private readonly struct Chunks<TBody>(long n, long size, TBody body) : IParallelBody where TBody : struct, IChunkBody
+    {
+        public void Run(int i)
         {
             long start = i * size;
-            body(start, (int)Math.Min(size, n - start));
-        });
+            body.Run(start, (int)Math.Min(size, n - start));
+        }
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -388,7 +388,29 @@ public abstract class TrainerBase : IDisposable
         return Backend.MapWeight(Weights, name);
     }
 
-    /// <summary>Gives a weight of <see cref="MapWeight"/> back.</summary>
+    /// <summary>
+    /// A base weight of one layer, <c>model.layers.{layer}.{name}</c>. A weight the backend uses in
+    /// place in its file mapping is mapped once and kept (<see cref="ReleaseWeight"/> drops its
+    /// pages, not the view), so a step maps its layers without allocating.
+    /// </summary>
+    protected Tensor MapWeight(int layer, string name)
+    {
+        if (_layerWeights.TryGetValue((layer, name), out var view))
+        {
+            WeightReads++;
+            return view;
+        }
+        var weight = MapWeight($"model.layers.{layer}.{name}");
+        if (IsFileMapped(weight))
+            _layerWeights[(layer, name)] = weight;
+        return weight;
+    }
+
+    private readonly Dictionary<(int Layer, string Name), Tensor> _layerWeights = [];
+
+    private static bool IsFileMapped(Tensor weight) => weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true };
+
+    /// <summary>Gives a weight of <see cref="MapWeight(string)"/> back.</summary>
     /// <remarks>
     /// While decoding (<see cref="Infer"/>) a weight used in place in its file mapping keeps its pages:
     /// every token reads every layer again, and dropping the pages after each layer would make each
@@ -396,7 +418,7 @@ public abstract class TrainerBase : IDisposable
     /// </remarks>
     protected void ReleaseWeight(Tensor weight)
     {
-        if (_decoding && weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true })
+        if (_decoding && IsFileMapped(weight))
             return;
         Backend.ReleaseWeight(weight);
     }
