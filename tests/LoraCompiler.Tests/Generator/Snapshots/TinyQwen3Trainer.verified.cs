@@ -482,18 +482,17 @@ public sealed class TinyQwen3Trainer : TrainerBase
     /// <summary>Maps one layer's base weights from the model files into their fields.</summary>
     private void MapLayer(int layer)
     {
-        string p = $"model.layers.{layer}.";
-        _wInputNorm = MapWeight(p + "input_layernorm.weight");
-        _wQProj = MapWeight(p + "self_attn.q_proj.weight");
-        _wKProj = MapWeight(p + "self_attn.k_proj.weight");
-        _wVProj = MapWeight(p + "self_attn.v_proj.weight");
-        _wQNorm = MapWeight(p + "self_attn.q_norm.weight");
-        _wKNorm = MapWeight(p + "self_attn.k_norm.weight");
-        _wOProj = MapWeight(p + "self_attn.o_proj.weight");
-        _wPostAttentionNorm = MapWeight(p + "post_attention_layernorm.weight");
-        _wGateProj = MapWeight(p + "mlp.gate_proj.weight");
-        _wUpProj = MapWeight(p + "mlp.up_proj.weight");
-        _wDownProj = MapWeight(p + "mlp.down_proj.weight");
+        _wInputNorm = MapWeight(layer, "input_layernorm.weight");
+        _wQProj = MapWeight(layer, "self_attn.q_proj.weight");
+        _wKProj = MapWeight(layer, "self_attn.k_proj.weight");
+        _wVProj = MapWeight(layer, "self_attn.v_proj.weight");
+        _wQNorm = MapWeight(layer, "self_attn.q_norm.weight");
+        _wKNorm = MapWeight(layer, "self_attn.k_norm.weight");
+        _wOProj = MapWeight(layer, "self_attn.o_proj.weight");
+        _wPostAttentionNorm = MapWeight(layer, "post_attention_layernorm.weight");
+        _wGateProj = MapWeight(layer, "mlp.gate_proj.weight");
+        _wUpProj = MapWeight(layer, "mlp.up_proj.weight");
+        _wDownProj = MapWeight(layer, "mlp.down_proj.weight");
     }
 
     /// <summary>Gives the running layer's weights back: their pages leave memory until the layer runs again.</summary>
