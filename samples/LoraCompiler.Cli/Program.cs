@@ -391,6 +391,9 @@ public static class Commands
                                   (m.ValidationLoss is float v ? $"  val_loss {v,8:F4}" : ""));
         };
         using var signals = new StopSignals();
+        // What loading left behind (the tokenizer's vocabulary and merges, the JSONL text, the JSON of
+        // the files read) is garbage now: collected and given back before the run, not carried through it.
+        GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
         try
         {
             if (!run.Run(signals.Token))
