@@ -152,6 +152,6 @@ public static class MemoryBudgetPlanner
             $"trainer buffers {ByteSize.Format(costs.BufferBytes)}" +
             (c ? "" : $" + checkpoints {ByteSize.Format(costs.CheckpointBytes)}") +
             (s || costs.OptimizerStateBytes == 0 ? "" : $" + optimizer state {ByteSize.Format(costs.OptimizerStateBytes)}") +
-            $" + runtime allowance {ByteSize.Format(costs.RuntimeBytes)}); give at least {atLeast}";
+            $" + runtime allowance {ByteSize.Format(costs.RuntimeBytes)})";
     }
 }

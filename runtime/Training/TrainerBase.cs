@@ -69,7 +69,7 @@ public abstract class TrainerBase : IDisposable
     public MemoryBudgetPlan? BudgetPlan { get; }
 
     /// <summary>Whether a layer keeps its activations for its backward (<see cref="KeptLayers"/>); allocates nothing.</summary>
-    protected bool KeepsActivations(int layer) => layer >= _keptFrom;
+    public bool KeepsActivations(int layer) => layer >= _keptFrom;
 
     private Tensor?[]? _kept;
 

@@ -22,7 +22,7 @@ public static class MemoryBudgetSweep
         foreach (long budget in budgets)
         {
             var plan = options.BudgetPlan(budget, seq)!;
-            o.WriteLine($"budget {ByteSize.Format(budget)}{(results.Count == 0 ? " (the smallest plan)" : "")}: {plan.KeptDescription} keep their activations, " +
+            o.WriteLine($"budget {ByteSize.Format(budget)}{(results.Count == 0 ? " (the smallest plan)" : "")}: kept layers {plan.KeptDescription}, " +
                         $"checkpoints in {(plan.ActivationsInFile ? "a mapped file" : "memory")}; planned peak {ByteSize.Format(plan.PlannedPeakBytes)}...");
             results.Add(ChildProcess.RunForResult(ours, [.. command, .. options.ChildArguments(seq, budget)]));
         }
