@@ -54,11 +54,13 @@ public static class ReferenceBench
         using var ids = torch.tensor(tokens.Select(t => (long)t).ToArray(), dtype: ScalarType.Int64).unsqueeze(0);
 
         var seconds = new List<double>();
+        var cpuSeconds = new List<double>();
         var losses = new List<float>();
         for (int step = 1; step <= options.Steps; step++)
         {
             sampler.Phase = $"step {step}";
             var watch = Stopwatch.StartNew();
+            double cpu = Environment.CpuUsage.TotalTime.TotalSeconds;
             optimizer.zero_grad();
             using (torch.NewDisposeScope())
             {
@@ -68,6 +70,7 @@ public static class ReferenceBench
             }
             optimizer.step();
             seconds.Add(watch.Elapsed.TotalSeconds);
+            cpuSeconds.Add(Environment.CpuUsage.TotalTime.TotalSeconds - cpu);
             sampler.Sample("after the optimizer step");
         }
         sampler.Stop();
@@ -90,6 +93,7 @@ public static class ReferenceBench
             PeakFileBytes = sampler.PeakFileBytes,
             HighWaterMarkBytes = ProcessMemory.HighWaterMarkBytes(),
             StepSeconds = [.. seconds],
+            StepCpuSeconds = [.. cpuSeconds],
             Losses = [.. losses],
             Samples = sampler.Samples,
             SampleIntervalMs = MemoryBench.SampleInterval.TotalMilliseconds,

@@ -70,14 +70,15 @@ public static class MemoryBench
                 Steps = options.Steps, Optimizer = "sgd", LearningRate = MemoryBenchOptions.LearningRate, LcsbGroups = 1, Seed = 1,
             };
             var run = new TrainingRun(trainer, data, training, Path.Combine(dir, "run"));
-            var steps = new List<(double Seconds, float Loss)>();
-            double previous = 0;
+            var steps = new List<(double Seconds, double CpuSeconds, float Loss)>();
+            double previous = 0, previousCpu = Environment.CpuUsage.TotalTime.TotalSeconds;
             sampler.Phase = "step 1";
             run.StepCompleted += m =>
             {
                 sampler.Sample("after the optimizer step");
-                steps.Add((m.ElapsedSeconds - previous, m.Loss));
-                previous = m.ElapsedSeconds;
+                double cpu = Environment.CpuUsage.TotalTime.TotalSeconds;
+                steps.Add((m.ElapsedSeconds - previous, cpu - previousCpu, m.Loss));
+                (previous, previousCpu) = (m.ElapsedSeconds, cpu);
                 if (m.Step == options.Steps)
                     sampler.Stop(); // the adapter and checkpoint written after the last step are not part of a step
                 else
@@ -113,6 +114,7 @@ public static class MemoryBench
                 CheckpointsInFile = trainer.ActivationsInFile,
                 PlannedPeakBytes = budgetPlan?.PlannedPeakBytes,
                 StepSeconds = steps.Select(s => s.Seconds).ToArray(),
+                StepCpuSeconds = steps.Select(s => s.CpuSeconds).ToArray(),
                 Losses = steps.Select(s => s.Loss).ToArray(),
                 Samples = sampler.Samples,
                 SampleIntervalMs = SampleInterval.TotalMilliseconds,
@@ -254,6 +256,8 @@ public sealed record MemoryBenchResult
     /// <summary>The planner's peak of private memory for the budget (<see cref="MemoryBudgetPlan.PlannedPeakBytes"/>); null without a budget.</summary>
     public long? PlannedPeakBytes { get; init; }
     public required double[] StepSeconds { get; init; }
+    /// <summary>The processor time (all threads, user and system) of each step: less disturbed than the wall time by other processes on a shared machine.</summary>
+    public double[] StepCpuSeconds { get; init; } = [];
     public required float[] Losses { get; init; }
     public required long Samples { get; init; }
     public required double SampleIntervalMs { get; init; }
@@ -262,15 +266,17 @@ public sealed record MemoryBenchResult
     public double FirstStepSeconds => StepSeconds.Length > 0 ? StepSeconds[0] : double.NaN;
 
     /// <summary>The median of the steps after the first (the first, alone, when there is one step).</summary>
-    public double SteadyStepSeconds
+    public double SteadyStepSeconds => SteadyMedian(StepSeconds);
+
+    /// <summary>The median processor time of the steps after the first; NaN when it was not measured.</summary>
+    public double SteadyStepCpuSeconds => StepCpuSeconds.Length == 0 ? double.NaN : SteadyMedian(StepCpuSeconds);
+
+    private static double SteadyMedian(double[] values)
     {
-        get
-        {
-            var rest = StepSeconds.Skip(1).Order().ToArray();
-            if (rest.Length == 0)
-                return FirstStepSeconds;
-            return rest.Length % 2 == 1 ? rest[rest.Length / 2] : (rest[rest.Length / 2 - 1] + rest[rest.Length / 2]) / 2;
-        }
+        var rest = values.Skip(1).Order().ToArray();
+        if (rest.Length == 0)
+            return values.Length > 0 ? values[0] : double.NaN;
+        return rest.Length % 2 == 1 ? rest[rest.Length / 2] : (rest[rest.Length / 2 - 1] + rest[rest.Length / 2]) / 2;
     }
 }
 

@@ -22,7 +22,7 @@ public static class MemoryBudgetSweep
         foreach (long budget in budgets)
         {
             var plan = options.BudgetPlan(budget, seq)!;
-            o.WriteLine($"budget {ByteSize.Format(budget)}{(results.Count == 0 ? " (the smallest plan)" : "")}: kept layers {plan.KeptDescription}, " +
+            o.WriteLine($"budget {ByteSize.Format(budget)}{(results.Count == 0 ? " (the smallest plan)" : "")}: kept {plan.KeptDescription}, " +
                         $"checkpoints in {(plan.ActivationsInFile ? "a mapped file" : "memory")}; planned peak {ByteSize.Format(plan.PlannedPeakBytes)}...");
             results.Add(ChildProcess.RunForResult(ours, [.. command, .. options.ChildArguments(seq, budget)]));
         }
@@ -33,19 +33,20 @@ public static class MemoryBudgetSweep
     public static void PrintTable(IReadOnlyList<MemoryBenchResult> ours, MemoryBenchResult? reference, TextWriter o)
     {
         var smallest = ours[0];
-        o.WriteLine($"{"budget",10} {"kept",5} {"ckpt",6} {"planned",11} {"peak RssAnon",13} {"step s",8} {"vs smallest",12}" +
+        o.WriteLine($"{"budget",10} {"kept",5} {"ckpt",6} {"planned",11} {"peak RssAnon",13} {"step s",8} {"cpu s",8} {"vs smallest",12}" +
                     (reference is null ? "" : $" {"vs reference: step",19} {"memory",8}"));
         foreach (var r in ours)
             o.WriteLine($"{ByteSize.Format(r.MemoryBudgetBytes ?? 0),10} {r.KeptLayers,5} {(r.CheckpointsInFile ? "mmap" : "memory"),6} " +
-                        $"{MemoryBench.Mib(r.PlannedPeakBytes ?? 0),11} {MemoryBench.Mib(r.PeakPrivateBytes),13} {r.SteadyStepSeconds,8:F2} " +
+                        $"{MemoryBench.Mib(r.PlannedPeakBytes ?? 0),11} {MemoryBench.Mib(r.PeakPrivateBytes),13} {r.SteadyStepSeconds,8:F2} {r.SteadyStepCpuSeconds,8:F2} " +
                         $"{smallest.SteadyStepSeconds / r.SteadyStepSeconds,11:F2}x" +
                         (reference is null ? "" :
                             $" {reference.SteadyStepSeconds / r.SteadyStepSeconds,18:F2}x {"1/" + ((double)reference.PeakPrivateBytes / r.PeakPrivateBytes).ToString("F1", CultureInfo.InvariantCulture),8}"));
         if (reference is not null)
-            o.WriteLine($"{"reference",10} {"all",5} {"",6} {"",11} {MemoryBench.Mib(reference.PeakPrivateBytes),13} {reference.SteadyStepSeconds,8:F2} " +
+            o.WriteLine($"{"reference",10} {"all",5} {"",6} {"",11} {MemoryBench.Mib(reference.PeakPrivateBytes),13} {reference.SteadyStepSeconds,8:F2} {reference.SteadyStepCpuSeconds,8:F2} " +
                         $"{smallest.SteadyStepSeconds / reference.SteadyStepSeconds,11:F2}x  ({reference.Implementation}: keeps every activation)");
-        o.WriteLine("kept: the last layers that keep their activations (no recompute); vs smallest: step-time speedup over the first row; " +
-                    "vs reference: its step time over ours (above 1: ours is faster), ours as a fraction of its peak.");
+        o.WriteLine("kept: the last layers that keep their activations (no recompute); step s: wall time, cpu s: processor time of all threads " +
+                    "(medians after the first step); vs smallest: wall-time speedup over the first row; " +
+                    "vs reference: its wall time over ours (above 1: ours is faster), ours as a fraction of its peak.");
     }
 
     /// <summary>Step time against peak private memory, one labelled point per budget (and the reference), as SVG.</summary>
