@@ -148,7 +148,7 @@ public static class MemoryBudgetPlanner
             _ => "with everything in memory",
         };
         string atLeast = (Math.Ceiling(smallest / 1e5) / 10).ToString("F1", CultureInfo.InvariantCulture) + " MB";
-        return $"{ByteSize.Format(budget)} is below the smallest plan, {ByteSize.Format(smallest)} ({where} and every layer recomputed: " +
+        return $"{ByteSize.Format(budget)} is below the smallest plan, {atLeast} ({where} and every layer recomputed: " +
             $"trainer buffers {ByteSize.Format(costs.BufferBytes)}" +
             (c ? "" : $" + checkpoints {ByteSize.Format(costs.CheckpointBytes)}") +
             (s || costs.OptimizerStateBytes == 0 ? "" : $" + optimizer state {ByteSize.Format(costs.OptimizerStateBytes)}") +

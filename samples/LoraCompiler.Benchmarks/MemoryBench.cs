@@ -328,9 +328,8 @@ public sealed record MemoryBenchOptions
         }
     }
 
-    /// <summary>The budget of the smallest plan at one sequence length, rounded up to a tenth of a MB: every layer recomputed, checkpoints mapped unless --activations says otherwise.</summary>
-    public long SmallestBudget(int seq) =>
-        (long)Math.Ceiling(MemoryBudgetPlanner.SmallestPeakBytes(MemoryCosts.For(Model, seq, "sgd"), ActivationsInFile) / 1e5) * 100_000;
+    /// <summary>The budget of the smallest plan at one sequence length, to the byte: every layer recomputed, checkpoints mapped unless --activations says otherwise.</summary>
+    public long SmallestBudget(int seq) => MemoryBudgetPlanner.SmallestPeakBytes(MemoryCosts.For(Model, seq, "sgd"), ActivationsInFile);
 
     public static MemoryBenchOptions Parse(Args args)
     {
