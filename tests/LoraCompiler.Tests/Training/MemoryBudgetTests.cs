@@ -261,3 +261,37 @@ public class MemoryBudgetTests
         Assert.Equal(expected.Count, checkedTensors);
     }
 }
+
+/// <summary><c>lora train --memory-budget</c>: a run whose layers keep their activations trains exactly as one that recomputes them.</summary>
+[Collection(LoraCompiler.Tests.Cli.ConsoleOutputCollection.Name)]
+public class MemoryBudgetTrainingTests
+{
+    [Theory]
+    [InlineData("tiny-qwen2", "adamw")]
+    [InlineData("tiny-gemma3", "sgd")]
+    public void A_run_with_kept_layers_writes_the_adapter_of_a_run_without(string modelName, string optimizer)
+    {
+        var model = TrainerCatalog.Find(modelName)!;
+        using var fixture = new ModelFixture(model, seed: 61, sequence: 8);
+        string data = Path.Combine(fixture.Dir, "train.txt");
+        File.WriteAllText(data, string.Concat(Enumerable.Repeat("The quick brown fox jumps over the lazy dog. ", 20)));
+        string[] Train(string outDir) => [
+            "--model", model.Name, "--weights", fixture.WeightsPath, "--data", data, "--out", outDir,
+            "--steps", "6", "--seq", "32", "--lr", "1e-2", "--optimizer", optimizer, "--seed", "3", "--lcsb-groups", "2"];
+
+        string kept = Path.Combine(fixture.Dir, "kept"), plain = Path.Combine(fixture.Dir, "plain");
+        var (code, lines) = LoraCompiler.Tests.Cli.ConsoleOutput.Capture(() => Commands.Train(new Args([.. Train(kept), "--memory-budget", "10GB"])));
+        Assert.Equal(0, code);
+        Assert.Contains(lines, l => l.StartsWith("memory budget 10.0 GB: planned peak", StringComparison.Ordinal));
+        Assert.Contains(lines, l => l.Contains($"layers keeping their activations: all {model.Layers} (nothing recomputed)", StringComparison.Ordinal));
+        Assert.Equal(0, LoraCompiler.Tests.Cli.ConsoleOutput.Capture(() => Commands.Train(new Args(Train(plain)))).Code);
+
+        var a = LoraAdapter.Load(kept, model.Lora, model.LoraModules);
+        var b = LoraAdapter.Load(plain, model.Lora, model.LoraModules);
+        foreach (var (x, y) in a.Modules.Zip(b.Modules))
+        {
+            Assert.True(ModelFixture.RelativeError(x.A, y.A) < 1e-6, x.Spec.AName);
+            Assert.True(ModelFixture.RelativeError(x.B, y.B) < 1e-6, x.Spec.BName);
+        }
+    }
+}
