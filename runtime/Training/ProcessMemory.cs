@@ -7,37 +7,10 @@ public static class ProcessMemory
 {
     /// <summary>
     /// Private anonymous resident memory (RssAnon): the heap, the trainer's buffers and the runtime,
-    /// not the pages of memory-mapped weight files. Falls back to the working set elsewhere.
+    /// not the pages of memory-mapped weight files. Falls back to the working set elsewhere. A
+    /// training step calls it: it allocates nothing.
     /// </summary>
-    /// <remarks>
-    /// Read from /proc/self/statm (resident − shared, which is status's RssAnon) through a handle and a
-    /// buffer kept open, so a training step's progress line allocates nothing.
-    /// </remarks>
-    public static long PrivateBytes()
-    {
-        lock (Gate)
-        {
-            if (_statm is null && !_statmFailed)
-            {
-                try
-                {
-                    _statm = File.OpenHandle(StatmPath);
-                }
-                catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-                {
-                    _statmFailed = true;
-                }
-            }
-            if (_statm is not null && ReadStatm(_statm, StatmBuffer) is { } memory)
-                return memory.AnonymousBytes;
-        }
-        return StatusField("RssAnon:") ?? Environment.WorkingSet;
-    }
-
-    private static readonly object Gate = new();
-    private static readonly byte[] StatmBuffer = new byte[128];
-    private static SafeFileHandle? _statm;
-    private static bool _statmFailed;
+    public static long PrivateBytes() => Resident()?.AnonymousBytes ?? StatusField("RssAnon:") ?? Environment.WorkingSet;
 
     /// <summary>
     /// VmHWM of /proc/self/status: the kernel's high-water mark of all resident pages, anonymous and
@@ -52,19 +25,24 @@ public static class ProcessMemory
     /// </summary>
     public static ResidentMemory? Resident()
     {
-        try
-        {
-            using var handle = File.OpenHandle(StatmPath);
-            return ReadStatm(handle, new byte[128]);
-        }
-        catch (IOException) { return null; }
-        catch (UnauthorizedAccessException) { return null; }
+        if (Statm.Value is not { } handle)
+            return null;
+        Span<byte> buffer = stackalloc byte[128];
+        lock (handle)
+            return ReadStatm(handle, buffer);
     }
+
+    /// <summary>statm, kept open: a read allocates nothing.</summary>
+    private static readonly Lazy<SafeFileHandle?> Statm = new(() =>
+    {
+        try { return File.OpenHandle(StatmPath); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return null; }
+    });
 
     public const string StatmPath = "/proc/self/statm";
 
     /// <summary>Parses statm ("size resident shared text lib data dt", in pages) read at offset 0 of an open handle.</summary>
-    public static ResidentMemory? ReadStatm(SafeFileHandle handle, byte[] buffer)
+    public static ResidentMemory? ReadStatm(SafeFileHandle handle, Span<byte> buffer)
     {
         int n = RandomAccess.Read(handle, buffer, 0);
         Span<long> fields = stackalloc long[3];
