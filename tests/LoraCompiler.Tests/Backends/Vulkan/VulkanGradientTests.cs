@@ -138,11 +138,38 @@ public sealed class VulkanGradientTests(ITestOutputHelper output)
             Assert.True(ModelFixture.RelativeError(written.Read(name), expected) < GradientTolerance, name);
     }
 
-    private static (float Loss, Dictionary<string, float[]> Gradients) Step(IBackend backend, ModelInfo model, ModelFixture fixture, ModelWeights weights)
+    [VulkanTheory]
+    [InlineData("tiny-qwen2", 23, 2)]   // the last two layers keep their activations, two are recomputed
+    [InlineData("tiny-gemma3", 23, 5)]  // every layer kept, sliding and full: nothing recomputed
+    public void Kept_layers_match_cpu_and_torch(string modelName, int tokens, int kept)
+    {
+        var model = TrainerCatalog.Find(modelName)!;
+        using var fixture = new ModelFixture(model, seed: 7, tokens);
+        var (referenceLoss, referenceGradients) = fixture.Reference();
+        using var weights = ModelWeights.Open(fixture.WeightsPath);
+        var options = new TrainerOptions(KeptLayers: kept);
+        var (cpuLoss, cpuGradients) = Step(new CpuBackend(), model, fixture, weights, options);
+        using var vulkan = VulkanTestDevice.Create();
+        var (loss, gradients) = Step(vulkan, model, fixture, weights, options);
+        VulkanTestDevice.AssertNoValidationErrors(vulkan);
+
+        Assert.InRange(Math.Abs(loss - referenceLoss), 0, LossTolerance * Math.Max(1, Math.Abs(referenceLoss)));
+        Assert.InRange(Math.Abs(cpuLoss - referenceLoss), 0, LossTolerance * Math.Max(1, Math.Abs(referenceLoss)));
+        Assert.Equal(referenceGradients.Count, gradients.Count);
+        foreach (var (name, gradient) in gradients)
+        {
+            Assert.True(referenceGradients[name].Any(v => v != 0), $"{name}: the reference gradient is zero");
+            Assert.True(ModelFixture.RelativeError(gradient, referenceGradients[name]) < GradientTolerance, $"{name}: against TorchSharp");
+            Assert.True(ModelFixture.RelativeError(cpuGradients[name], referenceGradients[name]) < GradientTolerance, $"{name}: cpu against TorchSharp");
+        }
+    }
+
+    private static (float Loss, Dictionary<string, float[]> Gradients) Step(IBackend backend, ModelInfo model, ModelFixture fixture, ModelWeights weights,
+        TrainerOptions? options = null)
     {
         var adapter = LoraAdapter.Load(fixture.AdapterPath, model.Lora, model.LoraModules);
         // Sized for longer sequences than it runs: nothing may depend on unused rows.
-        using var trainer = model.Create(backend, weights, adapter, fixture.Tokens.Length + 9);
+        using var trainer = model.Create(backend, weights, adapter, fixture.Tokens.Length + 9, options);
         float loss = trainer.ForwardBackward(fixture.Tokens);
         var gradients = new Dictionary<string, float[]>();
         foreach (var (spec, da, db) in trainer.DownloadGradients())
