@@ -463,7 +463,8 @@ public abstract class TrainerBase : IDisposable
 
     private readonly Dictionary<(int Layer, string Name), Tensor> _layerWeights = [];
 
-    private static bool IsFileMapped(Tensor weight) => weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true };
+    private static bool IsFileMapped(Tensor weight) =>
+        weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true } or CpuFloat16Tensor { IsFileMapped: true };
 
     /// <summary>Gives a weight of <see cref="MapWeight(string)"/> back.</summary>
     /// <remarks>
