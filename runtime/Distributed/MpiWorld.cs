@@ -171,7 +171,7 @@ public sealed unsafe class MpiWorld : IDisposable
     }
 
     /// <summary>Copies <paramref name="buffer"/> of rank <paramref name="root"/> into every rank's (the same length on each).</summary>
-    public void Broadcast(Span<byte> buffer, int root, string what)
+    public void BroadcastInPlace(Span<byte> buffer, int root, string what)
     {
         for (int offset = 0; offset < buffer.Length; offset += 1 << 30)
         {
@@ -189,9 +189,9 @@ public sealed unsafe class MpiWorld : IDisposable
     public byte[] Broadcast(byte[]? data, int root, string what)
     {
         Span<long> length = [Rank == root ? data!.LongLength : 0];
-        Broadcast(MemoryMarshal.AsBytes(length), root, what);
+        BroadcastInPlace(MemoryMarshal.AsBytes(length), root, what);
         var result = Rank == root ? data! : new byte[length[0]];
-        Broadcast(result, root, what);
+        BroadcastInPlace(result, root, what);
         return result;
     }
 

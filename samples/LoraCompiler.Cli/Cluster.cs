@@ -158,11 +158,17 @@ public static class Cluster
     /// <c>--federated-rounds R --local-steps S</c> and <c>--mpi-timeout</c>, applied to the options: the
     /// number of processes, and for a federated run its steps (R·S) and round length.
     /// </summary>
-    public static TrainingOptions Configure(Args args, TrainingOptions options, out int? rounds)
+    public static TrainingOptions Configure(Args args, TrainingOptions options, CheckpointInfo? checkpoint, out int? rounds)
     {
         rounds = args.IntOrNull("federated-rounds", min: 1);
         int? localSteps = args.IntOrNull("local-steps", min: 1);
         float? timeout = args.Optional("mpi-timeout") is null ? null : args.Float("mpi-timeout", 0, min: 0, exclusiveMin: true);
+        int processes = World?.Size ?? 1;
+        if (checkpoint?.Options is { } stored && stored.Processes != processes)
+            throw new UsageException($"--resume: the run was trained on {stored.Processes} process{(stored.Processes == 1 ? "" : "es")}, not {processes}: continue it with " +
+                                     (stored.Processes == 1 ? "lora train --resume DIR, without mpirun." : $"mpirun -np {stored.Processes} lora train --resume DIR."));
+        if (options.Method == "mezo" && World is not null)
+            throw new UsageException("--method mezo: MeZO runs in one process; train across processes with --method backprop.");
         if (World is null)
         {
             string? given = rounds is not null ? "--federated-rounds" : localSteps is not null ? "--local-steps" : timeout is not null ? "--mpi-timeout" : null;

@@ -312,7 +312,7 @@ public static class Commands
         int? epochs = args.IntOrNull("epochs", min: 1);
         int seq = Seq(args, model, 256);
         var options = TrainingOptionsFrom(args, model) with { BaseModel = Export.BaseModelId(args.Optional("base-model"), weightsPath, null, model) };
-        options = Cluster.Configure(args, options, out int? federatedRounds); // distributed: processes, federated rounds
+        options = Cluster.Configure(args, options, checkpoint, out int? federatedRounds); // distributed: processes, federated rounds
         string? validationPath = args.Optional("val-data");
         int? validationEvery = args.IntOrNull("val-every", min: 1);
         int? validationSequences = args.IntOrNull("val-batches", min: 1);
