@@ -42,7 +42,7 @@ public sealed partial class TrainingRun
     {
         int processes = _reducer?.Ranks ?? 1;
         if (processes != _options.Processes)
-            throw new ArgumentException($"The run's options are for {_options.Processes} processes but it runs on {processes}" +
+            throw new ArgumentException($"The run's options are for {_options.Processes} process{(_options.Processes == 1 ? "" : "es")} but it runs on {processes}" +
                                         (_options.Processes > 1 ? $"; launch it with mpirun -np {_options.Processes}." : "."));
         if (_options.FederatedLocalSteps > 0 && _reducer is null)
             throw new ArgumentException("Federated averaging needs the processes to average with (a reducer).");
