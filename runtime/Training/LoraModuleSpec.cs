@@ -6,11 +6,14 @@ namespace LoraCompiler.Runtime.Training;
 /// </summary>
 public sealed record LoraModuleSpec(string Module, int In, int Out)
 {
+    // Made once: a training step looks the names up for every module (the optimizer's state is by
+    // name), and a string built per call would be garbage every step.
+
     /// <summary>PEFT's name of the A matrix: <c>base_model.model.{Module}.lora_A.weight</c>.</summary>
-    public string AName => $"base_model.model.{Module}.lora_A.weight";
+    public string AName { get; } = $"base_model.model.{Module}.lora_A.weight";
 
     /// <summary>PEFT's name of the B matrix: <c>base_model.model.{Module}.lora_B.weight</c>.</summary>
-    public string BName => $"base_model.model.{Module}.lora_B.weight";
+    public string BName { get; } = $"base_model.model.{Module}.lora_B.weight";
 }
 
 /// <summary>PEFT's LoRA hyperparameters: rank, alpha (scale = alpha / r) and the targeted module names.</summary>
