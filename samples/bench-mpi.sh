@@ -19,7 +19,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1   # mpirun refu
 
 mkdir -p "$dir"
 [ -f "$dir/base/model.safetensors" ] || lora init-random --model "$model" --out "$dir/base" --seed 1 --quantize q4 >/dev/null
-train=(train --model "$model" --weights "$dir/base" --data README.md --steps "$steps" --seq "$seq" --lr 1e-3 --seed 1 --overwrite)
+train=(train --model "$model" --weights "$dir/base" --data README.md --steps "$steps" --seq "$seq" --data-format bytes --lr 1e-3 --seed 1 --overwrite)
 
 # Seconds per step after the first (warm-up), from metrics.csv's elapsed_seconds.
 per_step() { awk -F, 'NR == 2 { first = $5 } NR > 1 { last = $5; n++ } END { printf "%.3f", (last - first) / (n - 1) }' "$1/metrics.csv"; }
