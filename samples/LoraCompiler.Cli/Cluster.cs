@@ -26,19 +26,19 @@ public static class Cluster
 {
     public const string Usage = """
             [--federated-rounds R --local-steps S] [--mpi-timeout SECONDS] [--distributed]
-                                                      under mpirun -np N [--host a,b]: N ranks train one
-                                                      adapter over Open MPI. Data parallel: a step takes
-                                                      --grad-accum G sequences on each rank, N·G in all, the
-                                                      result of one process with --grad-accum N·G (the LoRA
-                                                      gradients are summed layer by layer as the backward
-                                                      goes); rank 0 alone writes the run; --resume needs the
-                                                      same N. --federated-rounds R --local-steps S: federated
-                                                      averaging instead: each rank trains S steps on its own
-                                                      --data ('{rank}' in the path is the rank's number), then
-                                                      the adapters are averaged weighted by tokens; R rounds
-                                                      (R·S steps). --mpi-timeout: seconds a rank waits for
-                                                      the others before it gives up (600). --distributed:
-                                                      refuse to run unless started by mpirun
+                                                  under mpirun -np N [--host a,b]: N ranks train one
+                                                  adapter over Open MPI. Data parallel: a step takes
+                                                  --grad-accum G sequences on each rank, N·G in all, the
+                                                  result of one process with --grad-accum N·G (the LoRA
+                                                  gradients are summed layer by layer as the backward
+                                                  goes); rank 0 alone writes the run; --resume needs the
+                                                  same N. --federated-rounds R --local-steps S: federated
+                                                  averaging instead: each rank trains S steps on its own
+                                                  --data ('{rank}' in the path is the rank's number), then
+                                                  the adapters are averaged weighted by tokens; R rounds
+                                                  (R·S steps). --mpi-timeout: seconds a rank waits for
+                                                  the others before it gives up (600). --distributed:
+                                                  refuse to run unless started by mpirun
     """;
 
     /// <summary>Set once MPI is initialized: this process is one rank of a distributed run.</summary>

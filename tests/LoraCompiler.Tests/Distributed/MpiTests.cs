@@ -127,6 +127,37 @@ public sealed class MpiTests : IDisposable
     }
 
     [MpiFact]
+    public void A_rank_that_stops_answering_is_given_up_after_the_mpi_timeout_with_a_clear_error()
+    {
+        const int SIGSTOP = 19, SIGCONT = 18;
+        string frozen = Dir("frozen");
+        var (output, error) = (new StringBuilder(), new StringBuilder());
+        using var mpirun = MpiRun.Start(2, Train(frozen, 2000, "--mpi-timeout", "5"), output, error);
+        string metrics = Path.Combine(frozen, TrainingRun.MetricsFile);
+        var deadline = DateTime.UtcNow.AddMinutes(2);
+        while (!(File.Exists(metrics) && File.ReadAllLines(metrics).Length > 3) && !mpirun.HasExited && DateTime.UtcNow < deadline)
+            Thread.Sleep(10);
+        Assert.False(mpirun.HasExited, $"the run ended early: {output}{error}");
+        // Stopped, not killed: mpirun sees nothing wrong, and rank 0 waits for it in a collective.
+        var rank1 = Process.GetProcessById(MpiRun.RankProcess(mpirun, 1));
+        LoraProcess.Signal(rank1, SIGSTOP);
+        try
+        {
+            Assert.True(mpirun.WaitForExit(TimeSpan.FromSeconds(60)), "the job still runs a minute after a rank stopped answering");
+            mpirun.WaitForExit();
+        }
+        finally
+        {
+            if (!rank1.HasExited)
+                LoraProcess.Signal(rank1, SIGCONT);
+        }
+        Assert.NotEqual(0, mpirun.ExitCode);
+        string line = Assert.Single((output.ToString() + error).Split('\n'), l => l.StartsWith("error:", StringComparison.Ordinal));
+        Assert.StartsWith("error: rank 0: the other ranks did not answer for 5 s while ", line);
+        Assert.Contains("--mpi-timeout", line);
+    }
+
+    [MpiFact]
     public void A_rank_that_fails_before_training_stops_every_rank_with_its_one_error_line()
     {
         // A federated run's '{rank}' data: rank 1's file is missing, rank 0's is there.
