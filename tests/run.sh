@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 # patched at build time (tests/LoraCompiler.Tests/TorchSharpFix.targets). The Vulkan backend needs the
 # loader, Mesa's lavapipe, the validation layers and glslc (the build compiles shaders/ with it).
 tests/install-vulkan.sh
+# Distributed training: the MPI tests run `mpirun -np 2 --oversubscribe lora train ...`.
+tests/install-mpi.sh
 
 results="$(mktemp -d)"
 status=0

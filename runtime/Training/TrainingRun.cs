@@ -29,6 +29,10 @@ public sealed record TrainingOptions
     public int SaveEvery { get; init; }
     /// <summary>The adapter's <c>base_model_name_or_path</c>: the base model's id; null writes the model JSON's name.</summary>
     public string? BaseModel { get; init; }
+    /// <summary>Processes training together (<see cref="TrainingRun.Reducer"/>); a step takes GradientAccumulation sequences on each.</summary>
+    public int Processes { get; init; } = 1;
+    /// <summary>Federated averaging: the adapters of the processes are averaged every this many steps (a round); 0 for data-parallel steps.</summary>
+    public int FederatedLocalSteps { get; init; }
 
     public float LearningRateAt(int step)
     {
@@ -53,6 +57,11 @@ public sealed record TrainingOptions
         if (Method is not ("backprop" or "mezo")) throw new ArgumentException($"Unknown method '{Method}' (available: backprop, mezo).");
         if (Optimizer is not ("adamw" or "sgd")) throw new ArgumentException($"Unknown optimizer '{Optimizer}' (available: adamw, sgd).");
         if (WarmupSteps < 0 || WarmupSteps >= Steps && Schedule == "cosine") throw new ArgumentException("Warmup must be shorter than the run.");
+        if (Processes < 1) throw new ArgumentException($"A run takes at least 1 process, not {Processes}.");
+        if (Processes > 1 && Method == "mezo") throw new ArgumentException("MeZO runs in one process: train across processes with backprop.");
+        if (FederatedLocalSteps < 0) throw new ArgumentException($"Federated local steps must be at least 0, not {FederatedLocalSteps}.");
+        if (FederatedLocalSteps > 0 && (Steps % FederatedLocalSteps != 0 || SaveEvery % FederatedLocalSteps != 0))
+            throw new ArgumentException($"A federated run's steps ({Steps}) and save interval ({SaveEvery}) are whole rounds of {FederatedLocalSteps} local steps.");
     }
 
     /// <summary>The names of the properties whose values differ between two options (empty when they agree).</summary>
@@ -128,7 +137,7 @@ public sealed record ValidationOptions(EvaluationData Data)
 /// stops the run with a <see cref="TrainingDivergedException"/> before that step is checkpointed.
 /// <see cref="Run"/> with a cancelled token ends after the running step with a checkpoint of it.
 /// </remarks>
-public sealed class TrainingRun
+public sealed partial class TrainingRun
 {
     public const string CheckpointFolder = "checkpoint";
     public const string MetricsFile = "metrics.csv";
@@ -270,14 +279,18 @@ public sealed class TrainingRun
         double elapsedBefore = _metrics.Count > 0 ? _metrics[^1].ElapsedSeconds : 0;
         double validationSeconds = 0;
         long tokens = 0;
-        Directory.CreateDirectory(_outDir);
-        _log = MetricsLog.Open(Path.Combine(_outDir, MetricsFile), _metrics);
+        CheckProcesses();
+        if (Writes)
+        {
+            Directory.CreateDirectory(_outDir);
+            _log = MetricsLog.Open(Path.Combine(_outDir, MetricsFile), _metrics);
+        }
         _trainer.LayerGradientsReady += _layerReady;
         try
         {
             for (int step = StartStep + 1; step <= _options.Steps; step++)
             {
-                if (stop.IsCancellationRequested)
+                if (StopRequested(stop, step))
                 {
                     if (step - 1 > (LastCheckpointStep ?? 0))
                         SaveCheckpoint(step - 1);
@@ -287,6 +300,7 @@ public sealed class TrainingRun
                 float loss = _options.Method == "mezo" ? MeZOStep(step, lr, ref tokens) : BackpropStep(step, lr, ref tokens);
                 if (!float.IsFinite(loss))
                     throw new TrainingDivergedException(step, $"the loss is {loss.ToString(CultureInfo.InvariantCulture)}");
+                FederatedRoundEnd(step, tokens);
                 float? validationLoss = null;
                 if (ValidatesAt(step))
                 {
@@ -299,19 +313,20 @@ public sealed class TrainingRun
                 var metrics = new StepMetrics(step, loss, lr, tokens / (watch.Elapsed.TotalSeconds - validationSeconds),
                     elapsedBefore + watch.Elapsed.TotalSeconds, ProcessMemory.PrivateBytes(), validationLoss);
                 _metrics.Add(metrics);
-                _log.Append(metrics);
+                _log?.Append(metrics);
                 StepCompleted?.Invoke(metrics);
                 if (_options.SaveEvery > 0 && step % _options.SaveEvery == 0 && step < _options.Steps)
                     SaveCheckpoint(step);
             }
             SaveCheckpoint(_options.Steps);
-            _trainer.Adapter.Save(_outDir, _options.BaseModel ?? _trainer.Model.Name);
+            if (Writes)
+                _trainer.Adapter.Save(_outDir, _options.BaseModel ?? _trainer.Model.Name);
             return true;
         }
         finally
         {
             _trainer.LayerGradientsReady -= _layerReady;
-            _log.Dispose();
+            _log?.Dispose();
             _log = null;
             WritePlot();
             foreach (var buffer in _mapped)
@@ -332,6 +347,8 @@ public sealed class TrainingRun
     /// </summary>
     private float BackpropStep(int step, float lr, ref long tokens)
     {
+        if (DataParallel)
+            return DataParallelStep(step, lr, ref tokens);
         int micro = _options.GradientAccumulation;
         (_step, _learningRate, _gradientScale) = (step, lr, 1f / micro);
         _optimizer.BeginStep();
@@ -362,6 +379,11 @@ public sealed class TrainingRun
     /// <summary>A layer's gradients are final: summed for later (an earlier sequence of the step), or the layer is stepped (the last).</summary>
     private void LayerReady(LayerGradients layer)
     {
+        if (DataParallel)
+        {
+            DataParallelLayerReady(layer);
+            return;
+        }
         if (_lastSequence)
             _trainer.UpdateParameters(layer, _update);
         else
@@ -437,6 +459,11 @@ public sealed class TrainingRun
     /// </summary>
     private void SaveCheckpoint(int step)
     {
+        if (!Writes)
+        {
+            LastCheckpointStep = step; // rank 0 writes it
+            return;
+        }
         _trainer.DownloadAdapter();
         foreach (var module in _trainer.Adapter.Modules)
         {
@@ -558,6 +585,8 @@ public sealed class TrainingRun
 
     private void WritePlot()
     {
+        if (!Writes)
+            return;
         var series = new List<(string, IReadOnlyList<(double, double)>)>
         {
             (_options.Method, _metrics.Select(m => ((double)m.Step, (double)m.Loss)).ToList()),

@@ -20,7 +20,8 @@ public static class Failure
         // The project's own errors and the system's I/O errors say what and where; anything else
         // (a bug, most likely) also says its type, so that the line can be searched for.
         bool expected = e is UsageException or WeightsException or VulkanException or TokenizerException or TrainingDataException
-            or TrainingRunException or IOException or ArgumentException or JsonException or UnauthorizedAccessException;
+            or TrainingRunException or IOException or ArgumentException or JsonException or UnauthorizedAccessException
+            or LoraCompiler.Runtime.Distributed.DistributedException;
         string message = e switch
         {
             FileNotFoundException { FileName: { } file } => $"{file}: no such file.",

@@ -51,6 +51,7 @@ string Usage = $"""
                                                   --resume DIR alone continues a run with its stored options;
                                                   --overwrite replaces the run already in --out; Ctrl-C or
                                                   SIGTERM stops after the step with a checkpoint (exit 130, 143)
+    {Cluster.Usage}
       eval --model NAME --weights PATH [--adapter DIR] --data FILE [--seq N] [--json] [--tokenizer FILE]
            [--data-format auto|text|bytes] [--backend cpu|vulkan] [--device D]
                                                   loss and perplexity over the data (the base model without --adapter)
@@ -84,6 +85,10 @@ if (args.Skip(1).Any(a => a is "--help" or "-h"))
     Console.WriteLine(help ?? $"Unknown command '{args[0]}'. Run 'lora --help' for the list.");
     return help is null ? 2 : 0;
 }
+
+// Distributed training (issue 13): under mpirun every rank runs 'train' through Cluster.
+if (args[0] == "train" && Cluster.Requested(ref args))
+    return Cluster.Train(args.Skip(1).ToArray(), verbose);
 
 try
 {
@@ -327,7 +332,7 @@ public static class Commands
     public static int Train(Args args)
     {
         // --resume DIR alone continues a run: the options its checkpoint stored stand in for those not given.
-        string? resumeDir = args.Optional("resume");
+        string? resumeDir = Cluster.ShareCheckpoint(args.Optional("resume")); // distributed: rank 0's checkpoint on every rank
         CheckpointInfo? checkpoint = null;
         if (resumeDir is not null)
         {
@@ -337,7 +342,8 @@ public static class Commands
         }
         var model = Model(args);
         string weightsPath = args.Required("weights");
-        string dataPath = args.Required("data");
+        string dataOption = args.Required("data");
+        string dataPath = Cluster.DataFile(dataOption); // distributed: '{rank}' is the rank (a federated rank's own data)
         string outDir = args.Required("out");
         string? adapterDir = args.Optional("adapter");
         string? tokenizerPath = args.Optional("tokenizer");
@@ -348,6 +354,7 @@ public static class Commands
         int seq = Seq(args, model, 256);
         var options = TrainingOptionsFrom(args, model) with { BaseModel = Export.BaseModelId(args.Optional("base-model"), weightsPath, null, model) };
         var (trainerOptions, budget) = MemoryBudget(args, model, seq, options.Optimizer, options.GradientAccumulation, placement);
+        options = Cluster.Configure(args, options, checkpoint, out int? federatedRounds); // distributed: processes, federated rounds
         string? validationPath = args.Optional("val-data");
         int? validationEvery = args.IntOrNull("val-every", min: 1);
         int? validationSequences = args.IntOrNull("val-batches", min: 1);
@@ -360,12 +367,15 @@ public static class Commands
         if (epochs is not null && args.Given("steps") && args.Given("epochs"))
             throw new UsageException("--epochs: give --steps or --epochs, not both.");
 
-        // Before any work: the output folder, and a run already in it.
-        OutputFolder.Prepare(outDir, "--out");
-        if (resumeDir is null || !OutputFolder.SamePath(resumeDir, outDir))
-            OutputFolder.ClaimForNewRun(outDir, overwrite);
-        foreach (var leftover in TrainingRun.RemoveLeftovers(outDir))
-            Console.WriteLine($"Removed {leftover}, left by a write that was killed.");
+        // Before any work: the output folder, and a run already in it (distributed: rank 0's alone).
+        if (Cluster.Writes)
+        {
+            OutputFolder.Prepare(outDir, "--out");
+            if (resumeDir is null || !OutputFolder.SamePath(resumeDir, outDir))
+                OutputFolder.ClaimForNewRun(outDir, overwrite);
+            foreach (var leftover in TrainingRun.RemoveLeftovers(outDir))
+                Console.WriteLine($"Removed {leftover}, left by a write that was killed.");
+        }
 
         var reading = DataReading.From(tokenizerPath, weightsPath, dataFormat);
         reading.CheckFormatApplies(dataPath, validationPath);
@@ -388,13 +398,15 @@ public static class Commands
         {
             if (data is not PackedTrainingData packed)
                 throw new UsageException("--epochs needs a .jsonl dataset; give --steps for a token or text file.");
-            options = options with { Steps = (int)Math.Min(int.MaxValue, Math.Ceiling((double)packed.SequencesPerEpoch * n / options.GradientAccumulation)) };
+            if (federatedRounds is not null)
+                throw new UsageException("--epochs: a federated run's steps are --federated-rounds × --local-steps.");
+            options = options with { Steps = (int)Math.Min(int.MaxValue, Math.Ceiling((double)packed.SequencesPerEpoch * n / (options.GradientAccumulation * options.Processes))) };
         }
 
         // What the checkpoints store, so that --resume DIR alone continues the run.
         var settings = RunSettings.Of(new Dictionary<string, string?>
         {
-            ["model"] = model.Name, ["weights"] = weightsPath, ["data"] = dataPath, ["tokenizer"] = tokenizerPath, ["data-format"] = dataFormat,
+            ["model"] = model.Name, ["weights"] = weightsPath, ["data"] = dataOption, ["tokenizer"] = tokenizerPath, ["data-format"] = dataFormat,
             ["seq"] = Invariant(seq), ["steps"] = Invariant(options.Steps), ["epochs"] = epochs is int count ? Invariant(count) : null,
             ["lr"] = Invariant(options.LearningRate), ["schedule"] = options.Schedule, ["warmup"] = Invariant(options.WarmupSteps),
             ["grad-accum"] = Invariant(options.GradientAccumulation), ["seed"] = Invariant(options.Seed), ["optimizer"] = options.Optimizer,
@@ -403,8 +415,10 @@ public static class Commands
             ["adapter"] = adapterDir, ["val-data"] = validationPath,
             ["val-every"] = validationEvery is int every ? Invariant(every) : null,
             ["val-batches"] = validationSequences is int batches ? Invariant(batches) : null,
+            ["federated-rounds"] = federatedRounds is int rounds ? Invariant(rounds) : null,
+            ["local-steps"] = options.FederatedLocalSteps > 0 ? Invariant(options.FederatedLocalSteps) : null,
         }, dataPath);
-        if (checkpoint is not null)
+        if (checkpoint is not null && Cluster.Writes) // distributed: rank 0 checks; Cluster.Ready compares the others with it
             RunSettings.CheckResume(checkpoint, args, dataPath);
 
         using var weights = ModelWeights.Open(weightsPath);
@@ -413,7 +427,9 @@ public static class Commands
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, options.Seed)
             : Export.LoadWhole(adapterDir, model);
         using var trainer = model.Create(backend, weights, adapter, seq, trainerOptions);
-        var run = new TrainingRun(trainer, data, options, outDir, validation) { Settings = settings };
+        // Distributed: this rank's share of the data, the reducer, validation on rank 0 alone.
+        var run = new TrainingRun(trainer, Cluster.Share(data, options, dataOption), options, outDir, Cluster.Writes ? validation : null)
+            { Settings = settings, Reducer = Cluster.Reducer(trainer) };
         if (resumeDir is not null && !run.Resume(resumeDir))
             throw new UsageException($"--resume: {resumeDir} holds no checkpoint to resume from.");
 
@@ -440,6 +456,7 @@ public static class Commands
         GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
         try
         {
+            Cluster.Ready(run, trainer, data, options); // distributed: every rank ready, and running what rank 0 runs
             if (!run.Run(signals.Token))
             {
                 Console.WriteLine(run.LastCheckpointStep is int saved

@@ -112,6 +112,7 @@ public static class RunSettings
         ["optimizer"] = Kind.Text, ["weight-decay"] = Kind.Number, ["method"] = Kind.Text, ["lcsb-groups"] = Kind.Integer,
         ["mezo-eps"] = Kind.Number, ["save-every"] = Kind.Integer, ["base-model"] = Kind.Text, ["adapter"] = Kind.Path,
         ["val-data"] = Kind.Path, ["val-every"] = Kind.Integer, ["val-batches"] = Kind.Integer,
+        ["federated-rounds"] = Kind.Integer, ["local-steps"] = Kind.Integer,
     };
 
     /// <summary>Stored beside the options: the data file's size and SHA-256, so that a resume trains on the same data.</summary>
