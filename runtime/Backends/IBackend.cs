@@ -41,8 +41,10 @@ public interface IBackend : IDisposable
 
     /// <summary>
     /// A base weight as the kernels read it, from the model files. On the CPU an F32 tensor is a view
-    /// of the memory-mapped file (no copy) and a 4-bit one is used packed, dequantized tile by tile
-    /// inside the products; a GPU backend uploads it. A mapped weight may be passed as the weight of
+    /// of the memory-mapped file (no copy), an F16 or BF16 one is used as stored, converted panel by
+    /// panel inside the products (row by row in the embedding, per call for a norm weight or a bias),
+    /// and a 4-bit one is used packed, dequantized tile by tile inside the products; a GPU backend
+    /// uploads it as stored (4-bit and 16-bit ones converted in its shaders). A mapped weight may be passed as the weight of
     /// LinearForward, LinearBackwardInput, EmbeddingForward and LmHeadCrossEntropy, and as the RMSNorm
     /// weight and the bias. Give it back with <see cref="ReleaseWeight"/> when its layer is done.
     /// </summary>

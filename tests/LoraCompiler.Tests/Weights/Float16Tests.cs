@@ -217,6 +217,26 @@ public sealed class Float16Tests : IDisposable
     private static CpuTensor Scratch(int n) => new("scratch", new float[n]);
 
     [Fact]
+    public void A_16bit_tensor_at_an_odd_offset_is_copied_not_mapped_and_reads_right()
+    {
+        // A one-byte tensor first puts the BF16 data at an odd offset in the file.
+        string path = Path.Combine(_dir, "odd.safetensors");
+        float[] values = [1.5f, -2.25f, 0.375f, 1024f, -0.0078125f, 3f];
+        var bits = values.Select(v => (ushort)(BitConverter.SingleToUInt32Bits(v) >> 16)).ToArray(); // exact in BF16
+        SafeTensorsWriter.WriteRaw(path, [
+            SafeTensorsWriter.Raw<byte>("pad", "U8", [1], [7]),
+            SafeTensorsWriter.Raw<ushort>("w", "BF16", [2, 3], bits)]);
+        using var model = ModelWeights.Open(path);
+        using var backend = new CpuBackend(1);
+        var half = Assert.IsType<CpuFloat16Tensor>(backend.MapWeight(model, "w"));
+        Assert.False(half.IsFileMapped); // a copy of the bits, still 16-bit
+        float[] gathered = Run(y => backend.EmbeddingForward(y, [1, 0], half, 2, 3));
+        Assert.Equal([1024f, -0.0078125f, 3f, 1.5f, -2.25f, 0.375f], gathered.AsSpan(0, 6).ToArray());
+        backend.ReleaseWeight(half); // nothing to drop: the copy is not a file mapping
+        Assert.Equal(gathered, Run(y => backend.EmbeddingForward(y, [1, 0], half, 2, 3)));
+    }
+
+    [Fact]
     public void A_16bit_weight_holding_a_NaN_is_refused_naming_the_file_and_the_tensor()
     {
         string path = Path.Combine(_dir, "nan.safetensors");

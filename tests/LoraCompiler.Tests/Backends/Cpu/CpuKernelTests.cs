@@ -1155,4 +1155,26 @@ public sealed class NarrowVectorWidthTests
             CpuKernels.MaxVectorWidth = saved;
         }
     }
+
+    [Theory]
+    [InlineData(8)]
+    [InlineData(4)]
+    [InlineData(1)]
+    public void The_16bit_conversions_and_products_match_at_narrower_vector_widths(int width)
+    {
+        using var tests = new Float16Tests();
+        int saved = CpuKernels.MaxVectorWidth;
+        try
+        {
+            CpuKernels.MaxVectorWidth = width;
+            tests.Every_bit_pattern_converts_exactly(Float16Format.BF16);
+            tests.Every_bit_pattern_converts_exactly(Float16Format.F16);
+            tests.Linear_forward_and_input_gradient_with_16bit_weights_match_a_float64_product(37, 203, 61, 2);
+            tests.Linear_forward_and_input_gradient_with_16bit_weights_match_a_float64_product(1, 896, 301, 2);
+        }
+        finally
+        {
+            CpuKernels.MaxVectorWidth = saved;
+        }
+    }
 }
