@@ -17,6 +17,7 @@ internal static class DiagnosticDescriptors
     public static readonly DiagnosticDescriptor WrongType = Error("LORA0008", "Model field has the wrong type", "{0}");
     public static readonly DiagnosticDescriptor Unsupported = Error("LORA0009", "Unsupported model feature", "{0}");
     public static readonly DiagnosticDescriptor DuplicateClassName = Error("LORA0010", "Two model files give the same trainer class", "{0}");
+    public static readonly DiagnosticDescriptor InvalidMemoryBudget = Error("LORA0012", "Invalid memory budget", "{0}");
     public static readonly DiagnosticDescriptor IgnoredField = new("LORA0011", "Model field has no effect", "{0}", Category,
         DiagnosticSeverity.Warning, isEnabledByDefault: true);
 
@@ -32,6 +33,7 @@ internal static class DiagnosticDescriptors
         "LORA0008" => WrongType,
         "LORA0010" => DuplicateClassName,
         "LORA0011" => IgnoredField,
+        "LORA0012" => InvalidMemoryBudget,
         _ => Unsupported,
     };
 

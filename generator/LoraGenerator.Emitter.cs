@@ -102,6 +102,7 @@ public sealed partial class LoraGenerator
             {
                 ForwardLayer(kind);
                 BackwardLayer(kind);
+                CopyLayerActivations(kind);
                 InferLayer(kind);
             }
             MapLayer();
@@ -130,7 +131,9 @@ public sealed partial class LoraGenerator
             Line("/// Step: forward keeps only each layer's input (the MeBP checkpoints x00..x" + $"{_s.Layers:D2}); the loss runs the");
             Line($"/// LM head in chunks of {_s.LmHeadChunk} vocabulary rows and never holds [T, {_s.Vocab}] logits; backward");
             Line("/// recomputes each layer from its checkpoint, then runs the MeSP LoRA backward, which recomputes");
-            Line("/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice.");
+            Line("/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice, and so is");
+            Line("/// how many of the last layers keep their activations from forward to backward instead (KeptLayers,");
+            Line("/// which a memory budget chooses): their backward copies them back and recomputes nothing.");
             Line("/// </remarks>");
         }
 
@@ -232,6 +235,8 @@ public sealed partial class LoraGenerator
                 defaults.Add("OptimizerStateInFile: true");
             if (_s.LcsbGroups != 1)
                 defaults.Add($"LcsbGroups: {_s.LcsbGroups}");
+            if (_s.MemoryBudget > 0)
+                defaults.Add($"MemoryBudget: {_s.MemoryBudget}L");
             if (defaults.Count > 0)
                 Line($"Defaults = new TrainerOptions({string.Join(", ", defaults)}), // the JSON's trainer section");
             Line($"Lora = new LoraSettings(LoraRank, LoraAlpha, [{string.Join(", ", _s.TargetModules.Select(Str))}]),");
@@ -279,11 +284,13 @@ public sealed partial class LoraGenerator
         private static bool IsField(PlannedBuffer b) =>
             b.Role is not (BufferRole.LoraParameters or BufferRole.LoraGradients or BufferRole.Checkpoint or BufferRole.Weights);
 
+        private static bool IsLayerField(PlannedBuffer b) => IsField(b) && b.Role != BufferRole.KeptActivations;
+
         private void Fields()
         {
             Line("// Buffers of the memory plan: the checkpoints x00..x" + $"{_s.Layers:D2}, then one layer's activations, gradients and scratch.");
             Line("private readonly Tensor[] _x = new Tensor[Layers + 1];");
-            foreach (var b in _plan.Buffers.Where(IsField))
+            foreach (var b in _plan.Buffers.Where(IsLayerField))
                 Line($"private readonly Tensor _{b.Field};");
             Line("// Weights mapped from the model files: the embedding, head and final norm for the trainer's");
             Line("// lifetime, the others for the running layer only (MapLayer, ReleaseLayer).");
@@ -302,10 +309,11 @@ public sealed partial class LoraGenerator
             Open();
             Line("for (int i = 0; i <= Layers; i++)");
             Line("    _x[i] = Allocate($\"x{i:D2}\");");
-            foreach (var b in _plan.Buffers.Where(b => IsField(b) && b.SharesWith is null))
+            foreach (var b in _plan.Buffers.Where(b => IsField(b) && b.SharesWith is null && b.Role != BufferRole.KeptActivations))
                 Line($"_{b.Field} = Allocate({Str(b.Field)});");
             foreach (var b in _plan.Buffers.Where(b => IsField(b) && b.SharesWith is not null))
                 Line($"_{b.Field} = _{b.SharesWith}; // shares memory: their lifetimes do not overlap");
+            Line("AllocateKept(\"kept\"); // one for each of the last KeptLayers layers");
             Line();
             Line("_embedTokens = MapWeight(\"model.embed_tokens.weight\");");
             if (!_s.TiedEmbeddings)
@@ -329,17 +337,18 @@ public sealed partial class LoraGenerator
             string head = _s.TiedEmbeddings ? "_embedTokens" : "_lmHead";
             Line("/// <inheritdoc/>");
             Line("public override float Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets) =>");
-            Line("    ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets));");
+            Line("    ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets), keep: false, step: 0);");
             Line();
             Line("/// <inheritdoc/>");
             Line("public override float ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int step)");
             Open();
             Line("int T = CheckSequence(tokens, targets);");
-            Line("float loss = ForwardAndLoss(tokens, targets, T);");
+            Line("float loss = ForwardAndLoss(tokens, targets, T, keep: true, step);");
             Line("// final norm backward: dx[T,Hidden] = rmsnorm'(dxn), the gradient of the last layer's output");
             Line("Backend.RmsNormBackward(_dx, _dxn, _x[Layers], _finalNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: false);");
             Line();
-            Line("// Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA");
+            Line("// Backward, last layer first: each recomputes itself from its checkpoint (or copies back what it");
+            Line("// kept, for the last KeptLayers layers), then hands its LoRA");
             Line("// gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual");
             Line("// stream (dx passes through, nothing is loaded or computed); its gradients are zero and the");
             Line("// optimizer still steps it.");
@@ -353,15 +362,22 @@ public sealed partial class LoraGenerator
             Line("return loss;");
             Close();
             Line();
-            Line("/// <summary>Forward through every layer, keeping only the checkpoints, then the loss; leaves ∂loss/∂(final norm output) in dxn.</summary>");
-            Line("private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T)");
+            Line("/// <summary>");
+            Line("/// Forward through every layer, keeping the checkpoints (and, with <paramref name=\"keep\">, the activations of the");
+            Line("/// kept layers that backpropagate at <paramref name=\"step\">), then the loss; leaves ∂loss/∂(final norm output) in dxn.");
+            Line("/// </summary>");
+            Line("private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T, bool keep, int step)");
             Open();
             Line($"// embedding: x00[T,{_s.Hidden}] = embed_tokens[tokens]{(_s.Traits.ScaledEmbedding ? "·√hidden" : "")}");
             Line("Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);");
             if (_s.Traits.ScaledEmbedding)
                 Line("Backend.Scale(_x[0], EmbeddingScale, (long)T * Hidden);");
             Line("for (int i = 0; i < Layers; i++)");
-            Line("    ForwardLayer(i, _x[i + 1], _x[i], T, recompute: false);");
+            Open();
+            Line("ForwardLayer(i, _x[i + 1], _x[i], T, recompute: false);");
+            Line("if (keep && KeepsActivations(i) && Selected(i, step))");
+            Line("    CopyLayerActivations(i, _x[i], T, restore: false);");
+            Close();
             string cap = _s.FinalLogitSoftcap > 0 ? $", capped at {Literal(_s.FinalLogitSoftcap)}·tanh(logits / {Literal(_s.FinalLogitSoftcap)})" : "";
             Line($"// loss: final norm, then the LM head and cross-entropy in chunks of {_s.LmHeadChunk} vocabulary rows{cap}");
             Line("Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);");
@@ -407,6 +423,7 @@ public sealed partial class LoraGenerator
             Line();
             Dispatch("ForwardLayer", "int layer, Tensor output, Tensor x, int T, bool recompute", "layer, output, x, T, recompute");
             Dispatch("BackwardLayer", "int layer, Tensor dx, Tensor x, Tensor output, int T", "layer, dx, x, output, T");
+            Dispatch("CopyLayerActivations", "int layer, Tensor x, int T, bool restore", "layer, x, T, restore");
             Dispatch("InferLayer", "int layer, Tensor output, Tensor x, int T, int position, KvCache cache", "layer, output, x, T, position, cache");
         }
 
@@ -461,14 +478,50 @@ public sealed partial class LoraGenerator
             Line($"/// <summary>{(OneKind ? "A layer" : $"A {kind.Name.ToLowerInvariant()} layer")} backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>");
             Line($"private void {Name("BackwardLayer", kind)}(int layer, Tensor dx, Tensor x, Tensor output, int T)");
             Open();
+            Line("if (KeepsActivations(layer))");
+            Open();
+            Line("// Kept from forward (the memory budget's plan): its activations are copied back, nothing is recomputed.");
+            Line("MapLayer(layer);");
+            Line($"{Name("CopyLayerActivations", kind)}(layer, x, T, restore: true);");
+            Close();
+            Line("else");
+            Open();
             Line("// Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.");
             Line($"{Name("ForwardLayer", kind)}(layer, output, x, T, recompute: true);");
+            Close();
             Line("ClearGradients(layer);");
             Line("var lora = _lora[layer];");
             Line();
             for (int i = kind.Ops.Count - 1; i >= 0; i--)
                 EmitBackward(kind.Ops[i]);
             Line("ReleaseLayer();");
+            Close();
+            Line();
+        }
+
+        /// <summary>The kept variant's copies: what a kept layer holds from its forward to its backward, and the ops that remake the rest.</summary>
+        private void CopyLayerActivations(LayerKind kind)
+        {
+            Line("/// <summary>");
+            Line($"/// {(OneKind ? "A layer" : $"A {kind.Name.ToLowerInvariant()} layer")} that keeps its activations (one of the last KeptLayers): at the end of its forward");
+            Line("/// (restore false) what its backward reads is copied into the layer's kept buffer; before its backward");
+            Line("/// (restore true) it is copied back, and the cheap ops that remake the rest run again, in place of");
+            Line($"/// recomputing the layer from its checkpoint. {kind.KeptPerToken} floats per token.");
+            Line("/// </summary>");
+            Line($"private void {Name("CopyLayerActivations", kind)}(int layer, Tensor x, int T, bool restore)");
+            Open();
+            Line("var kept = Kept(layer);");
+            Line("long at = 0;");
+            foreach (var k in kind.Kept)
+                Line($"CopyKept(kept, ref at, _{k.Value}, {(k.Dims == "1" ? "T" : $"(long)T * {k.Dims}")}, restore); // {k.Value}[T,{k.Width}]: {k.Purpose}");
+            if (kind.Remade.Count > 0)
+            {
+                Line("if (!restore)");
+                Line("    return;");
+                Line($"// remade from the kept values and x: {string.Join(", ", kind.Remade.Select(i => kind.Ops[i].Module))}");
+                foreach (int i in kind.Remade)
+                    EmitForward(kind.Ops[i]);
+            }
             Close();
             Line();
         }

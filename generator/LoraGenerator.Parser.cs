@@ -146,6 +146,7 @@ public sealed partial class LoraGenerator
             int chunk = Math.Min(vocab, DefaultLmHeadChunk);
             int lcsbGroups = 1;
             bool activationsInFile = false, optimizerStateInFile = false;
+            long memoryBudget = 0;
             if (config["trainer"] is { } trainerValue)
             {
                 var trainer = AsObject(trainerValue, "trainer");
@@ -155,6 +156,8 @@ public sealed partial class LoraGenerator
                     lcsbGroups = ReadLcsb(AsObject(lcsbValue, "trainer.lcsb"), layers);
                 activationsInFile = Placement(trainer, "activations");
                 optimizerStateInFile = Placement(trainer, "optimizer_state");
+                if (trainer["memory_budget"] is { } budget and not JsonNull)
+                    memoryBudget = MemoryBudget(budget);
             }
 
             int maxPositions = config["max_position_embeddings"] is null or JsonNull ? 0 : PositiveInt(config, "max_position_embeddings");
@@ -164,7 +167,7 @@ public sealed partial class LoraGenerator
                 hidden, intermediate, layers, heads, kvHeads, headDim, vocab, rmsEps, rope, localRope,
                 tied, qkvBias, OutputBias: attentionBias, activation, attentionScale, windows, softcap,
                 rank, alpha, targets, chunk, lcsbGroups, activationsInFile, optimizerStateInFile, ReadEosTokenIds(config, vocab),
-                maxPositions, warnings.ToEquatableArray());
+                maxPositions, memoryBudget, warnings.ToEquatableArray());
         }
 
         /// <summary>eos_token_id: one id, a list of ids, or none; each within the vocabulary.</summary>
@@ -261,6 +264,22 @@ public sealed partial class LoraGenerator
             var other => throw Fail("LORA0009", other,
                 $"{fileName}: trainer.{key} {Describe(other)} is not supported (supported: \"memory\", \"mmap\")"),
         };
+
+        /// <summary>
+        /// <c>"memory_budget": "512MB"</c> (a size as <c>--memory-budget</c> takes it: KB, MB, GB in powers of
+        /// 1000, KiB, MiB, GiB in powers of 1024) or a number of bytes.
+        /// </summary>
+        private long MemoryBudget(JsonValue value)
+        {
+            if (value is JsonNumber n)
+                return n.IsInteger && n.Value >= 1 && n.Value < 9.2e18 ? (long)n.Value
+                    : throw Fail("LORA0012", value, $"{fileName}: trainer.memory_budget: {n.Value.ToString("R", System.Globalization.CultureInfo.InvariantCulture)} " +
+                                                    "is not a positive whole number of bytes");
+            if (value is not JsonString s)
+                throw WrongType(value, "trainer.memory_budget", "a size like \"512MB\" or a number of bytes");
+            return ByteSize.TryParse(s.Value, out string problem)
+                ?? throw Fail("LORA0012", value, $"{fileName}: trainer.memory_budget: {problem}");
+        }
 
         /// <summary><c>"lcsb": {"groups": K, "order": "cyclic"}</c>: K groups of layers, one backpropagating per step.</summary>
         private int ReadLcsb(JsonObject lcsb, int layers)

@@ -22,11 +22,12 @@ public sealed partial class LoraGenerator
             var ops = PlanGradients(PlanLayerOps(spec, projections, window, table));
             string name = windows.Count == 1 ? "" : window > 0 ? "Sliding" : "Full";
             string description = window > 0 ? $"sliding-window attention over the last {window} keys" : "full causal attention";
-            return new LayerKind(name, description, window, table, ops.ToEquatableArray(), RecomputeUntil(ops));
+            var (kept, remade) = PlanKept(spec, ops);
+            return new LayerKind(name, description, window, table, ops.ToEquatableArray(), RecomputeUntil(ops), kept, remade);
         }).ToList();
         var schedule = spec.LayerWindows.Select(w => windows.IndexOf(w)).ToEquatableArray();
 
-        return new TrainerPlan(spec, PlanBuffers(spec, projections, kinds[0], ropeTables).ToEquatableArray(),
+        return new TrainerPlan(spec, PlanBuffers(spec, projections, kinds, ropeTables).ToEquatableArray(),
             projections.ToEquatableArray(), kinds.ToEquatableArray(), schedule, ropeTables.ToEquatableArray());
     }
 
@@ -230,6 +231,79 @@ public sealed partial class LoraGenerator
     };
 
     /// <summary>
+    /// What a layer that keeps its activations holds from its forward to its backward: every value some
+    /// op's backward reads (beyond the layer's input x, its checkpoint), less those remade on the way
+    /// back by rerunning a cheap op (a norm, the gated activation) from kept values. An op is remade only
+    /// where nothing later in forward changes its output in place (RoPE rotates q and k, a residual adds
+    /// to x2), so that rerunning it gives what backward would have read. Kept values are in forward order.
+    /// </summary>
+    private static (EquatableArray<KeptValue> Kept, EquatableArray<int> Remade) PlanKept(ModelSpec s, List<LayerOp> ops)
+    {
+        var saved = new List<string>();
+        foreach (var op in ops)
+            foreach (var value in SavedFor(op))
+                if (value is not ("x" or "output") && !saved.Contains(value))
+                    saved.Add(value);
+        var changedInPlace = new HashSet<string>();
+        var remade = new List<int>();
+        for (int i = 0; i < ops.Count; i++)
+            if (ops[i] is NormOp or GluOp && !Written(ops[i]).Any(v => ops.Skip(i + 1).Any(later => InPlaceTarget(later) == v)))
+                remade.Add(i);
+
+        // A remade op needs its inputs: x, a kept value, or the output of an earlier remade op. Drop the
+        // ones that lack them until none does (their outputs are kept instead).
+        while (true)
+        {
+            var remadeValues = new HashSet<string>(remade.SelectMany(i => Written(ops[i])));
+            var available = new HashSet<string>(saved.Where(v => !remadeValues.Contains(v))) { "x" };
+            int failing = -1;
+            foreach (int i in remade)
+            {
+                if (!Read(ops[i]).All(available.Contains))
+                {
+                    failing = i;
+                    break;
+                }
+                foreach (var v in Written(ops[i]))
+                    available.Add(v);
+            }
+            if (failing < 0)
+                break;
+            remade.Remove(failing);
+        }
+
+        var remadeOutputs = new HashSet<string>(remade.SelectMany(i => Written(ops[i])));
+        var kept = new List<KeptValue>();
+        foreach (var value in saved.Where(v => !remadeOutputs.Contains(v)))
+        {
+            var writer = ops.Last(op => Written(op).Contains(value) && WrittenWidths(s, op).Any(w => w.Value == value));
+            var (_, width) = WrittenWidths(s, writer).First(w => w.Value == value);
+            kept.Add(new KeptValue(value, width, WrittenDims(writer, value), Purpose(s, ops.Last(op => Written(op).Contains(value)), value)));
+        }
+        return (kept.ToEquatableArray(), remade.ToEquatableArray());
+    }
+
+    /// <summary>The value an op changes in place (RoPE's target, a residual add's), or null.</summary>
+    private static string? InPlaceTarget(LayerOp op) => op switch
+    {
+        RopeOp r => r.Target,
+        ResidualOp r => r.Target,
+        _ => null,
+    };
+
+    /// <summary>The floats per token of a value an op writes, in the trainer's dimension constants.</summary>
+    private static string WrittenDims(LayerOp op, string value) => op switch
+    {
+        NormOp n when value == n.Rstd => n.Heads ?? "1",
+        NormOp n => n.Heads is null ? n.Width : $"{n.Heads} * {n.Width}",
+        LinearOp l => l.Projection.Out,
+        AttentionOp a when value == a.Lse => "Heads",
+        AttentionOp => "QDim",
+        GluOp => "Intermediate",
+        _ => "Hidden",
+    };
+
+    /// <summary>
     /// The index of the last op backward's recompute must run: the latest op whose result some op's
     /// backward reads (a norm's backward reads its own rstd). Nothing after it is recomputed.
     /// </summary>
@@ -257,10 +331,10 @@ public sealed partial class LoraGenerator
     /// not depend on T. A gradient buffer lives in the memory of an earlier buffer of its size whose
     /// lifetime in the layer's forward and backward does not overlap its own.
     /// </summary>
-    private static IEnumerable<PlannedBuffer> PlanBuffers(ModelSpec s, List<Projection> projections, LayerKind layer, List<RopeTable> ropeTables)
+    private static IEnumerable<PlannedBuffer> PlanBuffers(ModelSpec s, List<Projection> projections, List<LayerKind> kinds, List<RopeTable> ropeTables)
     {
         long c = s.Hidden;
-        var ops = layer.Ops;
+        var ops = kinds[0].Ops;
         var widths = new Dictionary<string, long>();
         foreach (var op in ops)
             foreach (var (value, width) in WrittenWidths(s, op))
@@ -289,6 +363,12 @@ public sealed partial class LoraGenerator
                         _ => $"gradient of {ops.SelectMany(Written).First(v => Grad(v) == grad)}",
                     }));
         result = ShareMemory(result, ops).ToList();
+
+        // A layer that keeps its activations (a memory budget's choice) holds them in a buffer of its own.
+        var widest = kinds.OrderByDescending(k => k.KeptPerToken).First();
+        result.Add(new("kept", BufferRole.KeptActivations, 0, widest.KeptPerToken,
+            $"one kept layer's {string.Join(", ", widest.Kept.Select(k => k.Value))}, from its forward to its backward " +
+            "(for each layer the memory budget keeps; none by default)"));
 
         result.Add(new("loraH", BufferRole.Scratch, 0, s.LoraRank, "H = X·Aᵀ, recomputed for each projection (MeSP)"));
         result.Add(new("loraDH", BufferRole.Scratch, 0, s.LoraRank, "dH = s·G·B"));

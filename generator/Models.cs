@@ -1,4 +1,5 @@
 using System;
+using System.Linq;
 
 namespace LoraCompiler.Generator;
 
@@ -62,6 +63,7 @@ internal sealed record RopeSpec(double Theta, RopeScalingSpec? Scaling);
 /// <param name="LocalRope">The RoPE of the sliding layers when it differs from <paramref name="Rope"/> (Gemma 3).</param>
 /// <param name="EosTokenIds">eos_token_id, one id or a list: where generation stops.</param>
 /// <param name="MaxPositionEmbeddings">max_position_embeddings: the positions the model was trained for; 0 when the config does not say.</param>
+/// <param name="MemoryBudget">trainer.memory_budget in bytes: the default budget a run plans its kept layers and mapped files for; 0 for none.</param>
 /// <param name="Warnings">Diagnostics that do not stop the build (a field the family's model ignores).</param>
 internal sealed record ModelSpec(
     string FilePath,
@@ -94,6 +96,7 @@ internal sealed record ModelSpec(
     bool OptimizerStateInFile,
     EquatableArray<int> EosTokenIds,
     int MaxPositionEmbeddings,
+    long MemoryBudget,
     EquatableArray<DiagnosticInfo> Warnings)
 {
     public string Architecture => Traits.Architecture;
@@ -168,9 +171,19 @@ internal sealed record ResidualOp(string Target, string Source) : LayerOp("resid
 /// <summary>
 /// A kind of layer: one forward and backward pair is emitted per kind. Layers of one kind differ only
 /// in their weights. <see cref="RecomputeUntil"/> is the index of the last op backward's recompute runs:
-/// nothing after it is read by backward.
+/// nothing after it is read by backward. A layer that keeps its activations (a memory budget's choice)
+/// copies <see cref="Kept"/> to its own buffer after forward and back before backward, then reruns the
+/// ops <see cref="Remade"/> (indices into <see cref="Ops"/>: norms and activations, cheap to remake from
+/// what is kept) instead of recomputing the layer.
 /// </summary>
-internal sealed record LayerKind(string Name, string Description, int Window, string RopeTable, EquatableArray<LayerOp> Ops, int RecomputeUntil);
+internal sealed record LayerKind(string Name, string Description, int Window, string RopeTable, EquatableArray<LayerOp> Ops, int RecomputeUntil,
+    EquatableArray<KeptValue> Kept, EquatableArray<int> Remade)
+{
+    public long KeptPerToken => Kept.Sum(k => k.Width);
+}
+
+/// <summary>A value a kept layer holds from forward to backward: its buffer, floats per token, the dimension constant(s) giving them, and what it is.</summary>
+internal sealed record KeptValue(string Value, long Width, string Dims, string Purpose);
 
 /// <summary>A RoPE table pair of the plan: the fields ropeCos/ropeSin (or prefix + Cos/Sin) and what fills them.</summary>
 internal sealed record RopeTable(string Prefix, RopeSpec Rope, string Purpose);

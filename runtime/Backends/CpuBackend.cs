@@ -50,6 +50,20 @@ public sealed class CpuQ4Tensor(Q4Weight weight) : Tensor(weight.Name, (long)wei
 }
 
 /// <summary>
+/// A 16-bit (F16 or BF16) base weight on the CPU (<see cref="IBackend.MapWeight"/> of such a tensor):
+/// its bits used where they lie, in the file mapping. The linear, embedding and LM-head kernels
+/// convert it a panel or a row at a time inside their products; the norm and bias consumers convert
+/// the vector they read into a pooled buffer for the length of one call. Its length is the element count.
+/// </summary>
+public sealed class CpuFloat16Tensor(Float16Weight weight) : Tensor(weight.Name, weight.Elements)
+{
+    public Float16Weight Weight { get; } = weight;
+
+    /// <summary>True when the bits lie in a read-only file mapping (<see cref="ModelWeights.MapFloat16"/>), not in an array.</summary>
+    public bool IsFileMapped => Weight.IsFileMapped;
+}
+
+/// <summary>
 /// The CPU backend: <see cref="IBackend"/> on <see cref="CpuTensor"/>s, each method one call into
 /// <see cref="CpuKernels"/> with the backend's thread count.
 /// </summary>
@@ -83,17 +97,20 @@ public sealed class CpuBackend : IBackend
     public Tensor Upload(string name, ReadOnlySpan<float> data) => new CpuTensor(name, data.ToArray());
 
     /// <summary>
-    /// A 4-bit weight stays packed in the file mapping (<see cref="CpuQ4Tensor"/>); an F32 weight is the
-    /// file mapping itself; another dtype is converted to a new array.
+    /// A 4-bit weight stays packed in the file mapping (<see cref="CpuQ4Tensor"/>), an F16 or BF16 one
+    /// stays 16-bit there (<see cref="CpuFloat16Tensor"/>); an F32 weight is the file mapping itself.
+    /// Only an F32 tensor the file does not align to 4 bytes is converted, into a pooled array.
     /// </summary>
     public Tensor MapWeight(ModelWeights weights, string name)
     {
         if (weights.IsQuantized(name))
             return new CpuQ4Tensor(weights.MapQ4(name)) { IsFileMapped = true };
+        if (weights.MapFloat16(name) is { } half)
+            return new CpuFloat16Tensor(half);
         if (weights.MapF32(name) is { } mapped)
             return new CpuTensor(name, mapped) { IsFileMapped = true };
-        // F16 or BF16: converted into a pooled array that ReleaseWeight returns, so a layer's
-        // conversions are reused by the next layer instead of piling up for the garbage collector.
+        // An unaligned F32 tensor: copied into a pooled array that ReleaseWeight returns, so a layer's
+        // copies are reused by the next layer instead of piling up for the garbage collector.
         int length = checked((int)weights.Info(name).Elements);
         var pooled = ArrayPool<float>.Shared.Rent(length);
         weights.Read(name, pooled.AsSpan(0, length));
@@ -111,6 +128,12 @@ public sealed class CpuBackend : IBackend
                 DontNeed(q4.Weight.Scales);
                 DontNeed(q4.Weight.Biases);
             }
+            return;
+        }
+        if (weight is CpuFloat16Tensor half)
+        {
+            if (half.IsFileMapped)
+                DontNeed(half.Weight.Bits);
             return;
         }
         var tensor = Cpu(weight);
@@ -155,15 +178,25 @@ public sealed class CpuBackend : IBackend
     {
         if (table is CpuQ4Tensor q4)
             CpuKernels.EmbeddingForward(S(x), tokens, q4.Weight, T, C);
+        else if (table is CpuFloat16Tensor half)
+            CpuKernels.EmbeddingForward(S(x), tokens, half.Weight, T, C);
         else
             CpuKernels.EmbeddingForward(S(x), tokens, S(table), T, C);
     }
 
     public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset)
-        => CpuKernels.RmsNormForward(S(y), S(rstd), S(x), S(w), T, C, eps, weightOffset, _threads);
+    {
+        var weight = new VectorView(w, C);
+        CpuKernels.RmsNormForward(S(y), S(rstd), S(x), weight.Span, T, C, eps, weightOffset, _threads);
+        weight.Dispose();
+    }
 
     public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
-        => CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), S(w), S(rstd), T, C, weightOffset, accumulate, _threads);
+    {
+        var weight = new VectorView(w, C);
+        CpuKernels.RmsNormBackward(S(dx), S(dy), S(x), weight.Span, S(rstd), T, C, weightOffset, accumulate, _threads);
+        weight.Dispose();
+    }
 
     public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim)
         => CpuKernels.RopeForward(S(x), S(cos), S(sin), T, heads, headDim);
@@ -188,16 +221,22 @@ public sealed class CpuBackend : IBackend
 
     public void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout)
     {
+        var b = new VectorView(bias, dout);
         if (w is CpuQ4Tensor q4)
-            CpuKernels.LinearForward(S(y), S(x), q4.Weight, bias is null ? default : S(bias), T, din, dout, _threads);
+            CpuKernels.LinearForward(S(y), S(x), q4.Weight, b.Span, T, din, dout, _threads);
+        else if (w is CpuFloat16Tensor half)
+            CpuKernels.LinearForward(S(y), S(x), half.Weight, b.Span, T, din, dout, _threads);
         else
-            CpuKernels.LinearForward(S(y), S(x), S(w), bias is null ? default : S(bias), T, din, dout, _threads);
+            CpuKernels.LinearForward(S(y), S(x), S(w), b.Span, T, din, dout, _threads);
+        b.Dispose();
     }
 
     public void LinearBackwardInput(Tensor dx, Tensor dy, Tensor w, int T, int din, int dout, bool accumulate)
     {
         if (w is CpuQ4Tensor q4)
             CpuKernels.LinearBackwardInput(S(dx), S(dy), q4.Weight, T, din, dout, accumulate, _threads);
+        else if (w is CpuFloat16Tensor half)
+            CpuKernels.LinearBackwardInput(S(dx), S(dy), half.Weight, T, din, dout, accumulate, _threads);
         else
             CpuKernels.LinearBackwardInput(S(dx), S(dy), S(w), T, din, dout, accumulate, _threads);
     }
@@ -211,9 +250,12 @@ public sealed class CpuBackend : IBackend
 
     public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
                                     float softcap)
-        => w is CpuQ4Tensor q4
-            ? CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, softcap, _threads)
-            : CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, softcap, _threads);
+        => w switch
+        {
+            CpuQ4Tensor q4 => CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), q4.Weight, targets, T, C, V, chunk, softcap, _threads),
+            CpuFloat16Tensor half => CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), half.Weight, targets, T, C, V, chunk, softcap, _threads),
+            _ => CpuKernels.LmHeadCrossEntropy(S(dx), S(logits), S(x), S(w), targets, T, C, V, chunk, softcap, _threads),
+        };
 
     public void RopeForwardAt(Tensor x, Tensor cos, Tensor sin, int position, int T, int heads, int headDim)
     {
@@ -252,7 +294,49 @@ public sealed class CpuBackend : IBackend
     }
 
     private static CpuTensor Cpu(Tensor t) => t as CpuTensor
-        ?? throw new ArgumentException(t is CpuQ4Tensor
-            ? $"{t} is a 4-bit weight, which only the linear, embedding and LM-head kernels take."
-            : $"{t} is a {t.GetType().Name}, not a CpuTensor of this backend.", nameof(t));
+        ?? throw new ArgumentException(t switch
+        {
+            CpuQ4Tensor => $"{t} is a 4-bit weight, which only the linear, embedding and LM-head kernels take.",
+            CpuFloat16Tensor => $"{t} is a 16-bit weight, which only the linear, embedding, LM-head and norm kernels and the bias take.",
+            _ => $"{t} is a {t.GetType().Name}, not a CpuTensor of this backend.",
+        }, nameof(t));
+
+    /// <summary>
+    /// The first n floats of a vector a kernel reads (a norm weight, a bias; none for null): a float
+    /// tensor in place, a 16-bit weight converted into a pooled buffer that <see cref="Dispose"/>
+    /// returns, so a steady-state step converts its vectors without allocating.
+    /// </summary>
+    private ref struct VectorView
+    {
+        private float[]? _rented;
+
+        public VectorView(Tensor? t, int n)
+        {
+            if (t is null)
+            {
+                Span = default;
+                return;
+            }
+            if (t is CpuFloat16Tensor half)
+            {
+                if (n < 0 || n > half.Length)
+                    throw new ArgumentOutOfRangeException(nameof(n), n, $"{t} holds {half.Length} values.");
+                _rented = ArrayPool<float>.Shared.Rent(Math.Max(n, 1));
+                var span = _rented.AsSpan(0, n);
+                CpuKernels.Widen(half.Weight, span);
+                Span = span;
+                return;
+            }
+            Span = S(t, n);
+        }
+
+        public ReadOnlySpan<float> Span { get; }
+
+        public void Dispose()
+        {
+            if (_rented is not null)
+                ArrayPool<float>.Shared.Return(_rented);
+            _rented = null;
+        }
+    }
 }

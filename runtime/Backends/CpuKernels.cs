@@ -428,10 +428,10 @@ internal static unsafe partial class CpuKernels
     {
         Need(w, (long)V * C, nameof(w));
         fixed (float* pw = w)
-            return LmHeadCrossEntropy(dx, logits, x, new HeadWeight(pw, default), targets, T, C, V, chunk, softcap, threads);
+            return LmHeadCrossEntropy(dx, logits, x, new HeadWeight(pw), targets, T, C, V, chunk, softcap, threads);
     }
 
-    /// <summary>The LM head with its weight float32 or 4-bit (<see cref="HeadWeight"/>).</summary>
+    /// <summary>The LM head with its weight float32, 4-bit or 16-bit (<see cref="HeadWeight"/>).</summary>
     private static float LmHeadCrossEntropy(Span<float> dx, Span<float> logits, ReadOnlySpan<float> x, HeadWeight w, ReadOnlySpan<int> targets,
                                             int T, int C, int V, int chunk, float softcap, int threads)
     {

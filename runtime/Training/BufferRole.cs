@@ -8,5 +8,9 @@ namespace LoraCompiler.Runtime.Training
 #endif
 {
     /// <summary>What a planned buffer holds, which decides its lifetime within a step.</summary>
-    public enum BufferRole { Checkpoint, Activation, Gradient, Scratch, Weights, LoraParameters, LoraGradients }
+    /// <remarks>
+    /// <c>KeptActivations</c> is one layer's activations kept from its forward to its backward instead of
+    /// recomputed: allocated once for each layer a memory budget keeps (none by default).
+    /// </remarks>
+    public enum BufferRole { Checkpoint, Activation, Gradient, Scratch, Weights, LoraParameters, LoraGradients, KeptActivations }
 }

@@ -13,12 +13,18 @@ public sealed record BufferPlan(string Name, BufferRole Role, long Fixed, long P
     public long Bytes(int sequence) => Elements(sequence) * sizeof(float);
 }
 
-/// <summary>The memory plan evaluated for one maximum sequence length: every buffer of a step, all live at once.</summary>
-public sealed record MemoryPlan(int Sequence, IReadOnlyList<BufferPlan> Buffers)
+/// <summary>
+/// The memory plan evaluated for one maximum sequence length: every buffer of a step, all live at once.
+/// A <see cref="BufferRole.KeptActivations"/> buffer counts once for each of the <paramref name="KeptLayers"/>
+/// layers that keep their activations from forward to backward (a memory budget's choice; none by default).
+/// </summary>
+public sealed record MemoryPlan(int Sequence, IReadOnlyList<BufferPlan> Buffers, int KeptLayers = 0)
 {
-    public long TotalBytes => Buffers.Sum(b => b.Bytes(Sequence));
+    public long TotalBytes => Buffers.Sum(Bytes);
 
-    public long BytesOf(BufferRole role) => Buffers.Where(b => b.Role == role).Sum(b => b.Bytes(Sequence));
+    public long BytesOf(BufferRole role) => Buffers.Where(b => b.Role == role).Sum(Bytes);
+
+    private long Bytes(BufferPlan b) => b.Bytes(Sequence) * (b.Role == BufferRole.KeptActivations ? KeptLayers : 1);
 
     /// <summary>A table with one line per buffer and a total per role, for the <c>plan</c> command.</summary>
     public string Format()
@@ -26,7 +32,8 @@ public sealed record MemoryPlan(int Sequence, IReadOnlyList<BufferPlan> Buffers)
         var lines = new List<string> { $"{"buffer",-16} {"role",-15} {"floats",14} {"MiB",10}  purpose" };
         foreach (var b in Buffers)
             lines.Add(b.SharesWith is null
-                ? $"{b.Name,-16} {b.Role,-15} {b.Elements(Sequence),14:N0} {Mib(b.Bytes(Sequence)),10:F3}  {b.Purpose}"
+                ? $"{b.Name,-16} {b.Role,-15} {b.Elements(Sequence),14:N0} {Mib(b.Bytes(Sequence)),10:F3}  {b.Purpose}" +
+                  (b.Role == BufferRole.KeptActivations ? $" (× {KeptLayers} kept layers)" : "")
                 : $"{b.Name,-16} {b.Role,-15} {"in " + b.SharesWith,14} {"",10}  {b.Purpose}");
         lines.Add("");
         foreach (var role in Enum.GetValues<BufferRole>())

@@ -9,11 +9,21 @@ public delegate TrainerBase TrainerFactory(IBackend backend, ModelWeights weight
 
 /// <summary>
 /// The run's settings that the model JSON's <c>trainer</c> section may give defaults for (null keeps
-/// the default): the LCSB schedule and where the checkpoints and the optimizer state live. They are
-/// choices of a run, not of the generated code: <see cref="ModelInfo.Defaults"/> holds the JSON's,
-/// the command line's options override them.
+/// the default): the LCSB schedule, where the checkpoints and the optimizer state live, how many
+/// layers keep their activations from forward to backward, and the memory budget that chooses those.
+/// They are choices of a run, not of the generated code: <see cref="ModelInfo.Defaults"/> holds the
+/// JSON's, the command line's options override them.
 /// </summary>
-public sealed record TrainerOptions(bool? ActivationsInFile = null, bool? OptimizerStateInFile = null, int? LcsbGroups = null)
+/// <param name="KeptLayers">
+/// The last K layers keep their activations for their backward instead of recomputing them from their
+/// checkpoint (<see cref="MemoryBudgetPlanner"/> chooses K for a budget); 0, the default, recomputes every layer.
+/// </param>
+/// <param name="MemoryBudget">
+/// Bytes of private memory the run may use (<c>trainer.memory_budget</c>, <c>--memory-budget</c>): a trainer
+/// given a budget and no <paramref name="KeptLayers"/> plans them with <see cref="MemoryBudgetPlanner"/>.
+/// </param>
+public sealed record TrainerOptions(bool? ActivationsInFile = null, bool? OptimizerStateInFile = null, int? LcsbGroups = null,
+    int? KeptLayers = null, long? MemoryBudget = null)
 {
     /// <summary>"memory" or "mmap" from the command line; null for an absent option.</summary>
     public static bool? ParsePlacement(string? value, string option) => value switch
@@ -28,7 +38,9 @@ public sealed record TrainerOptions(bool? ActivationsInFile = null, bool? Optimi
     public TrainerOptions Or(TrainerOptions? fallback) => new(
         ActivationsInFile ?? fallback?.ActivationsInFile,
         OptimizerStateInFile ?? fallback?.OptimizerStateInFile,
-        LcsbGroups ?? fallback?.LcsbGroups);
+        LcsbGroups ?? fallback?.LcsbGroups,
+        KeptLayers ?? fallback?.KeptLayers,
+        MemoryBudget ?? fallback?.MemoryBudget);
 }
 
 /// <summary>Everything a generated trainer states about itself: its config, tensors, memory plan and factory.</summary>
@@ -111,7 +123,7 @@ public sealed record ModelInfo
     public required IReadOnlyList<BufferPlan> Buffers { get; init; }
     public required TrainerFactory Create { get; init; }
 
-    public MemoryPlan Plan(int sequence) => new(sequence, Buffers);
+    public MemoryPlan Plan(int sequence, int keptLayers = 0) => new(sequence, Buffers, keptLayers);
 
     public long ParameterCount => BaseTensors.Sum(t => t.Elements);
     public long LoraParameterCount => LoraModules.Sum(m => (long)Lora.R * (m.In + m.Out));

@@ -40,9 +40,62 @@ public abstract class TrainerBase : IDisposable
         _plan = info.Buffers.ToDictionary(b => b.Name);
         _adapterModules = adapter.Modules.ToDictionary(m => m.Spec.Module);
         var settings = (options ?? new TrainerOptions()).Or(info.Defaults);
+        if (settings.KeptLayers is null && settings.MemoryBudget is long budget)
+        {
+            // A budget without a plan (the model JSON's trainer.memory_budget): planned here for AdamW,
+            // the training default. The command line plans with the run's own optimizer instead.
+            BudgetPlan = MemoryBudgetPlanner.Plan(MemoryCosts.For(info, maxSequence), budget,
+                settings.ActivationsInFile, settings.OptimizerStateInFile);
+            settings = BudgetPlan.ToOptions(settings);
+        }
         ActivationsInFile = settings.ActivationsInFile ?? false;
         OptimizerStateInFile = settings.OptimizerStateInFile ?? false;
         LcsbGroups = settings.LcsbGroups ?? 1;
+        int kept = settings.KeptLayers ?? 0;
+        KeptLayers = kept >= 0 && kept <= info.Layers ? kept
+            : throw new ArgumentOutOfRangeException(nameof(options), kept, $"Kept layers must be between 0 and the {info.Layers} layers of {info.Name}.");
+        _keptFrom = info.Layers - KeptLayers;
+    }
+
+    /// <summary>
+    /// How many layers keep their activations from forward to backward, the last ones (layers
+    /// L−K..L−1): their backward copies them back instead of recomputing the layer from its checkpoint.
+    /// </summary>
+    public int KeptLayers { get; }
+
+    private readonly int _keptFrom;
+
+    /// <summary>The plan a memory budget in the options chose (null when the options gave the placement themselves).</summary>
+    public MemoryBudgetPlan? BudgetPlan { get; }
+
+    /// <summary>Whether a layer keeps its activations for its backward (<see cref="KeptLayers"/>); allocates nothing.</summary>
+    public bool KeepsActivations(int layer) => layer >= _keptFrom;
+
+    private Tensor?[]? _kept;
+
+    /// <summary>The buffer holding a kept layer's activations (the plan's <see cref="BufferRole.KeptActivations"/> buffer, one per kept layer).</summary>
+    protected Tensor Kept(int layer) => _kept?[layer] ?? throw new InvalidOperationException($"layer {layer} does not keep its activations");
+
+    /// <summary>Allocates the kept buffers of the layers that keep their activations, from the plan's buffer <paramref name="name"/>.</summary>
+    protected void AllocateKept(string name)
+    {
+        _kept = new Tensor?[Model.Layers];
+        for (int layer = _keptFrom; layer < Model.Layers; layer++)
+            _kept[layer] = Allocate(name, $"{name}{layer:D2}");
+    }
+
+    /// <summary>
+    /// One value of a kept layer: copies <paramref name="count"/> floats of <paramref name="value"/> into
+    /// <paramref name="kept"/> at <paramref name="at"/> (or back, with <paramref name="restore"/>), and moves
+    /// <paramref name="at"/> past them.
+    /// </summary>
+    protected void CopyKept(Tensor kept, ref long at, Tensor value, long count, bool restore)
+    {
+        if (restore)
+            Backend.CopyRange(value, 0, kept, at, count);
+        else
+            Backend.CopyRange(kept, at, value, 0, count);
+        at += count;
     }
 
     /// <summary>Whether the checkpoints live in a memory-mapped file (the JSON's trainer.activations, or the options').</summary>
@@ -365,7 +418,9 @@ public abstract class TrainerBase : IDisposable
     }
 
     /// <summary>A buffer of the memory plan, sized for <see cref="MaxSequence"/>.</summary>
-    protected Tensor Allocate(string name)
+    protected Tensor Allocate(string name) => Allocate(name, name);
+
+    private Tensor Allocate(string name, string tensorName)
     {
         var plan = _plan[name];
         if (plan.Role == BufferRole.Weights)
@@ -374,11 +429,11 @@ public abstract class TrainerBase : IDisposable
         if (plan.Role == BufferRole.Checkpoint && ActivationsInFile && Backend is CpuBackend)
         {
             // trainer.activations = "mmap": file pages the kernel can write back and drop, not private memory.
-            var file = new MappedBuffer(TemporaryFolder, name, length);
+            var file = new MappedBuffer(TemporaryFolder, tensorName, length);
             FileBackedBytes += length * sizeof(float);
-            return Track(new CpuTensor(name, file.Memory, owner: file));
+            return Track(new CpuTensor(tensorName, file.Memory, owner: file));
         }
-        return Track(Backend.Allocate(name, length));
+        return Track(Backend.Allocate(tensorName, length));
     }
 
     /// <summary>A base weight from the model files, as the backend reads it (see <see cref="IBackend.MapWeight"/>).</summary>
@@ -408,7 +463,8 @@ public abstract class TrainerBase : IDisposable
 
     private readonly Dictionary<(int Layer, string Name), Tensor> _layerWeights = [];
 
-    private static bool IsFileMapped(Tensor weight) => weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true };
+    private static bool IsFileMapped(Tensor weight) =>
+        weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true } or CpuFloat16Tensor { IsFileMapped: true };
 
     /// <summary>Gives a weight of <see cref="MapWeight(string)"/> back.</summary>
     /// <remarks>

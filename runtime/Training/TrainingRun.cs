@@ -94,8 +94,8 @@ public sealed class TrainingDivergedException(int step, string detail)
 /// <param name="Settings">What the caller stored with it (<see cref="TrainingRun.Settings"/>: the command line's options); null if none.</param>
 public sealed record CheckpointInfo(string Directory, int Step, int Steps, TrainingOptions? Options, IReadOnlyDictionary<string, string>? Settings);
 
-/// <summary>One line of metrics.csv; <see cref="ValidationLoss"/> is null at a step without validation.</summary>
-public sealed record StepMetrics(int Step, float Loss, float LearningRate, double TokensPerSecond, double ElapsedSeconds, long PrivateBytes,
+/// <summary>One line of metrics.csv; <see cref="ValidationLoss"/> is null at a step without validation (a struct: a step allocates nothing).</summary>
+public readonly record struct StepMetrics(int Step, float Loss, float LearningRate, double TokensPerSecond, double ElapsedSeconds, long PrivateBytes,
     float? ValidationLoss = null);
 
 /// <summary>
@@ -150,7 +150,7 @@ public sealed partial class TrainingRun
     private readonly string _outDir;
     private readonly Optimizer _optimizer;
     private readonly ValidationOptions? _validation;
-    private readonly List<StepMetrics> _metrics = [];
+    private readonly List<StepMetrics> _metrics;
 
     /// <param name="validation">Held-out data to score during the run (the <c>val_loss</c> column), or null.</param>
     public TrainingRun(TrainerBase trainer, ITrainingData data, TrainingOptions options, string outDir,
@@ -159,6 +159,7 @@ public sealed partial class TrainingRun
         options.Validate();
         validation?.Validate();
         (_trainer, _data, _options, _outDir, _validation) = (trainer, data, options, outDir, validation);
+        _metrics = new(Math.Min(options.Steps, 1 << 16)); // a row a step, without growing as the run goes
         _optimizer = Optimizer.Create(options.Optimizer, options.WeightDecay,
             trainer.OptimizerStateInFile ? InFile : null);
         trainer.CaptureGradients = false; // each layer's gradients are consumed as they arrive
@@ -560,7 +561,7 @@ public sealed partial class TrainingRun
             { DataPosition: null } or { Method: null } or { Optimizer: null } or { Metrics: null } => "DataPosition, Method, Optimizer or Metrics is missing",
             { Steps: < 1 } => $"Steps is {state.Steps}",
             _ when state.Step < 0 || state.Step > state.Steps => $"Step {state.Step} is not a step of a run of {state.Steps}",
-            _ when state.Metrics.Count != state.Step || state.Metrics.Where((m, i) => m is null || m.Step != i + 1).Any() =>
+            _ when state.Metrics.Count != state.Step || state.Metrics.Where((m, i) => m.Step != i + 1).Any() =>
                 $"its Metrics do not hold steps 1 to {state.Step}",
             _ => null,
         };
@@ -618,19 +619,50 @@ public sealed partial class TrainingRun
 
         public void Append(StepMetrics m)
         {
-            _writer.WriteLine(Row(m));
+            _writer.WriteLine(Row(m, _row));
             _writer.Flush();
         }
 
         public void Dispose() => _writer.Dispose();
 
-        private static string Row(StepMetrics m) => string.Join(",",
-            m.Step, F(m.Loss), F(m.LearningRate), F(m.TokensPerSecond), F(m.ElapsedSeconds), F(m.PrivateBytes / 1048576.0),
-            m.ValidationLoss is float v ? v.ToString("G9", CultureInfo.InvariantCulture) : "");
-    }
+        private readonly char[] _row = new char[256];
 
-    /// <summary>Six digits for reading; val_loss is written with nine, a float's round trip, to compare against <c>lora eval</c>.</summary>
-    private static string F(double v) => v.ToString("G6", CultureInfo.InvariantCulture);
+        private static string Row(StepMetrics m) => new(Row(m, new char[256]));
+
+        /// <summary>
+        /// The row of <paramref name="m"/>, formatted into <paramref name="buffer"/> (no strings: a step
+        /// allocates nothing). Six digits for reading; val_loss with nine, a float's round trip, to
+        /// compare against <c>lora eval</c>.
+        /// </summary>
+        private static ReadOnlySpan<char> Row(StepMetrics m, char[] buffer)
+        {
+            int n = 0;
+            Append(buffer, ref n, m.Step, "");
+            Append(buffer, ref n, m.Loss, "G6");
+            Append(buffer, ref n, m.LearningRate, "G6");
+            Append(buffer, ref n, m.TokensPerSecond, "G6");
+            Append(buffer, ref n, m.ElapsedSeconds, "G6");
+            Append(buffer, ref n, m.PrivateBytes / 1048576.0, "G6");
+            if (m.ValidationLoss is float v)
+            {
+                Append(buffer, ref n, v, "G9");
+                n--; // the last column has no comma after it
+            }
+            return buffer.AsSpan(0, n);
+        }
+
+        /// <summary>
+        /// <paramref name="value"/> and a comma at <paramref name="n"/>. A constrained call, not an
+        /// interpolated string: that boxes its values until the JIT optimizes it, in a run's first steps.
+        /// </summary>
+        private static void Append<T>(char[] buffer, ref int n, T value, string format) where T : ISpanFormattable
+        {
+            if (!value.TryFormat(buffer.AsSpan(n), out int written, format, CultureInfo.InvariantCulture) || n + written >= buffer.Length)
+                throw new InvalidOperationException("A metrics row outgrew its buffer.");
+            n += written;
+            buffer[n++] = ',';
+        }
+    }
 
     private static readonly JsonSerializerOptions JsonOptions = new()
     {

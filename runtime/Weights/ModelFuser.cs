@@ -133,31 +133,8 @@ public static partial class ModelFuser
     public static string ShardName(int shard, int count) =>
         string.Create(CultureInfo.InvariantCulture, $"model-{shard:D5}-of-{count:D5}.safetensors");
 
-    /// <summary>
-    /// A size as save_pretrained's <c>max_shard_size</c> takes it: bytes, or a number with a unit, decimal
-    /// (<c>KB</c>, <c>MB</c>, <c>GB</c>: powers of 1000) or binary (<c>KiB</c>, <c>MiB</c>, <c>GiB</c>); case does not
-    /// matter. Throws <see cref="FormatException"/> for anything else or a size that is not positive.
-    /// </summary>
-    public static long ParseSize(string text)
-    {
-        var match = SizePattern().Match(text.Trim());
-        if (!match.Success || !double.TryParse(match.Groups[1].Value, NumberStyles.Float, CultureInfo.InvariantCulture, out double number))
-            throw new FormatException($"'{text}' is not a size like 5GB, 500MB, 2MiB or a number of bytes");
-        double unit = match.Groups[2].Value.ToUpperInvariant() switch
-        {
-            "" or "B" => 1,
-            "KB" => 1e3, "MB" => 1e6, "GB" => 1e9, "TB" => 1e12,
-            "KIB" => 1L << 10, "MIB" => 1L << 20, "GIB" => 1L << 30, "TIB" => 1L << 40,
-            _ => 0,
-        };
-        double bytes = Math.Floor(number * unit);
-        if (!(bytes >= 1) || bytes > long.MaxValue)
-            throw new FormatException($"'{text}' is not a positive size that fits 64 bits");
-        return (long)bytes;
-    }
-
-    [GeneratedRegex(@"^([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)$")]
-    private static partial Regex SizePattern();
+    /// <summary>A size as save_pretrained's <c>max_shard_size</c> takes it (<see cref="ByteSize.Parse"/>: 5GB, 500MB, 2MiB or bytes).</summary>
+    public static long ParseSize(string text) => ByteSize.Parse(text);
 
     /// <summary>
     /// The fused model's config.json from the base's (or the model JSON): without the <c>lora</c> and

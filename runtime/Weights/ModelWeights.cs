@@ -206,6 +206,28 @@ public sealed class ModelWeights : IDisposable
     }
 
     /// <summary>
+    /// An F16 or BF16 tensor as stored: its bits in place in the read-only file mapping (valid while
+    /// this object is open; never write to it), or a copy of them when the data is not aligned to 2
+    /// bytes (then <see cref="Float16Weight.IsFileMapped"/> is false). Null for another dtype. A
+    /// vector is one row; more than two dimensions fold into rows. Checked as every use is: the file
+    /// still has its size and, the first time, every value is finite.
+    /// </summary>
+    public unsafe Float16Weight? MapFloat16(string name)
+    {
+        var info = Info(name);
+        if (Float16Weight.FormatOf(info.Dtype) is not Float16Format format)
+            return null;
+        CheckUse(name);
+        int[] shape = info.Shape;
+        long columns = shape.Length == 0 ? 1 : shape[^1];
+        long rows = columns == 0 ? 0 : info.Elements / columns;
+        if (rows > int.MaxValue)
+            throw new WeightsException(FileOf(name), $"tensor '{name}' {WeightsException.Format(shape)} has {rows} rows, more than the kernels index");
+        bool aligned = (nuint)Holder(name).Data(name) % sizeof(ushort) == 0;
+        return new Float16Weight(name, format, (int)rows, (int)columns, Map<ushort>(name, info.Elements)) { IsFileMapped = aligned };
+    }
+
+    /// <summary>
     /// Checks that every expected tensor is present with the expected shape and a dtype this runtime
     /// reads; throws <see cref="WeightsException"/> for the first that is not. Extra tensors are fine
     /// (for example <c>lm_head.weight</c> in a model with tied embeddings). A 2-D tensor [out, in] may

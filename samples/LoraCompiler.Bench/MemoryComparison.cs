@@ -1,10 +1,11 @@
 using System.Globalization;
-using LoraCompiler.Cli;
+using LoraCompiler.Benchmarks;
 
 namespace LoraCompiler.Bench;
 
 /// <summary>
-/// <c>lora-bench memory</c>: for each sequence length, <c>lora bench memory --no-reference</c> (ours) and
+/// <c>lora-bench memory</c>: for each sequence length (or memory budget), <c>lora-bench memory-ours</c>
+/// (ours: the benchmarks library's measurement, the same as <c>lora bench memory --no-reference</c>) and
 /// <c>lora-bench memory-reference</c> (TorchSharp autograd), each in a fresh process, then the two side
 /// by side with their ratio.
 /// </summary>
@@ -15,17 +16,16 @@ public static class MemoryComparison
 
     public static int Run(MemoryBenchOptions options)
     {
-        string lora = Path.Combine(AppContext.BaseDirectory, "lora.dll");
-        if (!File.Exists(lora))
-            throw new UsageException($"{lora} is missing: build samples/LoraCompiler.Bench, which copies the lora program beside lora-bench.");
-        var ours = ChildCommand.ForAssembly(lora);
         var self = ChildCommand.ForAssembly(typeof(MemoryComparison).Assembly.Location);
+        if (options.SeveralBudgets)
+            return RunBudgets(options, self);
+        var ours = self;
         bool single = options.Sequences.Count == 1;
         var rows = new List<(MemoryBenchResult Ours, MemoryBenchResult? Reference)>();
         foreach (int seq in options.Sequences)
         {
-            Console.WriteLine($"seq {seq}: LoraCompiler ({ours})...");
-            var a = ChildProcess.RunForResult(ours, ["bench", "memory", "--no-reference", .. options.ChildArguments(seq)], single ? Console.Out : null);
+            Console.WriteLine($"seq {seq}: LoraCompiler ({ours} memory-ours)...");
+            var a = ChildProcess.RunForResult(ours, ["memory-ours", .. options.ChildArguments(seq)], single ? Console.Out : null);
             MemoryBenchResult? b = null;
             if (options.Backend == "cpu")
             {
@@ -46,6 +46,37 @@ public static class MemoryComparison
             PrintRows(rows);
         Console.WriteLine("peak private memory: RssAnon sampled every 1 ms by a thread (and, for ours, at every layer boundary of the backward), " +
                           "from creating the model to the end of the last optimizer step; file-backed pages are not counted.");
+        return 0;
+    }
+
+    /// <summary><c>lora-bench memory-ours</c>: our side alone, in this process, as <c>lora bench memory --no-reference</c> runs it.</summary>
+    public static int RunOurs(MemoryBenchOptions options)
+    {
+        if (options.SeveralSequences || options.SeveralBudgets)
+            throw new UsageException("memory-ours measures one run: give --seq (and --memory-budget), not --seqs or --budgets.");
+        return MemoryBench.RunOne(options, Console.Out);
+    }
+
+    /// <summary>The smallest plan and each budget (ours), the reference once, the table and the plot.</summary>
+    private static int RunBudgets(MemoryBenchOptions options, ChildCommand self)
+    {
+        int seq = options.Sequences[0];
+        Console.WriteLine($"{options.Model.Name}, LoRA r={options.Model.Lora.R} on {string.Join(",", options.Model.Lora.TargetModules)}, seq {seq}, batch 1, SGD, " +
+                          $"{options.Steps} steps, {Environment.ProcessorCount} threads; each run in a fresh process");
+        var ours = MemoryBudgetSweep.Run(options, self, ["memory-ours"], Console.Out);
+        MemoryBenchResult? reference = null;
+        if (options.Backend == "cpu")
+        {
+            Console.WriteLine($"TorchSharp autograd reference ({self} memory-reference)...");
+            reference = ChildProcess.RunForResult(self, ["memory-reference", .. options.ChildArguments(seq)]);
+        }
+        Console.WriteLine();
+        MemoryBudgetSweep.PrintTable(ours, reference, Console.Out);
+        if (options.PlotPath is { } plot)
+        {
+            MemoryBudgetSweep.Plot(plot, $"{options.Model.Name}, seq {seq}: step time against peak memory", ours, reference);
+            Console.WriteLine($"Wrote {plot}.");
+        }
         return 0;
     }
 
@@ -75,7 +106,7 @@ public static class MemoryComparison
         {
             var (a, b) = rows[i];
             var (pa, pb) = i > 0 ? rows[i - 1] : (null, null);
-            Console.WriteLine($"{a.Sequence,5} {BenchMemory.Mib(a.PeakPrivateBytes),12} {Mib(a.TrainerBufferBytes),11} {Mib(a.PlannedBufferBytes),11} " +
+            Console.WriteLine($"{a.Sequence,5} {MemoryBench.Mib(a.PeakPrivateBytes),12} {Mib(a.TrainerBufferBytes),11} {Mib(a.PlannedBufferBytes),11} " +
                               $"{Mib(b?.PeakPrivateBytes),12} {Ratio(a.PeakPrivateBytes, b?.PeakPrivateBytes),9} " +
                               $"{Growth(a, pa),15} {Growth(b, pb),14} {Seconds(a.SteadyStepSeconds),10} {Seconds(b?.SteadyStepSeconds),10}");
         }
@@ -97,7 +128,7 @@ public static class MemoryComparison
     private static string Ratio(double? ours, double? reference) =>
         ours is double a && reference is double b && b > 0 ? (a / b).ToString("F3", CultureInfo.InvariantCulture) : "";
 
-    private static string Mib(long? bytes) => bytes is long b ? BenchMemory.Mib(b) : "-";
+    private static string Mib(long? bytes) => bytes is long b ? MemoryBench.Mib(b) : "-";
 
     private static string Seconds(double? s) => s is double v ? v.ToString("F2", CultureInfo.InvariantCulture) + " s" : "-";
 }

@@ -1,17 +1,21 @@
 using LoraCompiler.Bench;
-using LoraCompiler.Cli;
+using LoraCompiler.Benchmarks;
 
 const string Usage = $"""
     lora-bench: benchmarks against TorchSharp (libtorch), kept out of the lora command line.
 
     Commands:
       memory --weights PATH [--model NAME] [--seq N | --seqs N,N,...] [--steps N] [--rank R] [--backend cpu|vulkan] [--device D]
-            LoraCompiler ('lora bench memory --no-reference') and a TorchSharp autograd LoRA step of the
-            same model, each in a fresh process: peak private memory, step time, side by side
+             [--activations memory|mmap] [--memory-budget SIZE | --budgets SIZE,SIZE,... [--plot FILE.svg]]
+            LoraCompiler (the measurement of 'lora bench memory --no-reference') and a TorchSharp autograd LoRA
+            step of the same model, each in a fresh process: peak private memory, step time, side by side;
+            --budgets: the smallest plan and each budget against the reference, --plot: step time against peak memory
+      memory-ours --weights PATH [--model NAME] [--seq N] [--steps N] [--memory-budget SIZE] ...
+            the LoraCompiler side alone, in this process (prints a JSON line last)
       memory-reference --weights PATH [--model NAME] [--seq N] [--steps N]
             the TorchSharp autograd side alone, in this process (prints a JSON line last)
 
-    {BenchMemory.Sampling}.
+    {MemoryBench.Sampling}.
     """;
 
 if (args.Length == 0 || args[0] is "-h" or "--help" or "help")
@@ -26,6 +30,7 @@ try
     return args[0] switch
     {
         "memory" => MemoryComparison.Run(MemoryBenchOptions.Parse(options)),
+        "memory-ours" => MemoryComparison.RunOurs(MemoryBenchOptions.Parse(options)),
         "memory-reference" => ReferenceBench.Run(MemoryBenchOptions.Parse(options)),
         _ => throw new UsageException($"Unknown command '{args[0]}'. Run 'lora-bench --help' for the list."),
     };

@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json;
-using LoraCompiler.Cli;
+using LoraCompiler.Benchmarks;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
 using TorchSharp;
@@ -21,12 +21,12 @@ public static class ReferenceBench
             throw new UsageException("memory-reference measures one sequence length: give --seq.");
         if (options.Backend != "cpu")
             throw new UsageException("The TorchSharp reference runs on the CPU (TorchSharp-cpu): leave out --backend.");
-        if (!BenchMemory.HasTorchReference(options.Model))
+        if (!MemoryBench.HasTorchReference(options.Model))
             throw new UsageException($"The TorchSharp reference implements Qwen2 and Llama; {options.Model.Name} is {options.Model.Architecture}: " +
                                      "measure it with --no-reference.");
         var result = Measure(options, options.Sequences[0], Console.Out);
-        BenchMemory.Print(result, Console.Out);
-        Console.WriteLine(BenchMemory.JsonPrefix + JsonSerializer.Serialize(result));
+        MemoryBench.Print(result, Console.Out);
+        Console.WriteLine(MemoryBench.JsonPrefix + JsonSerializer.Serialize(result));
         return 0;
     }
 
@@ -35,12 +35,12 @@ public static class ReferenceBench
         var info = options.Model;
         torch.set_num_threads(Environment.ProcessorCount); // the same threads as the CPU backend; also loads libtorch
         using var weights = ModelWeights.Open(options.WeightsPath);
-        var tokens = BenchMemory.BenchTokens(info.Vocab, seq);
+        var tokens = MemoryBench.BenchTokens(info.Vocab, seq);
         progress?.WriteLine($"Training {options.Steps} SGD steps of {info.Name} in TorchSharp (libtorch {torch.__version__}) on {seq} tokens " +
                             $"(float32, {torch.get_num_threads()} threads)...");
 
         long baseline = ProcessMemory.PrivateBytes();
-        using var sampler = new PeakMemorySampler(BenchMemory.SampleInterval) { Phase = "model creation" };
+        using var sampler = new PeakMemorySampler(MemoryBench.SampleInterval) { Phase = "model creation" };
         using var model = new CausalLM(info);
         Load(model, weights, LoraAdapter.CreateNew(info.Lora, info.LoraModules, seed: 1));
         var trainable = model.parameters().Where(p => p.requires_grad).ToList();
@@ -54,11 +54,13 @@ public static class ReferenceBench
         using var ids = torch.tensor(tokens.Select(t => (long)t).ToArray(), dtype: ScalarType.Int64).unsqueeze(0);
 
         var seconds = new List<double>();
+        var cpuSeconds = new List<double>();
         var losses = new List<float>();
         for (int step = 1; step <= options.Steps; step++)
         {
             sampler.Phase = $"step {step}";
             var watch = Stopwatch.StartNew();
+            double cpu = Environment.CpuUsage.TotalTime.TotalSeconds;
             optimizer.zero_grad();
             using (torch.NewDisposeScope())
             {
@@ -68,6 +70,7 @@ public static class ReferenceBench
             }
             optimizer.step();
             seconds.Add(watch.Elapsed.TotalSeconds);
+            cpuSeconds.Add(Environment.CpuUsage.TotalTime.TotalSeconds - cpu);
             sampler.Sample("after the optimizer step");
         }
         sampler.Stop();
@@ -82,7 +85,7 @@ public static class ReferenceBench
             Backend = $"libtorch {torch.__version__} cpu ({torch.get_num_threads()} threads)",
             Threads = torch.get_num_threads(),
             Weights = options.WeightsPath,
-            WeightsDtype = BenchMemory.Describe(weights) + ", as float32",
+            WeightsDtype = MemoryBench.Describe(weights) + ", as float32",
             BaselinePrivateBytes = baseline,
             CreatedPrivateBytes = created,
             PeakPrivateBytes = sampler.PeakPrivateBytes,
@@ -90,9 +93,10 @@ public static class ReferenceBench
             PeakFileBytes = sampler.PeakFileBytes,
             HighWaterMarkBytes = ProcessMemory.HighWaterMarkBytes(),
             StepSeconds = [.. seconds],
+            StepCpuSeconds = [.. cpuSeconds],
             Losses = [.. losses],
             Samples = sampler.Samples,
-            SampleIntervalMs = BenchMemory.SampleInterval.TotalMilliseconds,
+            SampleIntervalMs = MemoryBench.SampleInterval.TotalMilliseconds,
             Sampling = "RssAnon (resident anonymous memory: resident minus shared pages of /proc/self/statm) read by a thread every 1 ms, " +
                        "and after every optimizer step",
         };

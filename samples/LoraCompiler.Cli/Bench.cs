@@ -18,9 +18,9 @@ public static class Bench
     public const string Usage = """
           bench kernels [--backend cpu|vulkan|all] [--device D] [--seconds S]
                                                       NT matrix-product GFLOP/s (the linear forward) per backend;
-                                                      on the CPU also with 4-bit weights, and the NN product
-                                                      (the input gradient dy·W) with both
-          bench step --model NAME [--seq N] [--steps N] [--backend cpu|vulkan|all] [--device D] [--quantize q4]
+                                                      on the CPU also with 4-bit and BF16 weights, and the NN
+                                                      product (the input gradient dy·W) with each
+          bench step --model NAME [--seq N] [--steps N] [--backend cpu|vulkan|all] [--device D] [--quantize q4] [--dtype F32|BF16|F16]
                                                       one training step's time per backend, random weights
         """ + "\n" + BenchMemory.Usage + "\n" + BenchDecode.Usage;
 
@@ -64,12 +64,17 @@ public static class Bench
                 if (backend is not CpuBackend)
                     continue;
 
-                // The CPU with the same weight in 4 bits (dequantized inside the product), then the
-                // input gradient dx = dy·W with both.
+                // The CPU with the same weight in 4 bits (dequantized inside the product) and in BF16
+                // (converted inside the product), then the input gradient dx = dy·W with each.
                 using var q4 = new CpuQ4Tensor(Q4.Quantize("w", weights, dout, din));
-                ms = Time(backend, () => backend.LinearForward(y, x, q4, null, T, din, dout), seconds);
-                Console.WriteLine($"{$"{T}×{din} → {dout}",-26} {backend.Name,-44} {"q4",-6} {ms,10:F2} {flops / ms / 1e6,9:F2} {flops / ms / 1e6 / cpuRate,6:F2}x");
-                foreach (var (label, weight) in new (string, Tensor)[] { ("f32", w), ("q4", q4) })
+                using var bf16 = new CpuFloat16Tensor(new Float16Weight("w", Float16Format.BF16, dout, din,
+                    weights.Select(v => (ushort)(BitConverter.SingleToUInt32Bits(v) >> 16)).ToArray()));
+                foreach (var (label, weight) in new (string, Tensor)[] { ("q4", q4), ("bf16", bf16) })
+                {
+                    ms = Time(backend, () => backend.LinearForward(y, x, weight, null, T, din, dout), seconds);
+                    Console.WriteLine($"{$"{T}×{din} → {dout}",-26} {backend.Name,-44} {label,-6} {ms,10:F2} {flops / ms / 1e6,9:F2} {flops / ms / 1e6 / cpuRate,6:F2}x");
+                }
+                foreach (var (label, weight) in new (string, Tensor)[] { ("f32", w), ("q4", q4), ("bf16", bf16) })
                 {
                     ms = Time(backend, () => backend.LinearBackwardInput(x, y, weight, T, din, dout, false), seconds);
                     Console.WriteLine($"{$"{T}×{dout} → {din} (dy·W)",-26} {backend.Name,-44} {label,-6} {ms,10:F2} {flops / ms / 1e6,9:F2} {flops / ms / 1e6 / cpuRate,6:F2}x");
@@ -87,18 +92,21 @@ public static class Bench
         int seq = Commands.Seq(args, model, 64);
         int steps = args.Int("steps", 2, min: 1);
         string? quantize = args.Optional("quantize");
+        string dtype = args.Get("dtype", "F32").ToUpperInvariant();
         var backends = Backends(args);
         args.RejectUnknown();
         if (seq < 2 || steps < 1)
             throw new UsageException("--seq must be at least 2 and --steps at least 1.");
         if (quantize is not (null or "q4"))
             throw new UsageException($"Unknown --quantize '{quantize}' (available: q4).");
+        if (dtype is not ("F32" or "BF16" or "F16"))
+            throw new UsageException($"Unknown --dtype '{dtype}' (available: F32, BF16, F16).");
 
         string dir = Directory.CreateTempSubdirectory("lora-bench-").FullName;
         try
         {
-            Console.WriteLine($"Writing random weights for {model.Name} ({model.ParameterCount / 1e6:F1}M parameters{(quantize is null ? "" : ", 4-bit")})...");
-            RandomWeights.Write(model, dir, seed: 1, quantizeGroupSize: quantize is null ? null : Q4.DefaultGroupSize);
+            Console.WriteLine($"Writing random weights for {model.Name} ({model.ParameterCount / 1e6:F1}M parameters, {(quantize is null ? dtype : $"4-bit, the rest {dtype}")})...");
+            RandomWeights.Write(model, dir, seed: 1, dtype, quantizeGroupSize: quantize is null ? null : Q4.DefaultGroupSize);
             using var weights = ModelWeights.Open(dir);
             var tokens = Enumerable.Range(0, seq).Select(i => (i * 7919 + 13) % model.Vocab).ToArray();
             Header();

@@ -14,7 +14,11 @@ string Usage = $"""
 
     Commands:
       models                                      the trainers in this build (one per models/*.json)
-      plan --model NAME [--seq N]                 the static memory plan of one step
+      plan --model NAME [--seq N] [--memory-budget SIZE] [--optimizer adamw|sgd] [--grad-accum N]
+           [--activations memory|mmap] [--optimizer-state memory|mmap]
+                                                  the static memory plan of one step; with --memory-budget (or
+                                                  the JSON's trainer.memory_budget) the layers that keep their
+                                                  activations, where checkpoints and moments live, the planned peak
       init-random --model NAME --out DIR [--seed S] [--dtype F32|BF16|F16] [--std X] [--quantize q4] [--group-size N]
                                                   write a model.safetensors of random weights
                                                   (--quantize q4: linear and embedding weights in 4 bits)
@@ -34,9 +38,12 @@ string Usage = $"""
             [--optimizer adamw|sgd] [--weight-decay X] [--method backprop|mezo] [--lcsb-groups K]
             [--mezo-eps X] [--save-every N] [--epochs N] [--tokenizer FILE] [--data-format auto|text|bytes] [--seed S]
             [--backend cpu|vulkan] [--device D]
-            [--activations memory|mmap] [--optimizer-state memory|mmap] [--base-model ID]
+            [--activations memory|mmap] [--optimizer-state memory|mmap] [--memory-budget SIZE] [--base-model ID]
             [--val-data FILE] [--val-every N] [--val-batches K] [--overwrite]
                                                   fine-tune; writes adapter, metrics.csv, loss.svg to DIR
+                                                  (--memory-budget 512MB: the last layers that fit keep their
+                                                  activations instead of recomputing them, checkpoints and
+                                                  moments go to mapped files where memory is short)
                                                   (--val-data: the held-out loss every N steps, on K sequences;
                                                   a text file is tokenized with the tokenizer.json, or read as
                                                   UTF-8 bytes without one for a byte vocabulary (the tiny
@@ -139,11 +146,45 @@ public static class Commands
     {
         var model = Model(args);
         int seq = Seq(args, model, 256);
+        string optimizer = args.Get("optimizer", "adamw");
+        int gradAccum = args.Int("grad-accum", 1, min: 1);
+        var placement = Placement(args);
+        if (optimizer is not ("adamw" or "sgd"))
+            throw new UsageException($"--optimizer: '{optimizer}' is not an optimizer (available: adamw, sgd).");
+        var (_, budget) = MemoryBudget(args, model, seq, optimizer, gradAccum, placement);
         args.RejectUnknown();
         Console.WriteLine($"{model}");
+        if (budget is not null)
+            Console.WriteLine(budget.Describe());
         Console.WriteLine($"Memory plan for sequences of up to {seq} tokens (float32 buffers):");
-        Console.WriteLine(model.Plan(seq).Format());
+        Console.WriteLine(model.Plan(seq, budget?.KeptLayers ?? 0).Format());
         return 0;
+    }
+
+    /// <summary>
+    /// <c>--memory-budget SIZE</c>, else the model JSON's <c>trainer.memory_budget</c>: the plan for it with the
+    /// run's optimizer, over the placement the command line fixed (<c>--activations</c>, <c>--optimizer-state</c>);
+    /// without a budget, the placement alone. A budget below the smallest plan is one error with the numbers.
+    /// </summary>
+    internal static (TrainerOptions Options, MemoryBudgetPlan? Plan) MemoryBudget(Args args, ModelInfo model, int seq, string optimizer,
+        int gradientAccumulation, TrainerOptions placement)
+    {
+        string? text = args.Optional("memory-budget");
+        long? budget = text is null ? model.Defaults.MemoryBudget
+            : LoraCompiler.Runtime.IO.ByteSize.TryParse(text, out string problem) ?? throw new UsageException($"--memory-budget: {problem}.");
+        if (budget is not long bytes)
+            return (placement, null);
+        try
+        {
+            var plan = MemoryBudgetPlanner.Plan(MemoryCosts.For(model, seq, optimizer, gradientAccumulation), bytes,
+                placement.ActivationsInFile, placement.OptimizerStateInFile);
+            return (plan.ToOptions(placement), plan);
+        }
+        catch (MemoryBudgetException e)
+        {
+            throw new UsageException((text is null ? $"{model.SourceFile}: trainer.memory_budget: " : "--memory-budget: ") +
+                                     $"{e.Message} for {model.Name} at --seq {seq} with {optimizer}.");
+        }
     }
 
     public static int InitRandom(Args args)
@@ -312,6 +353,7 @@ public static class Commands
         int? epochs = args.IntOrNull("epochs", min: 1);
         int seq = Seq(args, model, 256);
         var options = TrainingOptionsFrom(args, model) with { BaseModel = Export.BaseModelId(args.Optional("base-model"), weightsPath, null, model) };
+        var (trainerOptions, budget) = MemoryBudget(args, model, seq, options.Optimizer, options.GradientAccumulation, placement);
         options = Cluster.Configure(args, options, checkpoint, out int? federatedRounds); // distributed: processes, federated rounds
         string? validationPath = args.Optional("val-data");
         int? validationEvery = args.IntOrNull("val-every", min: 1);
@@ -384,7 +426,7 @@ public static class Commands
         var adapter = adapterDir is null || checkpoint is not null
             ? LoraAdapter.CreateNew(model.Lora, model.LoraModules, options.Seed)
             : Export.LoadWhole(adapterDir, model);
-        using var trainer = model.Create(backend, weights, adapter, seq, placement);
+        using var trainer = model.Create(backend, weights, adapter, seq, trainerOptions);
         // Distributed: this rank's share of the data, the reducer, validation on rank 0 alone.
         var run = new TrainingRun(trainer, Cluster.Share(data, options, dataOption), options, outDir, Cluster.Writes ? validation : null)
             { Settings = settings, Reducer = Cluster.Reducer(trainer) };
@@ -395,6 +437,8 @@ public static class Commands
         Console.WriteLine($"Training {model.Name} on {backend.Name}: {schedule}, {options.Optimizer}, lr {options.LearningRate} ({options.Schedule}), " +
                           $"{options.Steps} steps of {options.GradientAccumulation}×{seq} tokens from {data.Description}" +
                           (run.StartStep > 0 ? $", resuming after step {run.StartStep}" : "") + ".");
+        if (budget is not null)
+            Console.WriteLine(budget.Describe());
         if (validation is not null)
             Console.WriteLine($"Validating every {validation.EveryFor(options)} steps and at the end on " +
                               (validation.Sequences is int k && k < validation.Data.Count ? $"the first {k} of " : "") +
@@ -407,6 +451,9 @@ public static class Commands
                                   (m.ValidationLoss is float v ? $"  val_loss {v,8:F4}" : ""));
         };
         using var signals = new StopSignals();
+        // What loading left behind (the tokenizer's vocabulary and merges, the JSONL text, the JSON of
+        // the files read) is garbage now: collected and given back before the run, not carried through it.
+        GC.Collect(2, GCCollectionMode.Aggressive, blocking: true, compacting: true);
         try
         {
             Cluster.Ready(run, trainer, data, options); // distributed: every rank ready, and running what rank 0 runs

@@ -12,6 +12,13 @@
 // to binding 4, and the push constants end with the group size. offsetB and strideB count weight
 // rows and packed words per row.
 //
+// or, in gemm_nt_w16.comp and gemm_nn_w16.comp, with B a 16-bit weight (common/float16.glsl): they
+// define B_16BIT and B_AT through WEIGHT_AT on the uint array b, and the push constants end with
+// bFormat (F16 or BF16). offsetB and strideB count elements, as for a float B.
+//
+// The bias is a uint array read through WEIGHT_AT with biasFormat (0, float32, unless the bias is a
+// 16-bit weight).
+//
 //   C[rows, cols] (= or +=) alpha · op(A)[rows, depth] · op(B)[depth, cols] (+ bias[cols])
 //
 // Each workgroup of 16 × 8 = 128 invocations (within every device's guaranteed limits) computes a
@@ -22,16 +29,21 @@
 
 layout(local_size_x = 16, local_size_y = 8, local_size_z = 1) in;
 
+#include "float16.glsl"
+
 layout(std430, binding = 0) buffer Output { float c[]; };
 layout(std430, binding = 1) readonly buffer OperandA { float a[]; };
-#ifdef B_Q4
+#if defined(B_Q4)
 #include "q4.glsl"
 layout(std430, binding = 2) readonly buffer PackedB { uint packedB[]; };
 layout(std430, binding = 3) readonly buffer ScaleBiasB { uint scaleBiasB[]; };
-layout(std430, binding = 4) readonly buffer Bias { float bias[]; };
+layout(std430, binding = 4) readonly buffer Bias { uint bias[]; };
+#elif defined(B_16BIT)
+layout(std430, binding = 2) readonly buffer OperandB { uint b[]; };
+layout(std430, binding = 3) readonly buffer Bias { uint bias[]; };
 #else
 layout(std430, binding = 2) readonly buffer OperandB { float b[]; };
-layout(std430, binding = 3) readonly buffer Bias { float bias[]; };
+layout(std430, binding = 3) readonly buffer Bias { uint bias[]; };
 #endif
 
 layout(push_constant) uniform GemmParameters
@@ -51,8 +63,12 @@ layout(push_constant) uniform GemmParameters
     uint hasBias;         // 1: add bias[offsetBias + column] (after alpha)
     uint firstRowTile;    // tile origin, for dispatches split to respect maxComputeWorkGroupCount
     uint firstColTile;
+    uint biasFormat;      // how the bias is stored (common/float16.glsl: FORMAT_F32, _F16, _BF16)
 #ifdef B_Q4
     uint groupSize;       // elements per (scale, bias) group of a weight row
+#endif
+#ifdef B_16BIT
+    uint bFormat;         // how the weight B is stored: FORMAT_F16 or FORMAT_BF16
 #endif
 } p;
 
@@ -136,7 +152,7 @@ void main()
                 break;
             float value = p.alpha * acc[m][n];
             if (p.hasBias != 0)
-                value += bias[p.offsetBias + j];
+                value += WEIGHT_AT(bias, p.offsetBias + j, p.biasFormat);
             uint at = p.offsetC + i * p.strideC + j;
             c[at] = p.accumulate != 0 ? c[at] + value : value;
         }

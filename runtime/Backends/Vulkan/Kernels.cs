@@ -56,6 +56,9 @@ internal static unsafe class Kernels
     public static readonly KernelSpec GemmNTQ4 = new("gemm_nt_q4", 5, 0b00001, sizeof(Q4GemmParameters), KernelShape.Gemm);
     public static readonly KernelSpec GemmNNQ4 = new("gemm_nn_q4", 5, 0b00001, sizeof(Q4GemmParameters), KernelShape.Gemm);
     public static readonly KernelSpec EmbeddingQ4 = new("embedding_q4", 4, 0b0001, sizeof(EmbeddingQ4Parameters), KernelShape.Elementwise);
+    public static readonly KernelSpec GemmNTW16 = new("gemm_nt_w16", 4, 0b0001, sizeof(W16GemmParameters), KernelShape.Gemm);
+    public static readonly KernelSpec GemmNNW16 = new("gemm_nn_w16", 4, 0b0001, sizeof(W16GemmParameters), KernelShape.Gemm);
+    public static readonly KernelSpec EmbeddingW16 = new("embedding_w16", 3, 0b001, sizeof(EmbeddingW16Parameters), KernelShape.Elementwise);
     public static readonly KernelSpec CrossEntropy = new("cross_entropy", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Rows);
     public static readonly KernelSpec CrossEntropyBack = new("cross_entropy_back", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Elementwise);
     public static readonly KernelSpec Softcap = new("softcap", 1, 0b1, sizeof(SoftcapParameters), KernelShape.Elementwise);
@@ -65,7 +68,7 @@ internal static unsafe class Kernels
     [
         Zero, Copy, Add, Scale, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, AttentionDecode, Attention, AttentionBackDelta,
         AttentionBackDq, AttentionBackDkv, SwiGlu, SwiGluBack, GeGlu, GeGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4,
-        EmbeddingQ4, CrossEntropy, CrossEntropyBack, Softcap, AdamW,
+        EmbeddingQ4, GemmNTW16, GemmNNW16, EmbeddingW16, CrossEntropy, CrossEntropyBack, Softcap, AdamW,
     ];
 }
 
@@ -98,6 +101,16 @@ internal struct EmbeddingQ4Parameters
     public uint TokenCount, Width, GroupSize, PartFirstRow, PartRows;
 }
 
+/// <summary>embedding_w16: the table is a 16-bit weight, one part of whole rows per dispatch.</summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct EmbeddingW16Parameters
+{
+    public uint TokenCount, Width;
+    /// <summary>How the table is stored (shaders/common/float16.glsl): 1 F16, 2 BF16.</summary>
+    public uint Format;
+    public uint PartFirstRow, PartRows;
+}
+
 [StructLayout(LayoutKind.Sequential)]
 internal struct RmsNormParameters
 {
@@ -105,6 +118,8 @@ internal struct RmsNormParameters
     public float Epsilon;
     /// <summary>0: y = x·rstd·w (Llama); 1: y = x·rstd·(1 + w) (Gemma).</summary>
     public float WeightOffset;
+    /// <summary>How w is stored (shaders/common/float16.glsl): 0 F32, 1 F16, 2 BF16.</summary>
+    public uint WeightFormat;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -114,6 +129,8 @@ internal struct RmsNormBackParameters
     public float WeightOffset;
     /// <summary>1: dx += the gradient; 0: dx = the gradient.</summary>
     public uint Accumulate;
+    /// <summary>How w is stored (shaders/common/float16.glsl): 0 F32, 1 F16, 2 BF16.</summary>
+    public uint WeightFormat;
 }
 
 [StructLayout(LayoutKind.Sequential)]
@@ -151,6 +168,8 @@ internal struct GemmParameters
     public float Alpha;
     public uint Accumulate, HasBias;
     public uint FirstRowTile, FirstColTile;
+    /// <summary>How the bias is stored (shaders/common/float16.glsl): 0 F32, 1 F16, 2 BF16.</summary>
+    public uint BiasFormat;
 }
 
 /// <summary>
@@ -162,6 +181,17 @@ internal struct Q4GemmParameters
 {
     public GemmParameters Gemm;
     public uint GroupSize;
+}
+
+/// <summary>
+/// gemm_nt_w16 and gemm_nn_w16: B is a 16-bit weight, <see cref="GemmParameters.OffsetB"/> and
+/// <see cref="GemmParameters.StrideB"/> in elements as for a float B; then its format (1 F16, 2 BF16).
+/// </summary>
+[StructLayout(LayoutKind.Sequential)]
+internal struct W16GemmParameters
+{
+    public GemmParameters Gemm;
+    public uint BFormat;
 }
 
 [StructLayout(LayoutKind.Sequential)]

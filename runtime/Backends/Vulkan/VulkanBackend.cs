@@ -25,7 +25,10 @@ namespace LoraCompiler.Runtime.Backends.Vulkan;
 ///
 /// A 4-bit base weight (<see cref="MapWeight"/> of a quantized tensor) stays packed on the device
 /// (<see cref="VulkanQ4Tensor"/>, split by whole rows when needed): the products (gemm_nt_q4, gemm_nn_q4)
-/// and the embedding gather (embedding_q4) dequantize its tiles as they read them.
+/// and the embedding gather (embedding_q4) dequantize its tiles as they read them. A 16-bit (F16 or
+/// BF16) weight stays 16-bit on the device the same way (<see cref="VulkanFloat16Tensor"/>): gemm_nt_w16,
+/// gemm_nn_w16 and embedding_w16 convert each value as they read it, and the norms and the bias of a
+/// product read a 16-bit vector through a storage-format push constant (shaders/common/float16.glsl).
 /// </summary>
 public sealed unsafe partial class VulkanBackend : IBackend
 {
@@ -95,10 +98,17 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     /// <summary>
     /// Uploads the weight to device memory: a 4-bit one as it is stored (<see cref="Upload(Q4Weight)"/>,
-    /// never dequantized), any other converted to float32.
+    /// never dequantized), a 16-bit one as it is stored (<see cref="Upload(Float16Weight)"/>), an F32
+    /// one as float32.
     /// </summary>
-    public Tensor MapWeight(ModelWeights weights, string name) =>
-        weights.IsQuantized(name) ? Upload(weights.MapQ4(name)) : Upload(name, weights.Read(name));
+    public Tensor MapWeight(ModelWeights weights, string name)
+    {
+        if (weights.IsQuantized(name))
+            return Upload(weights.MapQ4(name));
+        if (weights.MapFloat16(name) is { } half)
+            return Upload(half);
+        return Upload(name, weights.Read(name));
+    }
 
     /// <summary>Frees the weight's device memory once the kernels recorded so far no longer need it.</summary>
     public void ReleaseWeight(Tensor weight) => weight.Dispose();
@@ -160,14 +170,56 @@ public sealed unsafe partial class VulkanBackend : IBackend
         return tensor;
     }
 
-    /// <summary>Copies words to the start of a device buffer, a staging piece at a time.</summary>
-    private void UploadWords(ReadOnlySpan<uint> words, VkBuffer destination)
+    /// <summary>
+    /// A 16-bit weight in device memory as it is stored: its bits copied unchanged, two values to a
+    /// uint (see <see cref="VulkanFloat16Tensor"/>). Split by whole rows into parts of at most the
+    /// buffer limit.
+    /// </summary>
+    public VulkanFloat16Tensor Upload(Float16Weight weight)
     {
-        int piece = (int)Math.Min(int.MaxValue, _stream.StagingBytes / sizeof(uint));
+        ObjectDisposedException.ThrowIf(_disposed, this);
+        ArgumentNullException.ThrowIfNull(weight);
+        long partBytes = PartLength * sizeof(float);
+        long rowBytes = (long)weight.Columns * sizeof(ushort);
+        int rowsPerPart = (int)Math.Min(Math.Max(weight.Rows, 1), partBytes / Math.Max(rowBytes, 1));
+        if (rowsPerPart == 0)
+            throw new VulkanException(
+                $"A row of the 16-bit weight '{weight.Name}' takes {VulkanDevice.Megabytes((ulong)rowBytes)}, more than {_device.Name} allows in one " +
+                $"storage buffer ({VulkanDevice.Megabytes((ulong)partBytes)}).");
+        int count = Math.Max(1, (weight.Rows + rowsPerPart - 1) / rowsPerPart);
+        var parts = new VulkanFloat16Tensor.Part[count];
+        try
+        {
+            for (int k = 0; k < count; k++)
+            {
+                int first = k * rowsPerPart, rows = Math.Min(rowsPerPart, weight.Rows - first);
+                string what = count == 1 ? weight.Name : $"{weight.Name} part {k + 1}/{count}";
+                long values = (long)rows * weight.Columns;
+                parts[k] = new VulkanFloat16Tensor.Part(
+                    DeviceBuffer((ulong)Math.Max((values + 1) / 2, 1) * sizeof(uint), $"{what} ({weight.Dtype})"), first, rows);
+                UploadWords(weight.Bits.Span.Slice((int)((long)first * weight.Columns), (int)values), parts[k].Buffer.Handle);
+            }
+        }
+        catch
+        {
+            _stream.Finish();
+            foreach (var p in parts)
+                p.Buffer?.Dispose();
+            throw;
+        }
+        var tensor = new VulkanFloat16Tensor(this, weight.Name, weight.Format, weight.Rows, weight.Columns, rowsPerPart, parts);
+        _live.Add(tensor);
+        return tensor;
+    }
+
+    /// <summary>Copies words to the start of a device buffer, a staging piece at a time.</summary>
+    private void UploadWords<T>(ReadOnlySpan<T> words, VkBuffer destination) where T : unmanaged
+    {
+        int piece = (int)Math.Min(int.MaxValue, _stream.StagingBytes / (ulong)sizeof(T));
         for (int done = 0; done < words.Length; done += piece)
         {
             var slice = words.Slice(done, Math.Min(piece, words.Length - done));
-            _stream.Upload(MemoryMarshal.AsBytes(slice), destination, (ulong)done * sizeof(uint));
+            _stream.Upload(MemoryMarshal.AsBytes(slice), destination, (ulong)done * (ulong)sizeof(T));
         }
     }
 
@@ -374,13 +426,16 @@ public sealed unsafe partial class VulkanBackend : IBackend
         var q4 = table as VulkanQ4Tensor;
         if (q4 is not null)
             Check(q4, q4.Rows, C, nameof(table));
+        var half = table as VulkanFloat16Tensor;
+        if (half is not null)
+            Check(half, half.Rows, C, nameof(table));
         if (tokens.Length < T)
             throw new ArgumentException($"tokens has {tokens.Length} entries, T is {T}.", nameof(tokens));
-        long vocab = q4?.Rows ?? Vulkan(table, 0, nameof(table)).Length / C;
+        long vocab = q4?.Rows ?? half?.Rows ?? Vulkan(table, 0, nameof(table)).Length / C;
         for (int t = 0; t < T; t++)
             if ((uint)tokens[t] >= vocab)
                 throw new ArgumentOutOfRangeException(nameof(tokens), $"tokens[{t}] = {tokens[t]} is outside the table's {vocab} rows.");
-        if (q4 is null && vocab * C > uint.MaxValue)
+        if (q4 is null && half is null && vocab * C > uint.MaxValue)
             throw new VulkanException($"The table {table} has more than 2³² elements, which the embedding shader cannot index.");
         var x0 = Single(xt, (long)T * C);
         var ids = UploadInts(ref _tokens, tokens[..T], "token ids");
@@ -393,6 +448,18 @@ public sealed unsafe partial class VulkanBackend : IBackend
                     TokenCount = (uint)T, Width = (uint)C, GroupSize = (uint)q4.GroupSize, PartFirstRow = (uint)part.FirstRow, PartRows = (uint)part.Rows,
                 };
                 RunElements(Kernels.EmbeddingQ4, push, (long)T * q4.WordsPerRow, [x0, ids, part.Packed.Handle, part.ScaleBias.Handle]);
+            }
+            return;
+        }
+        if (half is not null)
+        {
+            foreach (var part in half.Parts)
+            {
+                var push = new EmbeddingW16Parameters
+                {
+                    TokenCount = (uint)T, Width = (uint)C, Format = half.ShaderFormat, PartFirstRow = (uint)part.FirstRow, PartRows = (uint)part.Rows,
+                };
+                RunElements(Kernels.EmbeddingW16, push, (long)T * C, [x0, ids, part.Buffer.Handle]);
             }
             return;
         }
@@ -411,17 +478,22 @@ public sealed unsafe partial class VulkanBackend : IBackend
     public void RmsNormForward(Tensor y, Tensor rstd, Tensor x, Tensor w, int T, int C, float eps, float weightOffset)
     {
         long n = (long)T * C;
-        var push = new RmsNormParameters { TokenCount = (uint)T, Width = (uint)C, Epsilon = eps, WeightOffset = weightOffset };
-        RunRows(Kernels.RmsNorm, push, T, [Single(y, n, nameof(y)), Single(rstd, T, nameof(rstd)), Single(x, n, nameof(x)), Single(w, C, nameof(w))]);
+        var (wb, format) = StoredVector(w, C, nameof(w));
+        var push = new RmsNormParameters { TokenCount = (uint)T, Width = (uint)C, Epsilon = eps, WeightOffset = weightOffset, WeightFormat = format };
+        RunRows(Kernels.RmsNorm, push, T, [Single(y, n, nameof(y)), Single(rstd, T, nameof(rstd)), Single(x, n, nameof(x)), wb]);
     }
 
     /// <summary>rmsnorm_back.comp: without <paramref name="accumulate"/> dx's old contents are never read.</summary>
     public void RmsNormBackward(Tensor dx, Tensor dy, Tensor x, Tensor w, Tensor rstd, int T, int C, float weightOffset, bool accumulate)
     {
         long n = (long)T * C;
-        var push = new RmsNormBackParameters { TokenCount = (uint)T, Width = (uint)C, WeightOffset = weightOffset, Accumulate = accumulate ? 1u : 0u };
+        var (wb, format) = StoredVector(w, C, nameof(w));
+        var push = new RmsNormBackParameters
+        {
+            TokenCount = (uint)T, Width = (uint)C, WeightOffset = weightOffset, Accumulate = accumulate ? 1u : 0u, WeightFormat = format,
+        };
         RunRows(Kernels.RmsNormBack, push, T,
-            [Single(dx, n, nameof(dx)), Single(dy, n, nameof(dy)), Single(x, n, nameof(x)), Single(w, C, nameof(w)), Single(rstd, T, nameof(rstd))]);
+            [Single(dx, n, nameof(dx)), Single(dy, n, nameof(dy)), Single(x, n, nameof(x)), wb, Single(rstd, T, nameof(rstd))]);
     }
 
     public void RopeForward(Tensor x, Tensor cos, Tensor sin, int T, int heads, int headDim) => Rope(Kernels.Rope, x, cos, sin, 0, T, heads, headDim);
@@ -604,7 +676,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
     public void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout)
     {
         VkBuffer yb = Single(y, (long)T * dout, nameof(y)), xb = Single(x, (long)T * din, nameof(x));
-        VkBuffer bb = bias is null ? _dummy.Handle : Single(bias, dout, nameof(bias));
+        var (bb, biasFormat) = bias is null ? (_dummy.Handle, 0u) : StoredVector(bias, dout, nameof(bias));
         foreach (var s in RowSegments(Weight(w, dout, din, nameof(w)), 0, dout, din))
             // y[:, rows of the segment] = x · segmentᵀ (+ bias of those rows)
             WeightGemm(transposed: true, yb, xb, s, bb, new GemmParameters
@@ -612,7 +684,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
                 Rows = (uint)T, Cols = (uint)s.Rows, Depth = (uint)din,
                 StrideA = (uint)din, StrideB = (uint)din, StrideC = (uint)dout,
                 OffsetC = (uint)s.FirstRow, OffsetBias = (uint)s.FirstRow,
-                Alpha = 1f, HasBias = bias is null ? 0u : 1u,
+                Alpha = 1f, HasBias = bias is null ? 0u : 1u, BiasFormat = biasFormat,
             });
     }
 
@@ -765,17 +837,20 @@ public sealed unsafe partial class VulkanBackend : IBackend
     // ---------------------------------------------------------------- row ranges of split weights
 
     /// <summary>
-    /// Rows [first, first+Rows) of a weight, as they lie in one buffer: of a float weight from element
-    /// Offset; of a 4-bit weight (<paramref name="Q4"/> not null) from row Offset of its part, whose
-    /// packed words are Buffer and scale/bias pairs ScaleBias.
+    /// Rows [first, first+Rows) of a weight, as they lie in one buffer: of a float or 16-bit weight
+    /// (<paramref name="W16"/> not null) from element Offset; of a 4-bit weight (<paramref name="Q4"/>
+    /// not null) from row Offset of its part, whose packed words are Buffer and scale/bias pairs ScaleBias.
     /// </summary>
-    private readonly record struct RowSegment(VkBuffer Buffer, uint Offset, long FirstRow, int Rows, VulkanQ4Tensor? Q4 = null, VkBuffer ScaleBias = default);
+    private readonly record struct RowSegment(VkBuffer Buffer, uint Offset, long FirstRow, int Rows, VulkanQ4Tensor? Q4 = null, VkBuffer ScaleBias = default,
+                                              VulkanFloat16Tensor? W16 = null);
 
     /// <summary>Rows [first, first + count) of a float or 4-bit weight whose rows are <paramref name="width"/> long.</summary>
     private List<RowSegment> RowSegments(Tensor w, long first, long count, int width) => w switch
     {
         VulkanQ4Tensor q => q.Segments(first, count)
             .Select(s => new RowSegment(s.Part.Packed.Handle, (uint)s.Offset, s.FirstRow, s.Rows, q, s.Part.ScaleBias.Handle)).ToList(),
+        VulkanFloat16Tensor h => h.Segments(first, count)
+            .Select(s => new RowSegment(s.Part.Buffer.Handle, checked((uint)((long)s.Offset * h.Columns)), s.FirstRow, s.Rows, W16: h)).ToList(),
         VulkanTensor t => RowSegments(t, first, count, width),
         _ => throw new ArgumentException($"{w} is a {w.GetType().Name}, not a Vulkan tensor.", nameof(w)),
     };
@@ -789,6 +864,11 @@ public sealed unsafe partial class VulkanBackend : IBackend
     private void WeightGemm(bool transposed, VkBuffer c, VkBuffer a, RowSegment s, VkBuffer bias, GemmParameters p)
     {
         p.OffsetB = s.Offset;
+        if (s.W16 is { } h)
+        {
+            Gemm(transposed ? Kernels.GemmNTW16 : Kernels.GemmNNW16, [c, a, s.Buffer, bias], p, bFormat: h.ShaderFormat);
+            return;
+        }
         if (s.Q4 is not { } q)
         {
             Gemm(transposed ? Kernels.GemmNT : Kernels.GemmNN, [c, a, s.Buffer, bias], p);
@@ -863,9 +943,10 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     /// <summary>
     /// A matrix product, in several dispatches when its tiles exceed maxComputeWorkGroupCount. A q4
-    /// kernel (<paramref name="groupSize"/> &gt; 0) takes the group size after the product's parameters.
+    /// kernel (<paramref name="groupSize"/> &gt; 0) takes the group size after the product's parameters,
+    /// a w16 kernel (<paramref name="bFormat"/> &gt; 0) the weight's storage format.
     /// </summary>
-    private void Gemm(KernelSpec kernel, ReadOnlySpan<VkBuffer> buffers, GemmParameters p, uint groupSize = 0)
+    private void Gemm(KernelSpec kernel, ReadOnlySpan<VkBuffer> buffers, GemmParameters p, uint groupSize = 0, uint bFormat = 0)
     {
         if (p.Rows == 0 || p.Cols == 0)
             return;
@@ -878,10 +959,12 @@ public sealed unsafe partial class VulkanBackend : IBackend
                 p.FirstRowTile = r0;
                 p.FirstColTile = c0;
                 uint x = Math.Min(maxX, colTiles - c0), y = Math.Min(maxY, rowTiles - r0);
-                if (groupSize == 0)
-                    _stream.Dispatch(pipeline, buffers, p, x, y);
-                else
+                if (groupSize != 0)
                     _stream.Dispatch(pipeline, buffers, new Q4GemmParameters { Gemm = p, GroupSize = groupSize }, x, y);
+                else if (bFormat != 0)
+                    _stream.Dispatch(pipeline, buffers, new W16GemmParameters { Gemm = p, BFormat = bFormat }, x, y);
+                else
+                    _stream.Dispatch(pipeline, buffers, p, x, y);
             }
     }
 
@@ -889,9 +972,12 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     private VulkanTensor Vulkan(Tensor t, long n, string name)
     {
-        var v = t as VulkanTensor ?? throw new ArgumentException(t is VulkanQ4Tensor
-            ? $"{t} is a 4-bit weight, which only the products and the embedding read."
-            : $"{t} is a {t.GetType().Name}, not a VulkanTensor.", name);
+        var v = t as VulkanTensor ?? throw new ArgumentException(t switch
+        {
+            VulkanQ4Tensor => $"{t} is a 4-bit weight, which only the products and the embedding read.",
+            VulkanFloat16Tensor => $"{t} is a 16-bit weight, which only the products, the embedding, the norms and the bias read.",
+            _ => $"{t} is a {t.GetType().Name}, not a VulkanTensor.",
+        }, name);
         if (v.Owner != this)
             throw new ArgumentException($"{t} belongs to another VulkanBackend.", name);
         if (n < 0 || n > v.Length)
@@ -910,7 +996,36 @@ public sealed unsafe partial class VulkanBackend : IBackend
             Check(q, rows, columns, name);
             return q;
         }
+        if (w is VulkanFloat16Tensor h)
+        {
+            Check(h, rows, columns, name);
+            return h;
+        }
         return Vulkan(w, rows * columns, name);
+    }
+
+    private void Check(VulkanFloat16Tensor h, long rows, int columns, string name)
+    {
+        if (h.Owner != this)
+            throw new ArgumentException($"{h} belongs to another VulkanBackend.", name);
+        if (h.Columns != columns || h.Rows < rows)
+            throw new ArgumentException($"{h} is [{h.Rows}, {h.Columns}]; the kernel needs [{rows}, {columns}].", name);
+    }
+
+    /// <summary>
+    /// A vector a kernel reads through a storage-format push constant (a norm weight, a bias): the
+    /// buffer holding its first n values and its format (shaders/common/float16.glsl: 0 for a float
+    /// tensor, 1 or 2 for a 16-bit weight, whose vector is one part).
+    /// </summary>
+    private (VkBuffer Buffer, uint Format) StoredVector(Tensor t, long n, string name)
+    {
+        if (t is not VulkanFloat16Tensor h)
+            return (Single(t, n, name), 0u);
+        if (h.Owner != this)
+            throw new ArgumentException($"{h} belongs to another VulkanBackend.", name);
+        if (n < 0 || n > h.Length || h.PartCount != 1)
+            throw new ArgumentOutOfRangeException(name, n, $"{h} in {h.PartCount} parts holds {h.Length} values, the kernel needs {n} in one.");
+        return (h.Parts[0].Buffer.Handle, h.ShaderFormat);
     }
 
     private void Check(VulkanQ4Tensor q, long rows, int columns, string name)
@@ -942,7 +1057,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         _disposed = true;
         _stream.Dispose(); // waits for the device
         foreach (var t in _live)
-            foreach (var b in t is VulkanQ4Tensor q ? q.Buffers : ((VulkanTensor)t).Buffers)
+            foreach (var b in t switch { VulkanQ4Tensor q => q.Buffers, VulkanFloat16Tensor h => h.Buffers, _ => ((VulkanTensor)t).Buffers })
                 b.Dispose();
         _live.Clear();
         _dummy.Dispose();

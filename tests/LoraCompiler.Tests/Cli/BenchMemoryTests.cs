@@ -1,4 +1,5 @@
 using System.Text.Json;
+using LoraCompiler.Benchmarks;
 using LoraCompiler.Cli;
 using LoraCompiler.Models;
 using LoraCompiler.Runtime.Training;
@@ -37,7 +38,7 @@ public sealed class BenchMemoryTests : IDisposable
         var options = Options(_dir);
         Assert.True(options.NoReference);
 
-        var r = BenchMemory.Measure(options, Seq);
+        var r = MemoryBench.Measure(options, Seq);
 
         var plan = _model.Plan(Seq);
         Assert.Equal(plan.TotalBytes - plan.BytesOf(BufferRole.Weights), r.PlannedBufferBytes);
@@ -75,12 +76,12 @@ public sealed class BenchMemoryTests : IDisposable
 
         Assert.Equal(0, code);
         var lines = output.ToString().Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        var json = Assert.Single(lines, l => l.StartsWith(BenchMemory.JsonPrefix, StringComparison.Ordinal));
-        var r = JsonSerializer.Deserialize<MemoryBenchResult>(json[BenchMemory.JsonPrefix.Length..])!;
+        var json = Assert.Single(lines, l => l.StartsWith(MemoryBench.JsonPrefix, StringComparison.Ordinal));
+        var r = JsonSerializer.Deserialize<MemoryBenchResult>(json[MemoryBench.JsonPrefix.Length..])!;
         Assert.Equal(r.PlannedBufferBytes, r.TrainerBufferBytes);
         Assert.True(r.PeakPrivateBytes >= r.BaselinePrivateBytes);
-        Assert.Contains(lines, l => l.StartsWith("peak private memory (RssAnon)", StringComparison.Ordinal) && l.Contains(BenchMemory.Mib(r.PeakPrivateBytes).Trim()));
-        Assert.Contains(lines, l => l.StartsWith("trainer buffers", StringComparison.Ordinal) && l.Contains(BenchMemory.Mib(r.TrainerBufferBytes!.Value).Trim()));
+        Assert.Contains(lines, l => l.StartsWith("peak private memory (RssAnon)", StringComparison.Ordinal) && l.Contains(MemoryBench.Mib(r.PeakPrivateBytes).Trim()));
+        Assert.Contains(lines, l => l.StartsWith("trainer buffers", StringComparison.Ordinal) && l.Contains(MemoryBench.Mib(r.TrainerBufferBytes!.Value).Trim()));
         Assert.Contains(lines, l => l.StartsWith("planned peak", StringComparison.Ordinal) && l.Contains("planned / allocated = 1.000"));
     }
 
@@ -91,7 +92,7 @@ public sealed class BenchMemoryTests : IDisposable
         using (var weights = ModelWeights.Open(_dir))
             Assert.Null(weights.MapF32("model.embed_tokens.weight")); // an empty Memory here once read as a table of 0 rows
 
-        var r = BenchMemory.Measure(Options(_dir), Seq);
+        var r = MemoryBench.Measure(Options(_dir), Seq);
 
         Assert.Equal("BF16", r.WeightsDtype);
         Assert.All(r.Losses, l => Assert.True(float.IsFinite(l) && l > 0));

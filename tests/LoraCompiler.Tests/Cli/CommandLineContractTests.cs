@@ -178,7 +178,7 @@ public sealed class CommandLineContractTests : IDisposable
         Assert.Contains("   at ", text);
 
         // A parallel loop's wrapper is looked through: a usage mistake inside it is still exit code 2.
-        (code, text) = Report(new AggregateException(new LoraCompiler.Cli.UsageException("--seq: too long.")), verbose: false);
+        (code, text) = Report(new AggregateException(new LoraCompiler.CommandLine.UsageException("--seq: too long.")), verbose: false);
         Assert.Equal(2, code);
         Assert.Equal("error: --seq: too long.", text.Trim());
     }

@@ -564,6 +564,62 @@ public sealed class GeneratorTests
         AssertSingleDiagnostic(json, "LORA0003", LineOf(json, "trainer"), "trainer.lcsb.groups", "num_hidden_layers (2)");
     }
 
+    [Theory]
+    [InlineData("\"512MB\"", 512_000_000L)]
+    [InlineData("\"1.5 GiB\"", 1_610_612_736L)]
+    [InlineData("268435456", 268_435_456L)]
+    public void Memory_budget_is_read_as_a_size_and_becomes_the_trainers_default(string value, long bytes)
+    {
+        string json = Replace(ValidJson, "\"vocab_size\": 320\n", $"\"vocab_size\": 320,\n  \"trainer\": {{\"memory_budget\": {value}}}\n");
+        var spec = LoraGenerator.Parse(GoodPath, json).Value!;
+        Assert.Equal(bytes, spec.MemoryBudget);
+
+        var run = Run((GoodPath, json));
+        Assert.True(run.Diagnostics.IsEmpty, Describe(run.Diagnostics));
+        Assert.Contains($"MemoryBudget: {bytes}L", run.Source(GoodClass + ".g.cs"));
+    }
+
+    [Theory]
+    [InlineData("\"12XB\"", "unknown unit 'XB'")]
+    [InlineData("\"-5MB\"", "not a size like")]
+    [InlineData("\"0MB\"", "not a positive size")]
+    [InlineData("0", "not a positive whole number of bytes")]
+    [InlineData("1.5", "not a positive whole number of bytes")]
+    public void LORA0012_memory_budget_that_is_not_a_size(string value, string reason)
+    {
+        string json = Replace(ValidJson, "\"vocab_size\": 320\n", $"\"vocab_size\": 320,\n  \"trainer\": {{\"memory_budget\": {value}}}\n");
+
+        AssertSingleDiagnostic(json, "LORA0012", LineOf(json, "trainer"), "trainer.memory_budget", reason);
+    }
+
+    [Fact]
+    public void LORA0008_memory_budget_of_the_wrong_type()
+    {
+        string json = Replace(ValidJson, "\"vocab_size\": 320\n", "\"vocab_size\": 320,\n  \"trainer\": {\"memory_budget\": [512]}\n");
+
+        AssertSingleDiagnostic(json, "LORA0008", LineOf(json, "trainer"), "'trainer.memory_budget'", "a size like \"512MB\"", "found an array");
+    }
+
+    [Fact]
+    public void A_kept_layer_holds_what_its_backward_reads_that_no_cheap_op_remakes()
+    {
+        // Qwen2: the norms' outputs and the gated activation are remade from x, x2, gate and up; q and k
+        // are kept after RoPE (rotated in place), x2 after its residual add.
+        var plan = LoraGenerator.Plan(LoraGenerator.Parse(ModelPath("tiny-qwen2"), File.ReadAllText(ModelPath("tiny-qwen2"))).Value!);
+        var kind = Assert.Single(plan.Kinds);
+        Assert.Equal(new[] { "q", "k", "v", "att", "lse", "x2", "gate", "up" }, kind.Kept.Select(k => k.Value));
+        Assert.Equal(new[] { "input_layernorm", "post_attention_layernorm", "swiglu" }, kind.Remade.Select(i => kind.Ops[i].Module));
+        var kept = Assert.Single(plan.Buffers, b => b.Role == LoraCompiler.Generator.BufferRole.KeptActivations);
+        Assert.Equal(64 + 32 + 32 + 64 + 4 + 64 + 176 + 176, kept.PerToken); // tiny-qwen2: hidden 64, kv 32, 4 heads, intermediate 176
+
+        // Qwen3: q_norm and k_norm feed RoPE, which rotates their output in place, so they are kept with their inputs.
+        var qwen3 = LoraGenerator.Plan(LoraGenerator.Parse(ModelPath("tiny-qwen3"), File.ReadAllText(ModelPath("tiny-qwen3"))).Value!);
+        var q3 = Assert.Single(qwen3.Kinds);
+        Assert.Contains("qRaw", q3.Kept.Select(k => k.Value));
+        Assert.Contains("rstdQ", q3.Kept.Select(k => k.Value));
+        Assert.DoesNotContain(q3.Remade, i => q3.Ops[i].Module is "q_norm" or "k_norm");
+    }
+
     [Fact]
     public void LORA0010_two_files_with_the_same_class_name()
     {
@@ -601,14 +657,14 @@ public sealed class GeneratorTests
         {
             var result = LoraGenerator.Parse(BadPath, text);
             Assert.True(result.Value is not null ^ !result.Errors.IsEmpty, $"neither a value nor one error for:\n{text}");
-            Assert.All(result.Errors, e => Assert.Matches("^LORA00(0[1-9]|10)$", e.Id));
+            Assert.All(result.Errors, e => Assert.Matches("^LORA00(0[1-9]|1[02])$", e.Id));
         }
     }
 
     [Fact]
     public void Every_diagnostic_id_has_its_own_descriptor()
     {
-        for (int i = 1; i <= 10; i++)
+        foreach (int i in Enumerable.Range(1, 10).Append(12))
         {
             string id = $"LORA{i:D4}";
             var descriptor = DiagnosticDescriptors.ById(id);

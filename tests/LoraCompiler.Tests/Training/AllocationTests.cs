@@ -18,10 +18,11 @@ public class AllocationTests
     [InlineData("adamw", 2, 1)] // gradient accumulation: the sums are kept from step to step
     [InlineData("adamw", 1, 2)] // LCSB: a skipped layer's zero gradients are not allocated either
     [InlineData("sgd", 1, 1)]
-    public void A_steady_state_step_allocates_nothing(string optimizer, int accumulation, int lcsbGroups)
+    [InlineData("sgd", 1, 1, "BF16")] // 16-bit weights: their norm weights and biases are converted in pooled buffers
+    public void A_steady_state_step_allocates_nothing(string optimizer, int accumulation, int lcsbGroups, string dtype = "F32")
     {
         var model = TrainerCatalog.Find("tiny-qwen2")!;
-        using var fixture = new ModelFixture(model, seed: 5, sequence: 16);
+        using var fixture = new ModelFixture(model, seed: 5, sequence: 16, dtype);
         string tokenizer = TestTokenizers.WriteTiny([("t", "h"), ("th", "e")],
             addedTokensJson: """[{"id": 281, "content": "<|im_start|>", "special": true}, {"id": 282, "content": "<|im_end|>", "special": true}]""",
             configJson: """{"eos_token": "<|im_end|>"}""");

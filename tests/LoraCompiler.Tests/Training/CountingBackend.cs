@@ -8,7 +8,16 @@ public sealed class CountingBackend(IBackend inner) : IBackend
 {
     public long Kernels { get; private set; }
 
-    private void Count() => Kernels++;
+    private readonly Dictionary<string, long> _byKernel = new(StringComparer.Ordinal);
+
+    /// <summary>How many times the kernel (the <see cref="IBackend"/> method) named <paramref name="kernel"/> ran.</summary>
+    public long CountOf(string kernel) => _byKernel.GetValueOrDefault(kernel);
+
+    private void Count([System.Runtime.CompilerServices.CallerMemberName] string kernel = "")
+    {
+        Kernels++;
+        _byKernel[kernel] = _byKernel.GetValueOrDefault(kernel) + 1;
+    }
 
     public string Name => "counting " + inner.Name;
     public Tensor Allocate(string name, long length) => inner.Allocate(name, length);

@@ -12,7 +12,12 @@ namespace LoraCompiler.Tests.Training;
 /// </summary>
 public sealed class ModelFixture : IDisposable
 {
-    public ModelFixture(ModelInfo model, int seed, int sequence)
+    /// <param name="dtype">
+    /// The dtype of the weights file: F32, or F16 / BF16, which round the random values to nearest
+    /// even; <see cref="Weights"/> then holds the values the file stores, read back as float32 by the
+    /// file reader (<see cref="ModelWeights.Read(string)"/>), so a reference computes on exactly them.
+    /// </param>
+    public ModelFixture(ModelInfo model, int seed, int sequence, string dtype = "F32")
     {
         Model = model;
         Dir = Directory.CreateTempSubdirectory("lora-test-").FullName;
@@ -25,7 +30,13 @@ public sealed class ModelFixture : IDisposable
         WeightsPath = Path.Combine(Dir, "model");
         Directory.CreateDirectory(WeightsPath);
         SafeTensorsWriter.Write(Path.Combine(WeightsPath, ModelWeights.SingleFileName),
-            model.BaseTensors.Select(t => (t.Name, t.Shape, Weights[t.Name])));
+            model.BaseTensors.Select(t => (t.Name, t.Shape, Weights[t.Name])), dtype);
+        if (dtype != "F32")
+        {
+            using var stored = ModelWeights.Open(WeightsPath);
+            foreach (var t in model.BaseTensors)
+                Weights[t.Name] = stored.Read(t.Name);
+        }
 
         var modules = model.LoraModules.Select(m => new LoraModule(m,
             Normal(rng, (long)model.Lora.R * m.In, 0, 0.1f),

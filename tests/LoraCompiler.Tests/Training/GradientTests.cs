@@ -36,6 +36,33 @@ public class GradientTests
         AssertGradients(trainer.DownloadGradients(), referenceGradients);
     }
 
+    /// <summary>
+    /// Weights stored in 16 bits and used as stored (the products convert them panel by panel, the
+    /// embedding and the norms row by row): the gradients equal the reference's on the same 16-bit
+    /// values as float32.
+    /// </summary>
+    [Theory]
+    [InlineData("tiny-qwen2", "BF16", 23)] // tied head: the LM head reads the 16-bit embedding
+    [InlineData("tiny-qwen2", "F16", 23)]
+    [InlineData("tiny-llama", "BF16", 29)] // untied head
+    [InlineData("tiny-gemma3", "BF16", 23)] // (1 + w) norms, q/k norms: 16-bit norm weights
+    [InlineData("tiny-qwen3", "F16", 21)]
+    public void LoraGradientsMatchTorchAutogradWith16BitWeights(string modelName, string dtype, int tokens)
+    {
+        var model = TrainerCatalog.Find(modelName)!;
+        using var fixture = new ModelFixture(model, seed: 7, tokens, dtype);
+        var (referenceLoss, referenceGradients) = fixture.Reference();
+
+        using var backend = new CpuBackend();
+        using (var embedding = backend.MapWeight(fixture.OpenWeights(), "model.embed_tokens.weight"))
+            Assert.IsType<CpuFloat16Tensor>(embedding); // used as stored, not converted
+        using var trainer = fixture.CreateTrainer(backend);
+        float loss = trainer.ForwardBackward(fixture.Tokens);
+
+        Assert.InRange(Math.Abs(loss - referenceLoss), 0, LossTolerance * Math.Max(1, Math.Abs(referenceLoss)));
+        AssertGradients(trainer.DownloadGradients(), referenceGradients);
+    }
+
     [Fact]
     public void GradientsDoNotDependOnThePreviousStep()
     {

@@ -55,6 +55,42 @@ public sealed class VulkanGradientTests(ITestOutputHelper output)
         output.WriteLine($"worst relative error: {worstCpu:E2} against cpu, {worstTorch:E2} against torch over {gradients.Count} gradients");
     }
 
+    /// <summary>
+    /// Weights stored in 16 bits and kept 16-bit on the device: the loss and gradients equal the CPU
+    /// backend's and TorchSharp's on the same 16-bit values as float32.
+    /// </summary>
+    [VulkanTheory]
+    [InlineData("tiny-qwen2", "BF16", 23, null)]     // tied head: the LM head reads the 16-bit embedding
+    [InlineData("tiny-qwen2", "F16", 19, 60_000L)]   // the 16-bit embedding split over buffers by whole rows
+    [InlineData("tiny-gemma3", "BF16", 23, null)]    // (1 + w) norms and q/k norms read as 16-bit vectors
+    public void GradientsWith16BitWeightsMatchCpuAndTorch(string modelName, string dtype, int tokens, long? maxBufferBytes)
+    {
+        var model = TrainerCatalog.Find(modelName)!;
+        using var fixture = new ModelFixture(model, seed: 7, tokens, dtype);
+        var (referenceLoss, referenceGradients) = fixture.Reference();
+
+        using var weights = ModelWeights.Open(fixture.WeightsPath);
+        var (cpuLoss, cpuGradients) = Step(new CpuBackend(), model, fixture, weights);
+        using var vulkan = VulkanTestDevice.Create(new VulkanBackendOptions { MaxBufferBytes = maxBufferBytes });
+        using (var embedding = vulkan.MapWeight(weights, "model.embed_tokens.weight"))
+            Assert.IsType<VulkanFloat16Tensor>(embedding);
+        var (loss, gradients) = Step(vulkan, model, fixture, weights);
+        VulkanTestDevice.AssertNoValidationErrors(vulkan);
+        output.WriteLine($"{vulkan.Name}, {dtype}: loss {loss} (cpu {cpuLoss}, torch {referenceLoss})");
+
+        Assert.InRange(Math.Abs(loss - cpuLoss), 0, LossTolerance * Math.Max(1, Math.Abs(cpuLoss)));
+        Assert.InRange(Math.Abs(loss - referenceLoss), 0, LossTolerance * Math.Max(1, Math.Abs(referenceLoss)));
+        Assert.Equal(referenceGradients.Count, gradients.Count);
+        foreach (var (name, gradient) in gradients)
+        {
+            Assert.True(referenceGradients[name].Any(v => v != 0), $"{name}: the reference gradient is zero");
+            double vsCpu = ModelFixture.RelativeError(gradient, cpuGradients[name]);
+            double vsTorch = ModelFixture.RelativeError(gradient, referenceGradients[name]);
+            Assert.True(vsCpu < GradientTolerance, $"{name}: relative error against the CPU backend {vsCpu:E2}");
+            Assert.True(vsTorch < GradientTolerance, $"{name}: relative error against TorchSharp {vsTorch:E2}");
+        }
+    }
+
     [VulkanFact]
     public void SecondStepAfterZeroingMatchesAFreshOne()
     {
@@ -138,11 +174,38 @@ public sealed class VulkanGradientTests(ITestOutputHelper output)
             Assert.True(ModelFixture.RelativeError(written.Read(name), expected) < GradientTolerance, name);
     }
 
-    private static (float Loss, Dictionary<string, float[]> Gradients) Step(IBackend backend, ModelInfo model, ModelFixture fixture, ModelWeights weights)
+    [VulkanTheory]
+    [InlineData("tiny-qwen2", 23, 2)]   // the last two layers keep their activations, two are recomputed
+    [InlineData("tiny-gemma3", 23, 5)]  // every layer kept, sliding and full: nothing recomputed
+    public void Kept_layers_match_cpu_and_torch(string modelName, int tokens, int kept)
+    {
+        var model = TrainerCatalog.Find(modelName)!;
+        using var fixture = new ModelFixture(model, seed: 7, tokens);
+        var (referenceLoss, referenceGradients) = fixture.Reference();
+        using var weights = ModelWeights.Open(fixture.WeightsPath);
+        var options = new TrainerOptions(KeptLayers: kept);
+        var (cpuLoss, cpuGradients) = Step(new CpuBackend(), model, fixture, weights, options);
+        using var vulkan = VulkanTestDevice.Create();
+        var (loss, gradients) = Step(vulkan, model, fixture, weights, options);
+        VulkanTestDevice.AssertNoValidationErrors(vulkan);
+
+        Assert.InRange(Math.Abs(loss - referenceLoss), 0, LossTolerance * Math.Max(1, Math.Abs(referenceLoss)));
+        Assert.InRange(Math.Abs(cpuLoss - referenceLoss), 0, LossTolerance * Math.Max(1, Math.Abs(referenceLoss)));
+        Assert.Equal(referenceGradients.Count, gradients.Count);
+        foreach (var (name, gradient) in gradients)
+        {
+            Assert.True(referenceGradients[name].Any(v => v != 0), $"{name}: the reference gradient is zero");
+            Assert.True(ModelFixture.RelativeError(gradient, referenceGradients[name]) < GradientTolerance, $"{name}: against TorchSharp");
+            Assert.True(ModelFixture.RelativeError(cpuGradients[name], referenceGradients[name]) < GradientTolerance, $"{name}: cpu against TorchSharp");
+        }
+    }
+
+    private static (float Loss, Dictionary<string, float[]> Gradients) Step(IBackend backend, ModelInfo model, ModelFixture fixture, ModelWeights weights,
+        TrainerOptions? options = null)
     {
         var adapter = LoraAdapter.Load(fixture.AdapterPath, model.Lora, model.LoraModules);
         // Sized for longer sequences than it runs: nothing may depend on unused rows.
-        using var trainer = model.Create(backend, weights, adapter, fixture.Tokens.Length + 9);
+        using var trainer = model.Create(backend, weights, adapter, fixture.Tokens.Length + 9, options);
         float loss = trainer.ForwardBackward(fixture.Tokens);
         var gradients = new Dictionary<string, float[]>();
         foreach (var (spec, da, db) in trainer.DownloadGradients())

@@ -22,7 +22,9 @@ namespace LoraCompiler.Models;
 /// Step: forward keeps only each layer's input (the MeBP checkpoints x00..x05); the loss runs the
 /// LM head in chunks of 128 vocabulary rows and never holds [T, 288] logits; backward
 /// recomputes each layer from its checkpoint, then runs the MeSP LoRA backward, which recomputes
-/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice.
+/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice, and so is
+/// how many of the last layers keep their activations from forward to backward instead (KeptLayers,
+/// which a memory budget chooses): their backward copies them back and recomputes nothing.
 /// </remarks>
 public sealed class TinyGemma3Trainer : TrainerBase
 {
@@ -98,6 +100,7 @@ public sealed class TinyGemma3Trainer : TrainerBase
         new("dV",                  BufferRole.Gradient,                   0,        48, "gradient of v"),
         new("dKRaw",               BufferRole.Gradient,                   0,        48, "gradient of kRaw", SharesWith: "v"),
         new("dQRaw",               BufferRole.Gradient,                   0,        96, "gradient of qRaw", SharesWith: "q"),
+        new("kept",                BufferRole.KeptActivations,            0,       908, "one kept layer's qRaw, rstdQ, kRaw, rstdK, q, k, v, att, lse, attnOut, rstd2, x2, gate, up, mlpOut, rstd4, from its forward to its backward (for each layer the memory budget keeps; none by default)"),
         new("loraH",               BufferRole.Scratch,                    0,         8, "H = X·Aᵀ, recomputed for each projection (MeSP)"),
         new("loraDH",              BufferRole.Scratch,                    0,         8, "dH = s·G·B"),
         new("logits",              BufferRole.Scratch,                    0,       128, "one LM-head chunk of 128 vocabulary rows"),
@@ -298,6 +301,7 @@ public sealed class TinyGemma3Trainer : TrainerBase
         _dAttnOut = _x2; // shares memory: their lifetimes do not overlap
         _dKRaw = _v; // shares memory: their lifetimes do not overlap
         _dQRaw = _q; // shares memory: their lifetimes do not overlap
+        AllocateKept("kept"); // one for each of the last KeptLayers layers
 
         _embedTokens = MapWeight("model.embed_tokens.weight");
         _finalNorm = MapWeight("model.norm.weight");
@@ -316,17 +320,18 @@ public sealed class TinyGemma3Trainer : TrainerBase
 
     /// <inheritdoc/>
     public override float Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets) =>
-        ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets));
+        ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets), keep: false, step: 0);
 
     /// <inheritdoc/>
     public override float ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int step)
     {
         int T = CheckSequence(tokens, targets);
-        float loss = ForwardAndLoss(tokens, targets, T);
+        float loss = ForwardAndLoss(tokens, targets, T, keep: true, step);
         // final norm backward: dx[T,Hidden] = rmsnorm'(dxn), the gradient of the last layer's output
         Backend.RmsNormBackward(_dx, _dxn, _x[Layers], _finalNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: false);
 
-        // Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA
+        // Backward, last layer first: each recomputes itself from its checkpoint (or copies back what it
+        // kept, for the last KeptLayers layers), then hands its LoRA
         // gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual
         // stream (dx passes through, nothing is loaded or computed); its gradients are zero and the
         // optimizer still steps it.
@@ -340,14 +345,21 @@ public sealed class TinyGemma3Trainer : TrainerBase
         return loss;
     }
 
-    /// <summary>Forward through every layer, keeping only the checkpoints, then the loss; leaves ∂loss/∂(final norm output) in dxn.</summary>
-    private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T)
+    /// <summary>
+    /// Forward through every layer, keeping the checkpoints (and, with <paramref name="keep">, the activations of the
+    /// kept layers that backpropagate at <paramref name="step">), then the loss; leaves ∂loss/∂(final norm output) in dxn.
+    /// </summary>
+    private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T, bool keep, int step)
     {
         // embedding: x00[T,64] = embed_tokens[tokens]·√hidden
         Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);
         Backend.Scale(_x[0], EmbeddingScale, (long)T * Hidden);
         for (int i = 0; i < Layers; i++)
+        {
             ForwardLayer(i, _x[i + 1], _x[i], T, recompute: false);
+            if (keep && KeepsActivations(i) && Selected(i, step))
+                CopyLayerActivations(i, _x[i], T, restore: false);
+        }
         // loss: final norm, then the LM head and cross-entropy in chunks of 128 vocabulary rows, capped at 10·tanh(logits / 10)
         Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);
         return Backend.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, softcap: FinalLogitSoftcap);
@@ -392,6 +404,15 @@ public sealed class TinyGemma3Trainer : TrainerBase
         {
             case LayerKind.Sliding: BackwardSlidingLayer(layer, dx, x, output, T); break;
             case LayerKind.Full: BackwardFullLayer(layer, dx, x, output, T); break;
+        }
+    }
+
+    private void CopyLayerActivations(int layer, Tensor x, int T, bool restore)
+    {
+        switch (Schedule[layer])
+        {
+            case LayerKind.Sliding: CopySlidingLayerActivations(layer, x, T, restore); break;
+            case LayerKind.Full: CopyFullLayerActivations(layer, x, T, restore); break;
         }
     }
 
@@ -466,8 +487,17 @@ public sealed class TinyGemma3Trainer : TrainerBase
     /// <summary>A sliding layer backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
     private void BackwardSlidingLayer(int layer, Tensor dx, Tensor x, Tensor output, int T)
     {
-        // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardSlidingLayer(layer, output, x, T, recompute: true);
+        if (KeepsActivations(layer))
+        {
+            // Kept from forward (the memory budget's plan): its activations are copied back, nothing is recomputed.
+            MapLayer(layer);
+            CopySlidingLayerActivations(layer, x, T, restore: true);
+        }
+        else
+        {
+            // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
+            ForwardSlidingLayer(layer, output, x, T, recompute: true);
+        }
         ClearGradients(layer);
         var lora = _lora[layer];
 
@@ -515,6 +545,43 @@ public sealed class TinyGemma3Trainer : TrainerBase
         // input_layernorm backward: dx += rmsnorm'(dxn)
         Backend.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: true);
         ReleaseLayer();
+    }
+
+    /// <summary>
+    /// A sliding layer that keeps its activations (one of the last KeptLayers): at the end of its forward
+    /// (restore false) what its backward reads is copied into the layer's kept buffer; before its backward
+    /// (restore true) it is copied back, and the cheap ops that remake the rest run again, in place of
+    /// recomputing the layer from its checkpoint. 908 floats per token.
+    /// </summary>
+    private void CopySlidingLayerActivations(int layer, Tensor x, int T, bool restore)
+    {
+        var kept = Kept(layer);
+        long at = 0;
+        CopyKept(kept, ref at, _qRaw, (long)T * QDim, restore); // qRaw[T,96]: q_proj output
+        CopyKept(kept, ref at, _rstdQ, (long)T * Heads, restore); // rstdQ[T,4]: q_norm 1/rms per token and head
+        CopyKept(kept, ref at, _kRaw, (long)T * KvDim, restore); // kRaw[T,48]: k_proj output
+        CopyKept(kept, ref at, _rstdK, (long)T * KvHeads, restore); // rstdK[T,2]: k_norm 1/rms per token and head
+        CopyKept(kept, ref at, _q, (long)T * Heads * HeadDim, restore); // q[T,96]: queries after q_norm and RoPE
+        CopyKept(kept, ref at, _k, (long)T * KvHeads * HeadDim, restore); // k[T,48]: keys after k_norm and RoPE
+        CopyKept(kept, ref at, _v, (long)T * KvDim, restore); // v[T,48]: v_proj output
+        CopyKept(kept, ref at, _att, (long)T * QDim, restore); // att[T,96]: attention output, input of o_proj
+        CopyKept(kept, ref at, _lse, (long)T * Heads, restore); // lse[T,4]: log-sum-exp of each attention row (the softmax is recomputed from it in backward)
+        CopyKept(kept, ref at, _attnOut, (long)T * Hidden, restore); // attnOut[T,64]: o_proj output
+        CopyKept(kept, ref at, _rstd2, T, restore); // rstd2[T,1]: post_attention_layernorm 1/rms per token
+        CopyKept(kept, ref at, _x2, (long)T * Hidden, restore); // x2[T,64]: the residual stream after attention
+        CopyKept(kept, ref at, _gate, (long)T * Intermediate, restore); // gate[T,136]: gate_proj output
+        CopyKept(kept, ref at, _up, (long)T * Intermediate, restore); // up[T,136]: up_proj output
+        CopyKept(kept, ref at, _mlpOut, (long)T * Hidden, restore); // mlpOut[T,64]: down_proj output
+        CopyKept(kept, ref at, _rstd4, T, restore); // rstd4[T,1]: post_feedforward_layernorm 1/rms per token
+        if (!restore)
+            return;
+        // remade from the kept values and x: input_layernorm, pre_feedforward_layernorm, geglu
+        // input_layernorm: xn = rmsnorm(x)·(1 + w)
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // pre_feedforward_layernorm: xn2 = rmsnorm(x2)·(1 + w)
+        Backend.RmsNormForward(_xn2, _rstd3, _x2, _wPreFeedforwardNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // geglu: act[T,136] = gelu_tanh(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.GeluTanh);
     }
 
     /// <summary>
@@ -636,8 +703,17 @@ public sealed class TinyGemma3Trainer : TrainerBase
     /// <summary>A full layer backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
     private void BackwardFullLayer(int layer, Tensor dx, Tensor x, Tensor output, int T)
     {
-        // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardFullLayer(layer, output, x, T, recompute: true);
+        if (KeepsActivations(layer))
+        {
+            // Kept from forward (the memory budget's plan): its activations are copied back, nothing is recomputed.
+            MapLayer(layer);
+            CopyFullLayerActivations(layer, x, T, restore: true);
+        }
+        else
+        {
+            // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
+            ForwardFullLayer(layer, output, x, T, recompute: true);
+        }
         ClearGradients(layer);
         var lora = _lora[layer];
 
@@ -685,6 +761,43 @@ public sealed class TinyGemma3Trainer : TrainerBase
         // input_layernorm backward: dx += rmsnorm'(dxn)
         Backend.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: true);
         ReleaseLayer();
+    }
+
+    /// <summary>
+    /// A full layer that keeps its activations (one of the last KeptLayers): at the end of its forward
+    /// (restore false) what its backward reads is copied into the layer's kept buffer; before its backward
+    /// (restore true) it is copied back, and the cheap ops that remake the rest run again, in place of
+    /// recomputing the layer from its checkpoint. 908 floats per token.
+    /// </summary>
+    private void CopyFullLayerActivations(int layer, Tensor x, int T, bool restore)
+    {
+        var kept = Kept(layer);
+        long at = 0;
+        CopyKept(kept, ref at, _qRaw, (long)T * QDim, restore); // qRaw[T,96]: q_proj output
+        CopyKept(kept, ref at, _rstdQ, (long)T * Heads, restore); // rstdQ[T,4]: q_norm 1/rms per token and head
+        CopyKept(kept, ref at, _kRaw, (long)T * KvDim, restore); // kRaw[T,48]: k_proj output
+        CopyKept(kept, ref at, _rstdK, (long)T * KvHeads, restore); // rstdK[T,2]: k_norm 1/rms per token and head
+        CopyKept(kept, ref at, _q, (long)T * Heads * HeadDim, restore); // q[T,96]: queries after q_norm and RoPE
+        CopyKept(kept, ref at, _k, (long)T * KvHeads * HeadDim, restore); // k[T,48]: keys after k_norm and RoPE
+        CopyKept(kept, ref at, _v, (long)T * KvDim, restore); // v[T,48]: v_proj output
+        CopyKept(kept, ref at, _att, (long)T * QDim, restore); // att[T,96]: attention output, input of o_proj
+        CopyKept(kept, ref at, _lse, (long)T * Heads, restore); // lse[T,4]: log-sum-exp of each attention row (the softmax is recomputed from it in backward)
+        CopyKept(kept, ref at, _attnOut, (long)T * Hidden, restore); // attnOut[T,64]: o_proj output
+        CopyKept(kept, ref at, _rstd2, T, restore); // rstd2[T,1]: post_attention_layernorm 1/rms per token
+        CopyKept(kept, ref at, _x2, (long)T * Hidden, restore); // x2[T,64]: the residual stream after attention
+        CopyKept(kept, ref at, _gate, (long)T * Intermediate, restore); // gate[T,136]: gate_proj output
+        CopyKept(kept, ref at, _up, (long)T * Intermediate, restore); // up[T,136]: up_proj output
+        CopyKept(kept, ref at, _mlpOut, (long)T * Hidden, restore); // mlpOut[T,64]: down_proj output
+        CopyKept(kept, ref at, _rstd4, T, restore); // rstd4[T,1]: post_feedforward_layernorm 1/rms per token
+        if (!restore)
+            return;
+        // remade from the kept values and x: input_layernorm, pre_feedforward_layernorm, geglu
+        // input_layernorm: xn = rmsnorm(x)·(1 + w)
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // pre_feedforward_layernorm: xn2 = rmsnorm(x2)·(1 + w)
+        Backend.RmsNormForward(_xn2, _rstd3, _x2, _wPreFeedforwardNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // geglu: act[T,136] = gelu_tanh(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.GeluTanh);
     }
 
     /// <summary>
@@ -747,20 +860,19 @@ public sealed class TinyGemma3Trainer : TrainerBase
     /// <summary>Maps one layer's base weights from the model files into their fields.</summary>
     private void MapLayer(int layer)
     {
-        string p = $"model.layers.{layer}.";
-        _wInputNorm = MapWeight(p + "input_layernorm.weight");
-        _wQProj = MapWeight(p + "self_attn.q_proj.weight");
-        _wKProj = MapWeight(p + "self_attn.k_proj.weight");
-        _wVProj = MapWeight(p + "self_attn.v_proj.weight");
-        _wQNorm = MapWeight(p + "self_attn.q_norm.weight");
-        _wKNorm = MapWeight(p + "self_attn.k_norm.weight");
-        _wOProj = MapWeight(p + "self_attn.o_proj.weight");
-        _wPostAttentionNorm = MapWeight(p + "post_attention_layernorm.weight");
-        _wPreFeedforwardNorm = MapWeight(p + "pre_feedforward_layernorm.weight");
-        _wGateProj = MapWeight(p + "mlp.gate_proj.weight");
-        _wUpProj = MapWeight(p + "mlp.up_proj.weight");
-        _wDownProj = MapWeight(p + "mlp.down_proj.weight");
-        _wPostFeedforwardNorm = MapWeight(p + "post_feedforward_layernorm.weight");
+        _wInputNorm = MapWeight(layer, "input_layernorm.weight");
+        _wQProj = MapWeight(layer, "self_attn.q_proj.weight");
+        _wKProj = MapWeight(layer, "self_attn.k_proj.weight");
+        _wVProj = MapWeight(layer, "self_attn.v_proj.weight");
+        _wQNorm = MapWeight(layer, "self_attn.q_norm.weight");
+        _wKNorm = MapWeight(layer, "self_attn.k_norm.weight");
+        _wOProj = MapWeight(layer, "self_attn.o_proj.weight");
+        _wPostAttentionNorm = MapWeight(layer, "post_attention_layernorm.weight");
+        _wPreFeedforwardNorm = MapWeight(layer, "pre_feedforward_layernorm.weight");
+        _wGateProj = MapWeight(layer, "mlp.gate_proj.weight");
+        _wUpProj = MapWeight(layer, "mlp.up_proj.weight");
+        _wDownProj = MapWeight(layer, "mlp.down_proj.weight");
+        _wPostFeedforwardNorm = MapWeight(layer, "post_feedforward_layernorm.weight");
     }
 
     /// <summary>Gives the running layer's weights back: their pages leave memory until the layer runs again.</summary>

@@ -21,7 +21,9 @@ namespace LoraCompiler.Models;
 /// Step: forward keeps only each layer's input (the MeBP checkpoints x00..x04); the loss runs the
 /// LM head in chunks of 128 vocabulary rows and never holds [T, 320] logits; backward
 /// recomputes each layer from its checkpoint, then runs the MeSP LoRA backward, which recomputes
-/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice.
+/// H = X·Aᵀ instead of keeping it. Which layers backpropagate at a step (LCSB) is the run's choice, and so is
+/// how many of the last layers keep their activations from forward to backward instead (KeptLayers,
+/// which a memory budget chooses): their backward copies them back and recomputes nothing.
 /// </remarks>
 public sealed class TinyQwen2Trainer : TrainerBase
 {
@@ -79,6 +81,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         new("dQ",                  BufferRole.Gradient,                   0,        64, "gradient of q", SharesWith: "xn2"),
         new("dK",                  BufferRole.Gradient,                   0,        32, "gradient of k"),
         new("dV",                  BufferRole.Gradient,                   0,        32, "gradient of v"),
+        new("kept",                BufferRole.KeptActivations,            0,       612, "one kept layer's q, k, v, att, lse, x2, gate, up, from its forward to its backward (for each layer the memory budget keeps; none by default)"),
         new("loraH",               BufferRole.Scratch,                    0,         8, "H = X·Aᵀ, recomputed for each projection (MeSP)"),
         new("loraDH",              BufferRole.Scratch,                    0,         8, "dH = s·G·B"),
         new("logits",              BufferRole.Scratch,                    0,       128, "one LM-head chunk of 128 vocabulary rows"),
@@ -246,6 +249,7 @@ public sealed class TinyQwen2Trainer : TrainerBase
         _dUp = _dAct; // shares memory: their lifetimes do not overlap
         _dAtt = _x2; // shares memory: their lifetimes do not overlap
         _dQ = _xn2; // shares memory: their lifetimes do not overlap
+        AllocateKept("kept"); // one for each of the last KeptLayers layers
 
         _embedTokens = MapWeight("model.embed_tokens.weight");
         _finalNorm = MapWeight("model.norm.weight");
@@ -263,17 +267,18 @@ public sealed class TinyQwen2Trainer : TrainerBase
 
     /// <inheritdoc/>
     public override float Loss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets) =>
-        ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets));
+        ForwardAndLoss(tokens, targets, CheckSequence(tokens, targets), keep: false, step: 0);
 
     /// <inheritdoc/>
     public override float ForwardBackward(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int step)
     {
         int T = CheckSequence(tokens, targets);
-        float loss = ForwardAndLoss(tokens, targets, T);
+        float loss = ForwardAndLoss(tokens, targets, T, keep: true, step);
         // final norm backward: dx[T,Hidden] = rmsnorm'(dxn), the gradient of the last layer's output
         Backend.RmsNormBackward(_dx, _dxn, _x[Layers], _finalNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: false);
 
-        // Backward, last layer first: each recomputes itself from its checkpoint, then hands its LoRA
+        // Backward, last layer first: each recomputes itself from its checkpoint (or copies back what it
+        // kept, for the last KeptLayers layers), then hands its LoRA
         // gradients on. LCSB: a layer outside this step's group is skipped, the identity on the residual
         // stream (dx passes through, nothing is loaded or computed); its gradients are zero and the
         // optimizer still steps it.
@@ -287,13 +292,20 @@ public sealed class TinyQwen2Trainer : TrainerBase
         return loss;
     }
 
-    /// <summary>Forward through every layer, keeping only the checkpoints, then the loss; leaves ∂loss/∂(final norm output) in dxn.</summary>
-    private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T)
+    /// <summary>
+    /// Forward through every layer, keeping the checkpoints (and, with <paramref name="keep">, the activations of the
+    /// kept layers that backpropagate at <paramref name="step">), then the loss; leaves ∂loss/∂(final norm output) in dxn.
+    /// </summary>
+    private float ForwardAndLoss(ReadOnlySpan<int> tokens, ReadOnlySpan<int> targets, int T, bool keep, int step)
     {
         // embedding: x00[T,64] = embed_tokens[tokens]
         Backend.EmbeddingForward(_x[0], tokens, _embedTokens, T, Hidden);
         for (int i = 0; i < Layers; i++)
+        {
             ForwardLayer(i, _x[i + 1], _x[i], T, recompute: false);
+            if (keep && KeepsActivations(i) && Selected(i, step))
+                CopyLayerActivations(i, _x[i], T, restore: false);
+        }
         // loss: final norm, then the LM head and cross-entropy in chunks of 128 vocabulary rows
         Backend.RmsNormForward(_xn, _rstd1, _x[Layers], _finalNorm, T, Hidden, RmsEps, NormWeightOffset);
         return Backend.LmHeadCrossEntropy(_dxn, _logits, _xn, _embedTokens, targets, T, Hidden, Vocab, LmHeadChunk, softcap: 0f);
@@ -367,8 +379,17 @@ public sealed class TinyQwen2Trainer : TrainerBase
     /// <summary>A layer backward: dx holds ∂L/∂output on entry and ∂L/∂x on return; LoRA gradients are added.</summary>
     private void BackwardLayer(int layer, Tensor dx, Tensor x, Tensor output, int T)
     {
-        // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
-        ForwardLayer(layer, output, x, T, recompute: true);
+        if (KeepsActivations(layer))
+        {
+            // Kept from forward (the memory budget's plan): its activations are copied back, nothing is recomputed.
+            MapLayer(layer);
+            CopyLayerActivations(layer, x, T, restore: true);
+        }
+        else
+        {
+            // Recompute the layer from its checkpoint (MeBP): reloads its weights and refills its activations.
+            ForwardLayer(layer, output, x, T, recompute: true);
+        }
         ClearGradients(layer);
         var lora = _lora[layer];
 
@@ -408,6 +429,35 @@ public sealed class TinyQwen2Trainer : TrainerBase
         // input_layernorm backward: dx += rmsnorm'(dxn)
         Backend.RmsNormBackward(dx, _dxn, x, _wInputNorm, _rstd1, T, Hidden, NormWeightOffset, accumulate: true);
         ReleaseLayer();
+    }
+
+    /// <summary>
+    /// A layer that keeps its activations (one of the last KeptLayers): at the end of its forward
+    /// (restore false) what its backward reads is copied into the layer's kept buffer; before its backward
+    /// (restore true) it is copied back, and the cheap ops that remake the rest run again, in place of
+    /// recomputing the layer from its checkpoint. 612 floats per token.
+    /// </summary>
+    private void CopyLayerActivations(int layer, Tensor x, int T, bool restore)
+    {
+        var kept = Kept(layer);
+        long at = 0;
+        CopyKept(kept, ref at, _q, (long)T * QDim, restore); // q[T,64]: queries after RoPE
+        CopyKept(kept, ref at, _k, (long)T * KvDim, restore); // k[T,32]: keys after RoPE
+        CopyKept(kept, ref at, _v, (long)T * KvDim, restore); // v[T,32]: v_proj output
+        CopyKept(kept, ref at, _att, (long)T * QDim, restore); // att[T,64]: attention output, input of o_proj
+        CopyKept(kept, ref at, _lse, (long)T * Heads, restore); // lse[T,4]: log-sum-exp of each attention row (the softmax is recomputed from it in backward)
+        CopyKept(kept, ref at, _x2, (long)T * Hidden, restore); // x2[T,64]: the residual stream after attention
+        CopyKept(kept, ref at, _gate, (long)T * Intermediate, restore); // gate[T,176]: gate_proj output
+        CopyKept(kept, ref at, _up, (long)T * Intermediate, restore); // up[T,176]: up_proj output
+        if (!restore)
+            return;
+        // remade from the kept values and x: input_layernorm, post_attention_layernorm, swiglu
+        // input_layernorm: xn = rmsnorm(x)·w
+        Backend.RmsNormForward(_xn, _rstd1, x, _wInputNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // post_attention_layernorm: xn2 = rmsnorm(x2)·w
+        Backend.RmsNormForward(_xn2, _rstd2, _x2, _wPostAttentionNorm, T, Hidden, RmsEps, NormWeightOffset);
+        // swiglu: act[T,176] = silu(gate)·up
+        Backend.GluForward(_act, _gate, _up, (long)T * Intermediate, GluActivation.Silu);
     }
 
     /// <summary>
@@ -462,19 +512,18 @@ public sealed class TinyQwen2Trainer : TrainerBase
     /// <summary>Maps one layer's base weights from the model files into their fields.</summary>
     private void MapLayer(int layer)
     {
-        string p = $"model.layers.{layer}.";
-        _wInputNorm = MapWeight(p + "input_layernorm.weight");
-        _wQProj = MapWeight(p + "self_attn.q_proj.weight");
-        _bQProj = MapWeight(p + "self_attn.q_proj.bias");
-        _wKProj = MapWeight(p + "self_attn.k_proj.weight");
-        _bKProj = MapWeight(p + "self_attn.k_proj.bias");
-        _wVProj = MapWeight(p + "self_attn.v_proj.weight");
-        _bVProj = MapWeight(p + "self_attn.v_proj.bias");
-        _wOProj = MapWeight(p + "self_attn.o_proj.weight");
-        _wPostAttentionNorm = MapWeight(p + "post_attention_layernorm.weight");
-        _wGateProj = MapWeight(p + "mlp.gate_proj.weight");
-        _wUpProj = MapWeight(p + "mlp.up_proj.weight");
-        _wDownProj = MapWeight(p + "mlp.down_proj.weight");
+        _wInputNorm = MapWeight(layer, "input_layernorm.weight");
+        _wQProj = MapWeight(layer, "self_attn.q_proj.weight");
+        _bQProj = MapWeight(layer, "self_attn.q_proj.bias");
+        _wKProj = MapWeight(layer, "self_attn.k_proj.weight");
+        _bKProj = MapWeight(layer, "self_attn.k_proj.bias");
+        _wVProj = MapWeight(layer, "self_attn.v_proj.weight");
+        _bVProj = MapWeight(layer, "self_attn.v_proj.bias");
+        _wOProj = MapWeight(layer, "self_attn.o_proj.weight");
+        _wPostAttentionNorm = MapWeight(layer, "post_attention_layernorm.weight");
+        _wGateProj = MapWeight(layer, "mlp.gate_proj.weight");
+        _wUpProj = MapWeight(layer, "mlp.up_proj.weight");
+        _wDownProj = MapWeight(layer, "mlp.down_proj.weight");
     }
 
     /// <summary>Gives the running layer's weights back: their pages leave memory until the layer runs again.</summary>

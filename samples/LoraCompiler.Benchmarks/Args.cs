@@ -1,6 +1,6 @@
 using System.Globalization;
 
-namespace LoraCompiler.Cli;
+namespace LoraCompiler.CommandLine;
 
 /// <summary>
 /// A command-line mistake: printed as one line <c>error: --option: what is wrong</c> without a stack

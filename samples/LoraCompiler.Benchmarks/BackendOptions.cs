@@ -1,7 +1,7 @@
 using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Backends.Vulkan;
 
-namespace LoraCompiler.Cli;
+namespace LoraCompiler.CommandLine;
 
 /// <summary><c>--backend cpu|vulkan</c> and <c>--device N|name</c>: which backend a command runs on.</summary>
 public static class BackendOptions
