@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Text;
 using System.Text.Json;
 
@@ -47,11 +48,29 @@ public sealed partial class BpeTokenizer
         var timeout = regexTimeout ?? TokenizerRegex.DefaultTimeout;
         if (timeout <= TimeSpan.Zero && timeout != System.Text.RegularExpressions.Regex.InfiniteMatchTimeout)
             throw new ArgumentOutOfRangeException(nameof(regexTimeout), regexTimeout, "The time limit of a regular expression must be positive.");
-        using var document = ParseJson(tokenizerJson, source);
-        TokenizerConfig config = tokenizerConfig is null
-            ? TokenizerConfig.None
-            : TokenizerConfig.Read(tokenizerConfig, configSource ?? ConfigFileName);
-        return new BpeTokenizer(document.RootElement, config, source, timeout);
+        BpeTokenizer tokenizer;
+        int jsonLength;
+        using (var document = ParseJson(tokenizerJson, source, out jsonLength))
+        {
+            TokenizerConfig config = tokenizerConfig is null
+                ? TokenizerConfig.None
+                : TokenizerConfig.Read(tokenizerConfig, configSource ?? ConfigFileName);
+            tokenizer = new BpeTokenizer(document.RootElement, config, source, timeout);
+        }
+        TakeBackPooledMetadata(jsonLength);
+        return tokenizer;
+    }
+
+    /// <summary>
+    /// A <see cref="JsonDocument"/> rents its metadata from <see cref="ArrayPool{T}.Shared"/> and gives
+    /// it back when disposed, and the pool keeps it for the life of the process: 16 MiB for Qwen's
+    /// tokenizer.json, which a training run would carry through every step. Renting it once more, and
+    /// dropping it, leaves it to the garbage collector.
+    /// </summary>
+    private static void TakeBackPooledMetadata(int jsonLength)
+    {
+        if (jsonLength >= 1 << 20)
+            _ = ArrayPool<byte>.Shared.Rent(jsonLength);
     }
 
     /// <summary>
@@ -66,7 +85,10 @@ public sealed partial class BpeTokenizer
     /// that are not UTF-8 and \u escapes of half a surrogate pair are refused here, with their line,
     /// so that reading a member never fails later.
     /// </summary>
-    private static JsonDocument ParseJson(Stream stream, string source)
+    private static JsonDocument ParseJson(Stream stream, string source) => ParseJson(stream, source, out _);
+
+    /// <inheritdoc cref="ParseJson(Stream, string)"/>
+    private static JsonDocument ParseJson(Stream stream, string source, out int length)
     {
         byte[] bytes;
         using (var copy = new MemoryStream())
@@ -76,6 +98,7 @@ public sealed partial class BpeTokenizer
         }
         var memory = bytes.AsMemory(bytes.AsSpan().StartsWith((ReadOnlySpan<byte>)[0xEF, 0xBB, 0xBF]) ? 3 : 0);
         var span = memory.Span;
+        length = span.Length;
         if (!System.Text.Unicode.Utf8.IsValid(span))
         {
             System.Text.Unicode.Utf8.ToUtf16(span, new char[span.Length], out int read, out _, replaceInvalidSequences: false);
