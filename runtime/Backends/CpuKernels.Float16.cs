@@ -61,15 +61,7 @@ internal static unsafe partial class CpuKernels
         using (var pin = new Float16Pin(w))
         fixed (float* py = y) fixed (float* px = x)
             GemmNTPanels(py, dout, px, din, pin.Matrix, 0, T, dout, 1f, false, threads);
-        if (!bias.IsEmpty)
-        {
-            Need(bias, dout, nameof(bias));
-            for (int t = 0; t < T; t++)
-            {
-                Span<float> row = y.Slice(t * dout, dout);
-                System.Numerics.Tensors.TensorPrimitives.Add(row, bias[..dout], row);
-            }
-        }
+        AddBias(y, bias, T, dout);
     }
 
     /// <summary>dx [T, din] (=|+=) dy [T, dout]·w with a 16-bit w [dout, din].</summary>

@@ -75,15 +75,7 @@ internal static unsafe partial class CpuKernels
             else
                 GemmNTPanels(py, dout, px, din, pin.Matrix, 0, T, dout, 1f, false, threads);
         }
-        if (!bias.IsEmpty)
-        {
-            Need(bias, dout, nameof(bias));
-            for (int t = 0; t < T; t++)
-            {
-                Span<float> row = y.Slice(t * dout, dout);
-                System.Numerics.Tensors.TensorPrimitives.Add(row, bias[..dout], row);
-            }
-        }
+        AddBias(y, bias, T, dout);
     }
 
     /// <summary>dx [T, din] (=|+=) dy [T, dout]·w with a 4-bit w [dout, din].</summary>

@@ -376,14 +376,19 @@ internal static unsafe partial class CpuKernels
     public static void LinearForward(Span<float> y, ReadOnlySpan<float> x, ReadOnlySpan<float> w, ReadOnlySpan<float> bias, int T, int din, int dout, int threads)
     {
         GemmNT(y, x, w, T, dout, din, 1f, false, threads);
-        if (!bias.IsEmpty)
+        AddBias(y, bias, T, dout);
+    }
+
+    /// <summary>Adds <paramref name="bias"/> [dout] to each of the T rows of y (nothing when it is empty): the linear forwards' bias, whatever w's format.</summary>
+    private static void AddBias(Span<float> y, ReadOnlySpan<float> bias, int T, int dout)
+    {
+        if (bias.IsEmpty)
+            return;
+        Need(bias, dout, nameof(bias));
+        for (int t = 0; t < T; t++)
         {
-            Need(bias, dout, nameof(bias));
-            for (int t = 0; t < T; t++)
-            {
-                Span<float> row = y.Slice(t * dout, dout);
-                TensorPrimitives.Add(row, bias[..dout], row);
-            }
+            Span<float> row = y.Slice(t * dout, dout);
+            TensorPrimitives.Add(row, bias[..dout], row);
         }
     }
 
