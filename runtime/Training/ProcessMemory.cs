@@ -39,10 +39,10 @@ public static class ProcessMemory
         catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return null; }
     });
 
-    public const string StatmPath = "/proc/self/statm";
+    private const string StatmPath = "/proc/self/statm";
 
     /// <summary>Parses statm ("size resident shared text lib data dt", in pages) read at offset 0 of an open handle.</summary>
-    public static ResidentMemory? ReadStatm(SafeFileHandle handle, Span<byte> buffer)
+    private static ResidentMemory? ReadStatm(SafeFileHandle handle, Span<byte> buffer)
     {
         int n = RandomAccess.Read(handle, buffer, 0);
         Span<long> fields = stackalloc long[3];

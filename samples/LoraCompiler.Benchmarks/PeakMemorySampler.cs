@@ -1,5 +1,4 @@
 using LoraCompiler.Runtime.Training;
-using Microsoft.Win32.SafeHandles;
 
 namespace LoraCompiler.Benchmarks;
 
@@ -12,22 +11,12 @@ namespace LoraCompiler.Benchmarks;
 public sealed class PeakMemorySampler : IDisposable
 {
     private readonly object _gate = new();
-    private readonly SafeFileHandle? _statm;
-    private readonly byte[] _buffer = new byte[128];
     private readonly Thread? _thread;
     private volatile bool _stopping;
 
     public PeakMemorySampler(TimeSpan interval)
     {
         Interval = interval;
-        try
-        {
-            _statm = File.OpenHandle(ProcessMemory.StatmPath);
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            _statm = null; // not Linux: samples fall back to status/the working set
-        }
         Sample("start");
         _thread = new Thread(Run) { IsBackground = true, Name = "peak-memory-sampler", Priority = ThreadPriority.AboveNormal };
         _thread.Start();
@@ -56,9 +45,8 @@ public sealed class PeakMemorySampler : IDisposable
     {
         lock (_gate)
         {
-            var memory = _statm is null
-                ? new ResidentMemory(ProcessMemory.PrivateBytes(), 0)
-                : ProcessMemory.ReadStatm(_statm, _buffer) ?? new ResidentMemory(ProcessMemory.PrivateBytes(), 0);
+            // statm through ProcessMemory's kept handle; off Linux, status or the working set.
+            var memory = ProcessMemory.Resident() ?? new ResidentMemory(ProcessMemory.PrivateBytes(), 0);
             Samples++;
             if (memory.AnonymousBytes > PeakPrivateBytes)
             {
@@ -92,6 +80,5 @@ public sealed class PeakMemorySampler : IDisposable
     public void Dispose()
     {
         Stop();
-        _statm?.Dispose();
     }
 }
