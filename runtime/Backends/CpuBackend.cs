@@ -29,6 +29,8 @@ public sealed class CpuTensor : Tensor
     /// <summary>True for a weight used in place in a read-only file mapping (never written).</summary>
     public bool IsFileMapped { get; init; }
 
+    public override bool IsResident => IsFileMapped;
+
     /// <summary>A converted weight's array, rented from the shared pool and returned by ReleaseWeight.</summary>
     internal float[]? PooledArray { get; set; }
 
@@ -47,6 +49,8 @@ public sealed class CpuQ4Tensor(Q4Weight weight) : Tensor(weight.Name, (long)wei
 
     /// <summary>True when the weight lies in a read-only file mapping (<see cref="ModelWeights.MapQ4"/>), not in arrays.</summary>
     public bool IsFileMapped { get; init; }
+
+    public override bool IsResident => IsFileMapped;
 }
 
 /// <summary>
@@ -61,6 +65,8 @@ public sealed class CpuFloat16Tensor(Float16Weight weight) : Tensor(weight.Name,
 
     /// <summary>True when the bits lie in a read-only file mapping (<see cref="ModelWeights.MapFloat16"/>), not in an array.</summary>
     public bool IsFileMapped => Weight.IsFileMapped;
+
+    public override bool IsResident => IsFileMapped;
 }
 
 /// <summary>
@@ -85,6 +91,18 @@ public sealed class CpuBackend : IBackend
 
     public void Dispose() { }
 
+    /// <summary>Nothing to wait for: every kernel has run when its call returns.</summary>
+    public void Synchronize() { }
+
+    /// <summary>0: CPU tensors are host memory.</summary>
+    public long TransferredBytes => 0;
+
+    public bool TryGetHostSpan(Tensor tensor, out Span<float> values)
+    {
+        values = tensor is CpuTensor { IsFileMapped: false } t ? t.Span : default;
+        return tensor is CpuTensor { IsFileMapped: false };
+    }
+
     // ---------------------------------------------------------------- buffers
 
     public Tensor Allocate(string name, long length)
@@ -94,7 +112,15 @@ public sealed class CpuBackend : IBackend
         return new CpuTensor(name, new float[length]);
     }
 
+    public Tensor AllocateInFile(string name, long length, Func<MappedBuffer> file)
+    {
+        var mapped = file();
+        return new CpuTensor(name, mapped.Memory, owner: mapped);
+    }
+
     public Tensor Upload(string name, ReadOnlySpan<float> data) => new CpuTensor(name, data.ToArray());
+
+    public Tensor Adopt(string name, Memory<float> values) => new CpuTensor(name, values);
 
     /// <summary>
     /// A 4-bit weight stays packed in the file mapping (<see cref="CpuQ4Tensor"/>), an F16 or BF16 one

@@ -1,3 +1,4 @@
+using LoraCompiler.Runtime.IO;
 using LoraCompiler.Runtime.Weights;
 
 namespace LoraCompiler.Runtime.Backends;
@@ -13,6 +14,13 @@ public abstract class Tensor : IDisposable
 
     public string Name { get; }
     public long Length { get; }
+
+    /// <summary>
+    /// True for a base weight that stays where <see cref="IBackend.MapWeight"/> put it for the whole
+    /// run: in place in a read-only file mapping (the CPU) or resident in device memory. A trainer maps
+    /// such a weight once and keeps it; <see cref="IBackend.ReleaseWeight"/> only lets its pages go.
+    /// </summary>
+    public virtual bool IsResident => false;
 
     public virtual void Dispose() { }
 
@@ -33,11 +41,45 @@ public interface IBackend : IDisposable
     /// <summary>Human-readable name, for example "cpu (2 threads)".</summary>
     string Name { get; }
 
+    /// <summary>
+    /// Waits until every kernel called so far has run. A GPU backend records kernels and submits them
+    /// in batches, so a call returns before its kernel has run; the CPU runs each kernel in its call.
+    /// For timing: anything that reads results back (<see cref="Download"/>, a loss) waits by itself.
+    /// </summary>
+    void Synchronize();
+
+    /// <summary>
+    /// Bytes copied between the host's memory and the backend's since it was made, both ways (the
+    /// traffic a step costs); 0 on the CPU, whose tensors are host memory.
+    /// </summary>
+    long TransferredBytes { get; }
+
+    /// <summary>
+    /// The tensor's values in host memory, when this backend keeps them there (the CPU), for reading
+    /// and writing in place; false when they live elsewhere (a GPU), where only
+    /// <see cref="Download"/> and <see cref="Write"/> reach them.
+    /// </summary>
+    bool TryGetHostSpan(Tensor tensor, out Span<float> values);
+
     /// <summary>A zero-filled buffer of <paramref name="length"/> floats.</summary>
     Tensor Allocate(string name, long length);
 
+    /// <summary>
+    /// A zero-filled buffer of <paramref name="length"/> floats in the memory-mapped file
+    /// <paramref name="file"/> makes, where this backend keeps tensors in host memory (the CPU): file
+    /// pages the kernel can write back and drop, not private memory. A GPU backend allocates device
+    /// memory as <see cref="Allocate"/> does and never calls <paramref name="file"/>.
+    /// </summary>
+    Tensor AllocateInFile(string name, long length, Func<MappedBuffer> file);
+
     /// <summary>A buffer holding a copy of <paramref name="data"/> (weights, LoRA parameters).</summary>
     Tensor Upload(string name, ReadOnlySpan<float> data);
+
+    /// <summary>
+    /// A buffer holding <paramref name="values"/>: a backend that keeps tensors in host memory uses that
+    /// memory itself (no second copy; its kernels write into it), another uploads a copy.
+    /// </summary>
+    Tensor Adopt(string name, Memory<float> values);
 
     /// <summary>
     /// A base weight as the kernels read it, from the model files. On the CPU an F32 tensor is a view

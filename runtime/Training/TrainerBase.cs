@@ -335,9 +335,9 @@ public abstract class TrainerBase : IDisposable
                 visit(m.Spec, Zeros(m.DA.Length), Zeros(m.DB.Length));
                 continue;
             }
-            if (m.DA is CpuTensor da && m.DB is CpuTensor db)
+            if (Backend.TryGetHostSpan(m.DA, out var da) && Backend.TryGetHostSpan(m.DB, out var db))
             {
-                visit(m.Spec, da.Span, db.Span);
+                visit(m.Spec, da, db);
                 continue;
             }
             var (hostDa, hostDb) = HostGradients(m);
@@ -393,12 +393,13 @@ public abstract class TrainerBase : IDisposable
 
     private void UpdateParameters(LoraTensors m, bool skipped, ParameterUpdate update)
     {
-        if (m.A is CpuTensor a && m.B is CpuTensor b && m.DA is CpuTensor da && m.DB is CpuTensor db)
+        if (Backend.TryGetHostSpan(m.A, out var a) && Backend.TryGetHostSpan(m.B, out var b)
+            && Backend.TryGetHostSpan(m.DA, out var da) && Backend.TryGetHostSpan(m.DB, out var db))
         {
             if (skipped)
-                update(m, a.Span, b.Span, Zeros(m.DA.Length), Zeros(m.DB.Length));
+                update(m, a, b, Zeros(m.DA.Length), Zeros(m.DB.Length));
             else
-                update(m, a.Span, b.Span, da.Span, db.Span);
+                update(m, a, b, da, db);
             return;
         }
         var host = _adapterModules[m.Spec.Module];
@@ -426,12 +427,18 @@ public abstract class TrainerBase : IDisposable
         if (plan.Role == BufferRole.Weights)
             throw new ArgumentException($"'{name}' is a weight: map it with MapWeight, it is not allocated.");
         long length = plan.Elements(MaxSequence);
-        if (plan.Role == BufferRole.Checkpoint && ActivationsInFile && Backend is CpuBackend)
+        if (plan.Role == BufferRole.Checkpoint && ActivationsInFile)
         {
             // trainer.activations = "mmap": file pages the kernel can write back and drop, not private memory.
-            var file = new MappedBuffer(TemporaryFolder, tensorName, length);
-            FileBackedBytes += length * sizeof(float);
-            return Track(new CpuTensor(tensorName, file.Memory, owner: file));
+            bool inFile = false;
+            var tensor = Track(Backend.AllocateInFile(tensorName, length, () =>
+            {
+                inFile = true;
+                return new MappedBuffer(TemporaryFolder, tensorName, length);
+            }));
+            if (inFile)
+                FileBackedBytes += length * sizeof(float);
+            return tensor;
         }
         return Track(Backend.Allocate(tensorName, length));
     }
@@ -456,15 +463,12 @@ public abstract class TrainerBase : IDisposable
             return view;
         }
         var weight = MapWeight($"model.layers.{layer}.{name}");
-        if (IsFileMapped(weight))
+        if (weight.IsResident)
             _layerWeights[(layer, name)] = weight;
         return weight;
     }
 
     private readonly Dictionary<(int Layer, string Name), Tensor> _layerWeights = [];
-
-    private static bool IsFileMapped(Tensor weight) =>
-        weight is CpuTensor { IsFileMapped: true } or CpuQ4Tensor { IsFileMapped: true } or CpuFloat16Tensor { IsFileMapped: true };
 
     /// <summary>Gives a weight of <see cref="MapWeight(string)"/> back.</summary>
     /// <remarks>
@@ -474,7 +478,7 @@ public abstract class TrainerBase : IDisposable
     /// </remarks>
     protected void ReleaseWeight(Tensor weight)
     {
-        if (_decoding && IsFileMapped(weight))
+        if (_decoding && weight.IsResident)
             return;
         Backend.ReleaseWeight(weight);
     }
@@ -494,9 +498,7 @@ public abstract class TrainerBase : IDisposable
                 Track(Backend.Allocate("d:" + projection + ".lora_A", m.A.Length)),
                 Track(Backend.Allocate("d:" + projection + ".lora_B", m.B.Length)));
         // On the CPU the adapter's own arrays are the parameters (no second copy); elsewhere they are uploaded.
-        var tensors = new LoraTensors(m.Spec,
-            Track(Backend is CpuBackend ? new CpuTensor(m.Spec.AName, m.A) : Backend.Upload(m.Spec.AName, m.A)),
-            Track(Backend is CpuBackend ? new CpuTensor(m.Spec.BName, m.B) : Backend.Upload(m.Spec.BName, m.B)),
+        var tensors = new LoraTensors(m.Spec, Track(Backend.Adopt(m.Spec.AName, m.A)), Track(Backend.Adopt(m.Spec.BName, m.B)),
             gradients.DA, gradients.DB);
         _lora.Add(tensors);
         _layerModules = null;

@@ -137,20 +137,20 @@ public static class Bench
     {
         trainer.ZeroGradients();
         trainer.ForwardBackward(tokens);
-        (backend as VulkanBackend)?.Flush(); // the backward is recorded, not yet run, when ForwardBackward returns
+        backend.Synchronize(); // the backward is recorded, not yet run, when ForwardBackward returns
     }
 
     /// <summary>Milliseconds per call: one warm-up call, then repeats until <paramref name="seconds"/> have passed (at least 2).</summary>
     private static double Time(IBackend backend, Action call, double seconds)
     {
         call();
-        (backend as VulkanBackend)?.Flush();
+        backend.Synchronize();
         int calls = 0;
         var watch = Stopwatch.StartNew();
         do
         {
             call();
-            (backend as VulkanBackend)?.Flush();
+            backend.Synchronize();
             calls++;
         }
         while (calls < 2 || watch.Elapsed.TotalSeconds < seconds);

@@ -79,6 +79,9 @@ internal sealed unsafe class CommandStream : IDisposable
     /// <summary>Bytes of staging memory per batch: the most one upload piece can be.</summary>
     public ulong StagingBytes { get; }
 
+    /// <summary>Bytes copied from the host through the staging memory so far.</summary>
+    public long UploadedBytes { get; private set; }
+
     /// <summary>Batches submitted so far (for tests and the benchmark).</summary>
     public int Submissions { get; private set; }
 
@@ -228,6 +231,7 @@ internal sealed unsafe class CommandStream : IDisposable
         }
         var frame = Current;
         data.CopyTo(new Span<byte>((byte*)frame.Staging.Mapped + at, data.Length));
+        UploadedBytes += data.Length;
         frame.StagingUsed = at + bytes;
         var commands = Recording();
         ReadOnlySpan<VkBuffer> one = [destination];

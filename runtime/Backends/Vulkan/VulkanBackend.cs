@@ -1,3 +1,4 @@
+using LoraCompiler.Runtime.IO;
 using LoraCompiler.Runtime.Weights;
 using System.Runtime.InteropServices;
 using Silk.NET.Vulkan;
@@ -90,11 +91,26 @@ public sealed unsafe partial class VulkanBackend : IBackend
     public int Submissions => _stream.Submissions;
 
     /// <summary>Submits everything recorded and waits for the device to finish it (for timing; downloads do this themselves).</summary>
-    public void Flush() => _stream.Finish();
+    public void Synchronize() => _stream.Finish();
+
+    /// <summary>Bytes uploaded through the staging memory and read back from the device so far.</summary>
+    public long TransferredBytes => _stream.UploadedBytes + _downloadedBytes;
+
+    private long _downloadedBytes;
+
+    /// <summary>False: the tensors live in device memory.</summary>
+    public bool TryGetHostSpan(Tensor tensor, out Span<float> values)
+    {
+        values = default;
+        return false;
+    }
 
     // ---------------------------------------------------------------- buffers
 
     public Tensor Allocate(string name, long length) => Create(name, length, zero: true);
+
+    /// <summary>Device memory, as <see cref="Allocate"/>: a memory-mapped file would be host memory.</summary>
+    public Tensor AllocateInFile(string name, long length, Func<MappedBuffer> file) => Allocate(name, length);
 
     /// <summary>
     /// Uploads the weight to device memory: a 4-bit one as it is stored (<see cref="Upload(Q4Weight)"/>,
@@ -112,6 +128,9 @@ public sealed unsafe partial class VulkanBackend : IBackend
 
     /// <summary>Frees the weight's device memory once the kernels recorded so far no longer need it.</summary>
     public void ReleaseWeight(Tensor weight) => weight.Dispose();
+
+    /// <summary>A copy in device memory, as <see cref="Upload(string, ReadOnlySpan{float})"/>.</summary>
+    public Tensor Adopt(string name, Memory<float> values) => Upload(name, values.Span);
 
     public Tensor Upload(string name, ReadOnlySpan<float> data)
     {
@@ -327,6 +346,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
             _stream.Finish();
             new ReadOnlySpan<byte>(_readback.Mapped, count).CopyTo(destination.Slice(done, count));
             done += count;
+            _downloadedBytes += count;
         }
     }
 

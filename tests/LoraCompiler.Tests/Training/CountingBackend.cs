@@ -20,8 +20,13 @@ public sealed class CountingBackend(IBackend inner) : IBackend
     }
 
     public string Name => "counting " + inner.Name;
+    public void Synchronize() => inner.Synchronize();
+    public long TransferredBytes => inner.TransferredBytes;
+    public bool TryGetHostSpan(Tensor tensor, out Span<float> values) => inner.TryGetHostSpan(tensor, out values);
     public Tensor Allocate(string name, long length) => inner.Allocate(name, length);
+    public Tensor AllocateInFile(string name, long length, Func<LoraCompiler.Runtime.IO.MappedBuffer> file) => inner.AllocateInFile(name, length, file);
     public Tensor Upload(string name, ReadOnlySpan<float> data) => inner.Upload(name, data);
+    public Tensor Adopt(string name, Memory<float> values) => inner.Adopt(name, values);
     public void Download(Tensor src, Span<float> dst) => inner.Download(src, dst);
     public Tensor MapWeight(ModelWeights weights, string name) => inner.MapWeight(weights, name);
     public void ReleaseWeight(Tensor weight) => inner.ReleaseWeight(weight);
