@@ -1,7 +1,8 @@
 #version 450
 #extension GL_GOOGLE_include_directive : require
 // The optimizer update, elementwise over one parameter tensor (same arithmetic as
-// LoraCompiler.Runtime.Training.AdamW and Sgd), with g = gradient·gradScale:
+// CpuBackend.AdamWUpdate and SgdUpdate), with g = gradient·gradScale, and g = 0 for gradScale 0 (a
+// layer LCSB skipped: its gradient buffer holds another layer's values, which are not read):
 //   AdamW: m = β1·m + (1−β1)·g;  v = β2·v + (1−β2)·g²;  p −= lr·(m/c1 / (sqrt(v/c2) + ε) + λ·p)
 //          with the bias corrections c1 = 1 − β1^step, c2 = 1 − β2^step.
 //   SGD:   p −= lr·(g + λ·p)   (m and v are not touched).
@@ -31,7 +32,7 @@ void main()
     uint i = linear_index();
     if (i >= p.count)
         return;
-    float g = grad[i] * p.gradScale;
+    float g = p.gradScale == 0.0 ? 0.0 : grad[i] * p.gradScale;
     if (p.sgd != 0)
     {
         param[i] -= p.learningRate * (g + p.weightDecay * param[i]);

@@ -103,6 +103,56 @@ public sealed class CpuBackend : IBackend
         return tensor is CpuTensor { IsFileMapped: false };
     }
 
+    // ---------------------------------------------------------------- optimizer
+
+    public void AdamWUpdate(Tensor parameter, Tensor m, Tensor v, Tensor gradient, long n, in AdamWStep step)
+    {
+        Span<float> p = S(parameter, n), mSpan = S(m, n), vSpan = S(v, n);
+        ReadOnlySpan<float> g = S(gradient, n);
+        float b1 = step.Beta1, b2 = step.Beta2, c1 = step.BiasCorrection1, c2 = step.BiasCorrection2;
+        float lr = step.LearningRate, eps = step.Epsilon, decay = step.WeightDecay, scale = step.GradScale;
+        for (int i = 0; i < p.Length; i++)
+        {
+            float gi = scale == 0 ? 0 : g[i] * scale;
+            mSpan[i] = b1 * mSpan[i] + (1 - b1) * gi;
+            vSpan[i] = b2 * vSpan[i] + (1 - b2) * gi * gi;
+            p[i] -= lr * (mSpan[i] / c1 / (MathF.Sqrt(vSpan[i] / c2) + eps) + decay * p[i]);
+        }
+    }
+
+    public void SgdUpdate(Tensor parameter, Tensor gradient, long n, float learningRate, float gradScale)
+    {
+        if (gradScale != 0)
+            TensorPrimitives.MultiplyAdd(S(gradient, n), -learningRate * gradScale, S(parameter, n), S(parameter, n));
+    }
+
+    private (int Check, bool NaN)? _nonFinite;
+
+    public void CheckFinite(Tensor values, long n, int check)
+    {
+        ReadOnlySpan<float> span = S(values, n);
+        if (span.IsEmpty || float.IsFinite(TensorPrimitives.MaxMagnitude(span)) || _nonFinite is { } earlier && earlier.Check <= check)
+            return;
+        bool nan = false;
+        foreach (float x in span)
+            nan |= float.IsNaN(x);
+        _nonFinite = (check, nan);
+    }
+
+    public (int Check, bool NaN)? TakeNonFinite()
+    {
+        var found = _nonFinite;
+        _nonFinite = null;
+        return found;
+    }
+
+    public void AddNoise(Tensor values, long n, NoiseKey key, float scale)
+    {
+        Span<float> x = S(values, n);
+        for (int i = 0; i < x.Length; i++)
+            x[i] += scale * CounterNoise.Normal(key, i);
+    }
+
     // ---------------------------------------------------------------- buffers
 
     public Tensor Allocate(string name, long length)

@@ -218,6 +218,38 @@ public interface IBackend : IDisposable
                              float softcap);
 
     /// <summary>
+    /// One AdamW step (Loshchilov and Hutter) over n values, in place: with g = gradient·gradScale,
+    /// m = β1·m + (1−β1)·g, v = β2·v + (1−β2)·g², p −= lr·(m/c1 / (√(v/c2) + ε) + λ·p), where
+    /// c1 = 1 − β1^t and c2 = 1 − β2^t for step t (from 1). gradScale 0 is a zero gradient (a layer
+    /// LCSB skipped, which still moves with its momentum).
+    /// </summary>
+    void AdamWUpdate(Tensor parameter, Tensor m, Tensor v, Tensor gradient, long n, in AdamWStep step);
+
+    /// <summary>One SGD step over n values, in place: p −= lr·gradient·gradScale.</summary>
+    void SgdUpdate(Tensor parameter, Tensor gradient, long n, float learningRate, float gradScale);
+
+    /// <summary>
+    /// Notes whether the first n values of <paramref name="values"/> are all finite; when one is NaN or
+    /// infinite, <paramref name="check"/> (a number ≥ 0 the caller gives each check) is what
+    /// <see cref="TakeNonFinite"/> reports. Nothing is read back: a step's checks cost one small read at its end.
+    /// </summary>
+    void CheckFinite(Tensor values, long n, int check);
+
+    /// <summary>
+    /// The lowest check of <see cref="CheckFinite"/> that found a value that is not finite since the
+    /// last call, and whether it was a NaN (else an infinity); null when every value was finite.
+    /// Waits for the kernels called so far.
+    /// </summary>
+    (int Check, bool NaN)? TakeNonFinite();
+
+    /// <summary>
+    /// values[i] += scale·z_i for the first n values, z_i standard normal from
+    /// <see cref="CounterNoise.Normal"/>(key, i): a function of the key and the index alone, so
+    /// MeZO regenerates the same perturbation on the device instead of storing it.
+    /// </summary>
+    void AddNoise(Tensor values, long n, NoiseKey key, float scale);
+
+    /// <summary>
     /// The LM head's logits for decoding: logits [T, V] = x [T, C] · wᵀ (w is [V, C]), capped as
     /// c·tanh(logits / c) when softcap c &gt; 0.
     /// </summary>
@@ -232,4 +264,14 @@ public enum GluActivation
 
     /// <summary>0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Gemma: hidden_activation "gelu_pytorch_tanh").</summary>
     GeluTanh,
+}
+
+/// <summary>The hyperparameters of one <see cref="IBackend.AdamWUpdate"/>: step t counts from 1.</summary>
+public readonly record struct AdamWStep(int Step, float LearningRate, float Beta1, float Beta2, float Epsilon, float WeightDecay, float GradScale)
+{
+    /// <summary>1 − β1^t, the first moment's bias correction.</summary>
+    public float BiasCorrection1 => 1 - MathF.Pow(Beta1, Step);
+
+    /// <summary>1 − β2^t, the second moment's bias correction.</summary>
+    public float BiasCorrection2 => 1 - MathF.Pow(Beta2, Step);
 }

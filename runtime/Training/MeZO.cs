@@ -1,3 +1,5 @@
+using LoraCompiler.Runtime.Backends;
+
 namespace LoraCompiler.Runtime.Training;
 
 /// <summary>
@@ -31,7 +33,7 @@ public static class MeZO
             float g = ProjectedGradient(trainer, tokens, targets, sampleSeed, epsilon, out _, out _);
             foreach (var (name, index, values) in Tensors(trainer))
             {
-                var z = Noise(sampleSeed, index, values.Length);
+                var z = Noise(NoiseKey.For(sampleSeed, index), values.Length);
                 var target = estimate[name];
                 for (int j = 0; j < target.Length; j++)
                     target[j] += g * z[j] / samples;
@@ -51,25 +53,14 @@ public static class MeZO
         return (lossPlus - lossMinus) / (2 * epsilon);
     }
 
-    /// <summary>θ += scale·z, with z regenerated from the seed for each tensor.</summary>
+    /// <summary>θ += scale·z, with z regenerated from the seed for each tensor, on the backend (<see cref="IBackend.AddNoise"/>).</summary>
     private static void Perturb(TrainerBase trainer, ulong seed, float scale)
     {
-        int index = 0;
-        trainer.UpdateParameters(trainer.LoraModules, (_, a, b, _, _) =>
-        {
-            AddNoise(a, seed, index++, scale);
-            AddNoise(b, seed, index++, scale);
-        });
+        foreach (var (_, index, values) in Tensors(trainer))
+            trainer.Backend.AddNoise(values, values.Length, NoiseKey.For(seed, index), scale);
     }
 
-    private static void AddNoise(Span<float> values, ulong seed, int tensorIndex, float scale)
-    {
-        var z = Noise(seed, tensorIndex, values.Length);
-        for (int i = 0; i < values.Length; i++)
-            values[i] += scale * z[i];
-    }
-
-    private static IEnumerable<(string Name, int Index, LoraCompiler.Runtime.Backends.Tensor Values)> Tensors(TrainerBase trainer)
+    private static IEnumerable<(string Name, int Index, Tensor Values)> Tensors(TrainerBase trainer)
     {
         int index = 0;
         foreach (var m in trainer.LoraModules)
@@ -79,20 +70,12 @@ public static class MeZO
         }
     }
 
-    /// <summary>Standard normal values for one tensor: a function of (seed, tensor index) only.</summary>
-    internal static float[] Noise(ulong seed, int tensorIndex, long length)
+    /// <summary>Standard normal values for one tensor, as <see cref="IBackend.AddNoise"/> adds them: a function of the key only.</summary>
+    internal static float[] Noise(NoiseKey key, long length)
     {
-        var rng = new SplitMix64(seed ^ ((ulong)(tensorIndex + 1) * 0xD1B54A32D192ED03UL));
         var z = new float[length];
-        for (long i = 0; i < length; i += 2)
-        {
-            // Box–Muller from two uniforms in (0, 1].
-            double u1 = rng.NextDoubleNonZero(), u2 = rng.NextDoubleNonZero();
-            double r = Math.Sqrt(-2 * Math.Log(u1));
-            z[i] = (float)(r * Math.Cos(2 * Math.PI * u2));
-            if (i + 1 < length)
-                z[i + 1] = (float)(r * Math.Sin(2 * Math.PI * u2));
-        }
+        for (long i = 0; i < length; i++)
+            z[i] = CounterNoise.Normal(key, i);
         return z;
     }
 }

@@ -1,13 +1,19 @@
+using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.Weights;
 
 namespace LoraCompiler.Runtime.Training;
 
 /// <summary>
 /// An optimizer over the LoRA tensors, applied one module at a time as its gradients arrive, so no
-/// full set of gradients is ever needed. State is kept per parameter tensor, by PEFT name.
+/// full set of gradients is ever needed. Its state lives on the backend beside the parameters (the
+/// device's memory on a GPU), kept per parameter tensor by PEFT name; every update is one kernel
+/// (<see cref="IBackend.AdamWUpdate"/>, <see cref="IBackend.SgdUpdate"/>), so a step's parameters
+/// and moments never travel between host and device. Only a checkpoint reads the state back.
 /// </summary>
-public abstract class Optimizer
+public abstract class Optimizer(IBackend backend) : IDisposable
 {
+    protected IBackend Backend { get; } = backend;
+
     /// <summary>Optimizer steps taken (t in Adam's bias correction).</summary>
     public int Step { get; private set; }
 
@@ -16,34 +22,59 @@ public abstract class Optimizer
     /// <summary>Call once per optimizer step, before that step's <see cref="Update"/> calls.</summary>
     public void BeginStep() => Step++;
 
-    /// <summary>One parameter tensor: p ← p − lr·update(g·gradScale).</summary>
-    public abstract void Update(string name, Span<float> parameter, ReadOnlySpan<float> gradient, float learningRate, float gradScale = 1);
+    /// <summary>
+    /// One parameter tensor: p ← p − lr·update(g·gradScale). gradScale 0 stands for a zero gradient
+    /// (the gradient is not read): a layer LCSB skipped, which AdamW still moves with its momentum.
+    /// </summary>
+    public abstract void Update(string name, Tensor parameter, Tensor gradient, float learningRate, float gradScale = 1);
 
-    /// <summary>Every state tensor, by name, for a checkpoint: the optimizer's own memory, not a copy.</summary>
-    public abstract IEnumerable<(string Name, ReadOnlyMemory<float> Values)> State();
+    /// <summary>Every state tensor, by name, for a checkpoint.</summary>
+    public abstract IEnumerable<(string Name, Tensor Values)> State();
 
     /// <summary>
     /// Restores the step count and the state tensors <paramref name="read"/> fills: it is called once
-    /// per name in <paramref name="names"/>, with the optimizer's own storage of that tensor's length.
+    /// per name in <paramref name="names"/>, with a host buffer of that tensor's length, which is then
+    /// written to the optimizer's own tensor.
     /// </summary>
     public void Restore(int step, IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read)
     {
         Step = step;
-        RestoreState(names, read);
+        RestoreState(names, (name, tensor) =>
+        {
+            var host = HostBuffer(tensor.Length);
+            read(name, host);
+            Backend.Write(tensor, host);
+        });
     }
 
-    protected abstract void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read);
+    protected abstract void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Tensor> read);
+
+    private float[] _host = [];
+
+    /// <summary>One tensor's worth of host memory, reused for each tensor a checkpoint reads or writes.</summary>
+    private Span<float> HostBuffer(long length)
+    {
+        if (_host.Length < length)
+            _host = new float[length];
+        return _host.AsSpan(0, (int)length);
+    }
 
     /// <summary>
-    /// Writes the state and step to one safetensors file (atomically), streamed from the state tensors
-    /// themselves: a checkpoint costs no copy of the moments.
+    /// Writes the state and step to one safetensors file (atomically), streamed a tensor at a time
+    /// through one host buffer: a checkpoint costs no copy of the moments.
     /// </summary>
     public void Save(string path)
     {
         var state = State().ToList();
-        var tensors = state.Select(s => new TensorSpec(s.Name, [s.Values.Length])).ToList();
+        var tensors = state.Select(s => new TensorSpec(s.Name, [checked((int)s.Values.Length)])).ToList();
         int next = 0; // called once per tensor, in order
-        SafeTensorsWriter.Write(path, tensors, _ => state[next++].Values,
+        SafeTensorsWriter.Write(path, tensors, _ =>
+            {
+                var tensor = state[next++].Values;
+                var host = HostBuffer(tensor.Length);
+                Backend.Download(tensor, host);
+                return _host.AsMemory(0, host.Length);
+            },
             metadata: new Dictionary<string, string> { ["optimizer"] = Name, ["step"] = Step.ToString() });
     }
 
@@ -71,7 +102,6 @@ public abstract class Optimizer
         }
         try
         {
-            // Read straight into the optimizer's storage (the heap or its mapped files): no second copy.
             Restore(step, lengths, (name, destination) =>
             {
                 file.Read(name, destination);
@@ -85,69 +115,62 @@ public abstract class Optimizer
         }
     }
 
+    /// <param name="backend">Where the state lives and the updates run.</param>
     /// <param name="allocate">
-    /// Where state tensors live: a function of (name, length), for example a memory-mapped file; the
-    /// heap when null.
+    /// How a state tensor is made, of (name, length), for example in a memory-mapped file; zeros from
+    /// <see cref="IBackend.Allocate"/> when null.
     /// </param>
-    public static Optimizer Create(string name, float weightDecay, Func<string, int, Memory<float>>? allocate = null) => name switch
+    public static Optimizer Create(string name, float weightDecay, IBackend backend, Func<string, long, Tensor>? allocate = null) => name switch
     {
-        "adamw" => new AdamW(weightDecay: weightDecay, allocate: allocate),
-        "sgd" => new Sgd(),
+        "adamw" => new AdamW(backend, weightDecay: weightDecay, allocate: allocate),
+        "sgd" => new Sgd(backend),
         _ => throw new ArgumentException($"Unknown optimizer '{name}' (available: adamw, sgd)."),
     };
+
+    public virtual void Dispose() => GC.SuppressFinalize(this);
 }
 
 /// <summary>Plain SGD: p ← p − lr·g. Keeps nothing.</summary>
-public sealed class Sgd : Optimizer
+public sealed class Sgd(IBackend backend) : Optimizer(backend)
 {
     public override string Name => "sgd";
 
-    public override void Update(string name, Span<float> parameter, ReadOnlySpan<float> gradient, float learningRate, float gradScale = 1)
-    {
-        for (int i = 0; i < parameter.Length; i++)
-            parameter[i] -= learningRate * gradScale * gradient[i];
-    }
+    public override void Update(string name, Tensor parameter, Tensor gradient, float learningRate, float gradScale = 1) =>
+        Backend.SgdUpdate(parameter, gradient, parameter.Length, learningRate, gradScale);
 
-    public override IEnumerable<(string Name, ReadOnlyMemory<float> Values)> State() => [];
-    protected override void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read) { }
+    public override IEnumerable<(string Name, Tensor Values)> State() => [];
+    protected override void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Tensor> read) { }
 }
 
 /// <summary>
 /// AdamW (Loshchilov and Hutter): bias-corrected moments and decoupled weight decay,
-/// p ← p − lr·(m̂ / (√v̂ + ε) + λ·p). A parameter with a zero gradient (an LCSB-skipped layer)
-/// still moves with its momentum.
+/// p ← p − lr·(m̂ / (√v̂ + ε) + λ·p) (<see cref="IBackend.AdamWUpdate"/>). A parameter with a zero
+/// gradient (an LCSB-skipped layer) still moves with its momentum.
 /// </summary>
-public sealed class AdamW(float beta1 = 0.9f, float beta2 = 0.999f, float eps = 1e-8f, float weightDecay = 0f,
-    Func<string, int, Memory<float>>? allocate = null) : Optimizer
+public sealed class AdamW(IBackend backend, float beta1 = 0.9f, float beta2 = 0.999f, float eps = 1e-8f, float weightDecay = 0f,
+    Func<string, long, Tensor>? allocate = null) : Optimizer(backend)
 {
-    private readonly Dictionary<string, (Memory<float> M, Memory<float> V)> _moments = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, (Tensor M, Tensor V)> _moments = new(StringComparer.Ordinal);
 
-    private Memory<float> Allocate(string name, int length) => allocate?.Invoke(name, length) ?? new float[length];
+    private Tensor Allocate(string name, long length) => allocate?.Invoke(name, length) ?? Backend.Allocate(name, length);
 
     public override string Name => "adamw";
 
-    public override void Update(string name, Span<float> parameter, ReadOnlySpan<float> gradient, float learningRate, float gradScale = 1)
+    public override void Update(string name, Tensor parameter, Tensor gradient, float learningRate, float gradScale = 1)
     {
         if (!_moments.TryGetValue(name, out var state))
             _moments[name] = state = (Allocate(name + ".exp_avg", parameter.Length), Allocate(name + ".exp_avg_sq", parameter.Length));
-        float c1 = 1 - MathF.Pow(beta1, Step), c2 = 1 - MathF.Pow(beta2, Step);
-        Span<float> m = state.M.Span, v = state.V.Span;
-        for (int i = 0; i < parameter.Length; i++)
-        {
-            float g = gradient[i] * gradScale;
-            m[i] = beta1 * m[i] + (1 - beta1) * g;
-            v[i] = beta2 * v[i] + (1 - beta2) * g * g;
-            parameter[i] -= learningRate * (m[i] / c1 / (MathF.Sqrt(v[i] / c2) + eps) + weightDecay * parameter[i]);
-        }
+        Backend.AdamWUpdate(parameter, state.M, state.V, gradient, parameter.Length,
+            new AdamWStep(Step, learningRate, beta1, beta2, eps, weightDecay, gradScale));
     }
 
-    public override IEnumerable<(string Name, ReadOnlyMemory<float> Values)> State() =>
+    public override IEnumerable<(string Name, Tensor Values)> State() =>
         _moments.OrderBy(p => p.Key, StringComparer.Ordinal)
-            .SelectMany(p => new[] { (p.Key + ".exp_avg", (ReadOnlyMemory<float>)p.Value.M), (p.Key + ".exp_avg_sq", (ReadOnlyMemory<float>)p.Value.V) });
+            .SelectMany(p => new[] { (p.Key + ".exp_avg", p.Value.M), (p.Key + ".exp_avg_sq", p.Value.V) });
 
-    protected override void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Span<float>> read)
+    protected override void RestoreState(IReadOnlyDictionary<string, int> names, Action<string, Tensor> read)
     {
-        _moments.Clear();
+        DisposeMoments();
         foreach (var (name, length) in names)
             if (name.EndsWith(".exp_avg", StringComparison.Ordinal))
             {
@@ -156,9 +179,25 @@ public sealed class AdamW(float beta1 = 0.9f, float beta2 = 0.999f, float eps = 
                 if (!names.TryGetValue(squares, out int squaresLength) || squaresLength != length)
                     throw new ArgumentException($"'{name}' has no '{squares}' of {length} values beside it");
                 var (m, v) = (Allocate(name, length), Allocate(squares, length));
-                read(name, m.Span);
-                read(squares, v.Span);
                 _moments[parameter] = (m, v);
+                read(name, m);
+                read(squares, v);
             }
+    }
+
+    private void DisposeMoments()
+    {
+        foreach (var (m, v) in _moments.Values)
+        {
+            m.Dispose();
+            v.Dispose();
+        }
+        _moments.Clear();
+    }
+
+    public override void Dispose()
+    {
+        DisposeMoments();
+        base.Dispose();
     }
 }

@@ -121,9 +121,8 @@ public abstract class TrainerBase : IDisposable
     /// <summary>
     /// Raised during backward as soon as a layer's LoRA gradients are final (also for a layer LCSB
     /// skipped, whose gradients are zero), last layer first: an optimizer can step that layer's
-    /// modules then (<see cref="VisitGradients(LayerGradients, GradientVisitor)"/>,
-    /// <see cref="UpdateParameters(LayerGradients, ParameterUpdate)"/>), instead of holding every
-    /// gradient until the end.
+    /// modules then (<see cref="LayerModules"/>; <see cref="VisitGradients(LayerGradients, GradientVisitor)"/>
+    /// reads them on the host), instead of holding every gradient until the end.
     /// </summary>
     public event Action<LayerGradients>? LayerGradientsReady;
 
@@ -367,55 +366,6 @@ public abstract class TrainerBase : IDisposable
             Backend.Write(m.A, module.A);
             Backend.Write(m.B, module.B);
         }
-    }
-
-    /// <summary>A host-side change to the parameters of some modules.</summary>
-    public delegate void ParameterUpdate(LoraTensors module, Span<float> a, Span<float> b, ReadOnlySpan<float> da, ReadOnlySpan<float> db);
-
-    /// <summary>
-    /// Runs <paramref name="update"/> on each module of a layer, with its A and B and the gradients
-    /// just handed on (zeros for a skipped layer). On the CPU backend the spans are the trainer's own
-    /// buffers; on another backend they are host copies, uploaded again afterwards. <see cref="Adapter"/>
-    /// is not touched: call <see cref="DownloadAdapter"/> before saving.
-    /// </summary>
-    public void UpdateParameters(LayerGradients layer, ParameterUpdate update)
-    {
-        foreach (var m in ModulesOf(layer.Layer))
-            UpdateParameters(m, layer.Skipped, update);
-    }
-
-    /// <summary>As <see cref="UpdateParameters(LayerGradients, ParameterUpdate)"/> for any modules, with the gradients the backend holds.</summary>
-    public void UpdateParameters(IEnumerable<LoraTensors> modules, ParameterUpdate update)
-    {
-        foreach (var m in modules)
-            UpdateParameters(m, skipped: false, update);
-    }
-
-    private void UpdateParameters(LoraTensors m, bool skipped, ParameterUpdate update)
-    {
-        if (Backend.TryGetHostSpan(m.A, out var a) && Backend.TryGetHostSpan(m.B, out var b)
-            && Backend.TryGetHostSpan(m.DA, out var da) && Backend.TryGetHostSpan(m.DB, out var db))
-        {
-            if (skipped)
-                update(m, a, b, Zeros(m.DA.Length), Zeros(m.DB.Length));
-            else
-                update(m, a, b, da, db);
-            return;
-        }
-        var host = _adapterModules[m.Spec.Module];
-        Backend.Download(m.A, host.A);
-        Backend.Download(m.B, host.B);
-        if (skipped)
-            update(m, host.A, host.B, Zeros(m.DA.Length), Zeros(m.DB.Length));
-        else
-        {
-            var (hostDa, hostDb) = HostGradients(m);
-            Backend.Download(m.DA, hostDa.AsSpan(0, (int)m.DA.Length));
-            Backend.Download(m.DB, hostDb.AsSpan(0, (int)m.DB.Length));
-            update(m, host.A, host.B, hostDa.AsSpan(0, (int)m.DA.Length), hostDb.AsSpan(0, (int)m.DB.Length));
-        }
-        Backend.Write(m.A, host.A);
-        Backend.Write(m.B, host.B);
     }
 
     /// <summary>A buffer of the memory plan, sized for <see cref="MaxSequence"/>.</summary>

@@ -1,5 +1,6 @@
 using System.Globalization;
 using System.Numerics.Tensors;
+using Tensor = LoraCompiler.Runtime.Backends.Tensor;
 
 namespace LoraCompiler.Runtime.Training;
 
@@ -28,7 +29,7 @@ public sealed partial class TrainingRun
         init
         {
             _reducer = value;
-            (_dataParallelUpdate, _addToLayer) = (DataParallelUpdate, AddToLayer);
+            _addToLayer = AddToLayer;
         }
     }
 
@@ -50,7 +51,6 @@ public sealed partial class TrainingRun
 
     // ----- data parallel -----
 
-    private readonly TrainerBase.ParameterUpdate? _dataParallelUpdate;
     private readonly TrainerBase.GradientVisitor? _addToLayer;
     private readonly double[] _stepSums = new double[2];
     private bool _firstSequence;
@@ -86,11 +86,22 @@ public sealed partial class TrainingRun
             throw new TrainingDivergedException(step, $"the loss is {mean.ToString(CultureInfo.InvariantCulture)}");
         for (int layer = 0; layer < _trainer.Model.Layers; layer++)
         {
-            (_layer, _offset) = (layer, 0);
-            // Skipped: the update reads the summed gradients from the layer's buffer, so the trainer
-            // need not hand over (or download) its own, which now hold another layer's.
-            _trainer.UpdateParameters(new LayerGradients(layer, Skipped: true), _dataParallelUpdate!);
+            // The summed gradients go back into the trainer's gradient buffers (free now: the
+            // backward is done) and the update runs there, as in a step of one process.
+            var buffer = reducer.LayerBuffer(layer, LayerLength(layer));
+            var modules = _trainer.LayerModules(layer);
+            int offset = 0;
+            for (int i = 0; i < modules.Count; i++)
+            {
+                var m = modules[i];
+                int check = 4 * ModuleIndex(m);
+                ApplySum(m.Spec.AName, m.A, m.DA, buffer.Slice(offset, (int)m.A.Length), check);
+                offset += (int)m.A.Length;
+                ApplySum(m.Spec.BName, m.B, m.DB, buffer.Slice(offset, (int)m.B.Length), check + 2);
+                offset += (int)m.B.Length;
+            }
         }
+        ThrowIfNotFinite(step);
         return mean;
     }
 
@@ -119,20 +130,10 @@ public sealed partial class TrainingRun
         _offset += da.Length + db.Length;
     }
 
-    private void DataParallelUpdate(LoraTensors m, Span<float> a, Span<float> b, ReadOnlySpan<float> da, ReadOnlySpan<float> db)
+    private void ApplySum(string name, Tensor parameter, Tensor gradient, ReadOnlySpan<float> sum, int check)
     {
-        var buffer = _reducer!.LayerBuffer(_layer, LayerLength(_layer));
-        ReadOnlySpan<float> sumA = buffer.Slice(_offset, a.Length), sumB = buffer.Slice(_offset + a.Length, b.Length);
-        _offset += a.Length + b.Length;
-        Step(m.Spec.AName, a, sumA);
-        Step(m.Spec.BName, b, sumB);
-
-        void Step(string name, Span<float> parameter, ReadOnlySpan<float> total)
-        {
-            CheckFinite(_step, "the gradient of", name, total);
-            _optimizer.Update(name, parameter, total, _learningRate, _gradientScale);
-            CheckFinite(_step, "the update of", name, parameter);
-        }
+        _trainer.Backend.Write(gradient, sum);
+        Apply(name, parameter, gradient, check, zeroGradient: false);
     }
 
     private int[]? _layerLengths;

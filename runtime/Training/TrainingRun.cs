@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Numerics.Tensors;
+using Tensor = LoraCompiler.Runtime.Backends.Tensor;
 using System.Text.Json;
 using LoraCompiler.Runtime.IO;
 
@@ -160,23 +161,20 @@ public sealed partial class TrainingRun
         validation?.Validate();
         (_trainer, _data, _options, _outDir, _validation) = (trainer, data, options, outDir, validation);
         _metrics = new(Math.Min(options.Steps, 1 << 16)); // a row a step, without growing as the run goes
-        _optimizer = Optimizer.Create(options.Optimizer, options.WeightDecay,
+        _optimizer = Optimizer.Create(options.Optimizer, options.WeightDecay, trainer.Backend,
             trainer.OptimizerStateInFile ? InFile : null);
         trainer.CaptureGradients = false; // each layer's gradients are consumed as they arrive
-        (_layerReady, _accumulate, _update) = (LayerReady, Accumulate, Update);
+        _layerReady = LayerReady;
         if (options.LcsbGroups is int groups)
             trainer.LcsbGroups = groups;
     }
 
-    private readonly List<MappedBuffer> _mapped = [];
-
-    /// <summary>trainer.optimizer_state = "mmap": optimizer state in memory-mapped files in the trainer's temporary folder.</summary>
-    private Memory<float> InFile(string name, int length)
-    {
-        var buffer = new MappedBuffer(_trainer.TemporaryFolder, name, length);
-        _mapped.Add(buffer);
-        return buffer.Memory;
-    }
+    /// <summary>
+    /// trainer.optimizer_state = "mmap": optimizer state in memory-mapped files in the trainer's
+    /// temporary folder, where the backend keeps tensors in host memory (device memory on a GPU).
+    /// </summary>
+    private Tensor InFile(string name, long length) =>
+        _trainer.Backend.AllocateInFile(name, length, () => new MappedBuffer(_trainer.TemporaryFolder, name, length));
 
     /// <summary>The step the run continues from (0 for a new run).</summary>
     public int StartStep { get; private set; }
@@ -329,9 +327,10 @@ public sealed partial class TrainingRun
             _log?.Dispose();
             _log = null;
             WritePlot();
-            foreach (var buffer in _mapped)
-                ((IDisposable)buffer).Dispose();
-            _mapped.Clear();
+            _optimizer.Dispose();
+            foreach (var sum in _sums.Values)
+                sum.Dispose();
+            _sums.Clear();
         }
     }
 
@@ -340,10 +339,12 @@ public sealed partial class TrainingRun
     /// <summary>
     /// One optimizer step. On the last (or only) sequence each layer's modules are stepped as soon as
     /// that layer's gradients are final. With gradient accumulation the earlier sequences' gradients
-    /// are summed into host buffers first (the trainer itself holds one layer's gradients only).
-    /// Every gradient is checked before it is used, and every parameter after its update. A step in
-    /// the steady state allocates nothing: the handlers are made once, the sums are kept from step
-    /// to step, and the sequence comes in the data's own buffers.
+    /// are summed on the backend first (the trainer itself holds one layer's gradients only). Every
+    /// gradient is checked before it is used, and every parameter after its update, on the backend
+    /// too; the checks are read once, at the end of the step. So on a GPU nothing but the tokens, the
+    /// targets, the losses and that one check word crosses between host and device. A step in the
+    /// steady state allocates nothing: the handler is made once, the sums are kept from step to
+    /// step, and the sequence comes in the data's own buffers.
     /// </summary>
     private float BackpropStep(int step, float lr, ref long tokens)
     {
@@ -364,17 +365,16 @@ public sealed partial class TrainingRun
             loss += sequenceLoss / micro;
             tokens += x.Length;
         }
+        ThrowIfNotFinite(step);
         return loss;
     }
 
-    // What the handlers below need of the running step (set by BackpropStep; fields, so that the
-    // handlers are made once and a step allocates no closures).
+    // What the handler below needs of the running step (set by BackpropStep; fields, so that the
+    // handler is made once and a step allocates no closures).
     private int _step;
     private float _learningRate, _gradientScale;
     private bool _lastSequence;
     private readonly Action<LayerGradients> _layerReady;
-    private readonly TrainerBase.GradientVisitor _accumulate;
-    private readonly TrainerBase.ParameterUpdate _update;
 
     /// <summary>A layer's gradients are final: summed for later (an earlier sequence of the step), or the layer is stepped (the last).</summary>
     private void LayerReady(LayerGradients layer)
@@ -384,39 +384,80 @@ public sealed partial class TrainingRun
             DataParallelLayerReady(layer);
             return;
         }
-        if (_lastSequence)
-            _trainer.UpdateParameters(layer, _update);
-        else
-            _trainer.VisitGradients(layer, _accumulate);
-    }
-
-    private void Accumulate(LoraModuleSpec spec, ReadOnlySpan<float> da, ReadOnlySpan<float> db)
-    {
-        CheckFinite(_step, "the gradient of", spec.AName, da);
-        CheckFinite(_step, "the gradient of", spec.BName, db);
-        Span<float> sumA = Accumulator(spec.AName, da.Length), sumB = Accumulator(spec.BName, db.Length);
-        TensorPrimitives.Add(sumA, da, sumA);
-        TensorPrimitives.Add(sumB, db, sumB);
-    }
-
-    private void Update(LoraTensors m, Span<float> a, Span<float> b, ReadOnlySpan<float> da, ReadOnlySpan<float> db)
-    {
-        Step(m.Spec.AName, a, da);
-        Step(m.Spec.BName, b, db);
-
-        void Step(string name, Span<float> parameter, ReadOnlySpan<float> gradient)
+        var modules = _trainer.LayerModules(layer.Layer);
+        for (int i = 0; i < modules.Count; i++)
         {
-            // The step's total: this sequence's gradient plus the earlier sequences' sums, which are
-            // then zeroed for the next step.
-            var sum = _accumulated.TryGetValue(name, out var s) ? s.Span : default;
-            if (!sum.IsEmpty)
-                TensorPrimitives.Add(sum, gradient, sum);
-            ReadOnlySpan<float> total = sum.IsEmpty ? gradient : sum;
-            CheckFinite(_step, "the gradient of", name, total);
-            _optimizer.Update(name, parameter, total, _learningRate, _gradientScale);
-            CheckFinite(_step, "the update of", name, parameter);
-            sum.Clear();
+            var m = modules[i];
+            int check = 4 * ModuleIndex(m);
+            StepParameter(m.Spec.AName, m.A, m.DA, check, layer.Skipped);
+            StepParameter(m.Spec.BName, m.B, m.DB, check + 2, layer.Skipped);
         }
+    }
+
+    /// <summary>
+    /// One parameter at a layer's end of backward: an earlier sequence's gradient is added to the
+    /// step's sum; at the last sequence the total is checked, the optimizer steps, the parameter is
+    /// checked and the sum zeroed for the next step. A layer LCSB skipped has a zero gradient on every
+    /// sequence of the step: nothing is added, and the optimizer steps with gradient scale 0.
+    /// </summary>
+    private void StepParameter(string name, Tensor parameter, Tensor gradient, int check, bool skipped)
+    {
+        var backend = _trainer.Backend;
+        long n = parameter.Length;
+        bool sums = _options.GradientAccumulation > 1 && !skipped;
+        if (!_lastSequence)
+        {
+            if (sums)
+                backend.AddInPlace(Sum(name, n), gradient, n);
+            return;
+        }
+        var total = gradient;
+        if (sums)
+        {
+            total = Sum(name, n);
+            backend.AddInPlace(total, gradient, n);
+        }
+        Apply(name, parameter, total, check, skipped);
+        if (sums)
+            backend.Zero(total, n);
+    }
+
+    /// <summary>The optimizer's update of one parameter by its step's total gradient, both checked (check and check + 1).</summary>
+    private void Apply(string name, Tensor parameter, Tensor total, int check, bool zeroGradient)
+    {
+        var backend = _trainer.Backend;
+        if (!zeroGradient)
+            backend.CheckFinite(total, parameter.Length, check);
+        _optimizer.Update(name, parameter, total, _learningRate, zeroGradient ? 0 : _gradientScale);
+        backend.CheckFinite(parameter, parameter.Length, check + 1);
+    }
+
+    private Dictionary<LoraTensors, int>? _moduleIndex;
+
+    /// <summary>A module's place in <see cref="TrainerBase.LoraModules"/>: its checks are 4·index (A's gradient, A) and 4·index + 2 (B's).</summary>
+    private int ModuleIndex(LoraTensors module)
+    {
+        if (_moduleIndex is null)
+        {
+            _moduleIndex = new Dictionary<LoraTensors, int>(ReferenceEqualityComparer.Instance);
+            for (int i = 0; i < _trainer.LoraModules.Count; i++)
+                _moduleIndex[_trainer.LoraModules[i]] = i;
+        }
+        return _moduleIndex[module];
+    }
+
+    /// <summary>
+    /// The first NaN or infinity the step's checks found on the backend stops the run, naming the
+    /// tensor: nothing of the step is saved.
+    /// </summary>
+    private void ThrowIfNotFinite(int step)
+    {
+        if (_trainer.Backend.TakeNonFinite() is not { } found)
+            return;
+        var module = _trainer.LoraModules[found.Check / 4];
+        string what = found.Check % 2 == 0 ? "the gradient of" : "the update of";
+        string name = found.Check % 4 < 2 ? module.Spec.AName : module.Spec.BName;
+        throw new TrainingDivergedException(step, $"{what} {name} is not finite ({(found.NaN ? "NaN" : "infinite")})");
     }
 
     /// <summary>NaN or an infinity anywhere in <paramref name="values"/> stops the run (one vectorized pass: the largest magnitude is NaN or ∞ then).</summary>
@@ -434,14 +475,14 @@ public sealed partial class TrainingRun
         return false;
     }
 
-    private readonly Dictionary<string, Memory<float>> _accumulated = new(StringComparer.Ordinal);
+    private readonly Dictionary<string, Tensor> _sums = new(StringComparer.Ordinal);
 
-    /// <summary>The sum of a gradient over a step's earlier sequences (kept from step to step; mapped like the optimizer state with trainer.optimizer_state = "mmap").</summary>
-    private Span<float> Accumulator(string name, int length)
+    /// <summary>The sum of a gradient over a step's earlier sequences, on the backend (kept from step to step; mapped like the optimizer state with trainer.optimizer_state = "mmap").</summary>
+    private Tensor Sum(string name, long length)
     {
-        if (!_accumulated.TryGetValue(name, out var sum))
-            _accumulated[name] = sum = _trainer.OptimizerStateInFile ? InFile(name + ".sum", length) : new float[length];
-        return sum.Span;
+        if (!_sums.TryGetValue(name, out var sum))
+            _sums[name] = sum = _trainer.OptimizerStateInFile ? InFile(name + ".sum", length) : _trainer.Backend.Allocate(name + ".sum", length);
+        return sum;
     }
 
     private float MeZOStep(int step, float lr, ref long tokens)

@@ -63,12 +63,15 @@ internal static unsafe class Kernels
     public static readonly KernelSpec CrossEntropyBack = new("cross_entropy_back", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Elementwise);
     public static readonly KernelSpec Softcap = new("softcap", 1, 0b1, sizeof(SoftcapParameters), KernelShape.Elementwise);
     public static readonly KernelSpec AdamW = new("adamw", 4, 0b0111, sizeof(OptimizerParameters), KernelShape.Elementwise);
+    // The status binding is only folded into with atomics, which commute: no barrier between checks (see the shader).
+    public static readonly KernelSpec CheckFinite = new("check_finite", 2, 0b00, sizeof(CheckParameters), KernelShape.Elementwise);
+    public static readonly KernelSpec Noise = new("noise", 1, 0b1, sizeof(NoiseParameters), KernelShape.Elementwise);
 
     public static IEnumerable<KernelSpec> All =>
     [
         Zero, Copy, Add, Scale, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, AttentionDecode, Attention, AttentionBackDelta,
         AttentionBackDq, AttentionBackDkv, SwiGlu, SwiGluBack, GeGlu, GeGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4,
-        EmbeddingQ4, GemmNTW16, GemmNNW16, EmbeddingW16, CrossEntropy, CrossEntropyBack, Softcap, AdamW,
+        EmbeddingQ4, GemmNTW16, GemmNNW16, EmbeddingW16, CrossEntropy, CrossEntropyBack, Softcap, AdamW, CheckFinite, Noise,
     ];
 }
 
@@ -216,4 +219,17 @@ internal struct OptimizerParameters
 {
     public uint Count, Sgd;
     public float LearningRate, Beta1, Beta2, Epsilon, WeightDecay, BiasCorrection1, BiasCorrection2, GradScale;
+}
+
+[StructLayout(LayoutKind.Sequential)]
+internal struct CheckParameters
+{
+    public uint Count, Check;
+}
+
+[StructLayout(LayoutKind.Sequential)]
+internal struct NoiseParameters
+{
+    public uint Count, First, KeyLow, KeyHigh;
+    public float Scale;
 }

@@ -1086,6 +1086,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         _targets?.Dispose();
         _stats?.Dispose();
         _attentionStats?.Dispose();
+        _finiteStatus?.Dispose();
         _pipelines.Dispose();
         _device.Dispose();
     }

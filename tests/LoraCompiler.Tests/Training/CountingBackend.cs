@@ -32,6 +32,11 @@ public sealed class CountingBackend(IBackend inner) : IBackend
     public void ReleaseWeight(Tensor weight) => inner.ReleaseWeight(weight);
     public void Write(Tensor dst, ReadOnlySpan<float> data) => inner.Write(dst, data);
     public void Zero(Tensor t, long n) { Count(); inner.Zero(t, n); }
+    public void AdamWUpdate(Tensor parameter, Tensor m, Tensor v, Tensor gradient, long n, in AdamWStep step) { Count(); inner.AdamWUpdate(parameter, m, v, gradient, n, step); }
+    public void SgdUpdate(Tensor parameter, Tensor gradient, long n, float learningRate, float gradScale) { Count(); inner.SgdUpdate(parameter, gradient, n, learningRate, gradScale); }
+    public void CheckFinite(Tensor values, long n, int check) { Count(); inner.CheckFinite(values, n, check); }
+    public (int Check, bool NaN)? TakeNonFinite() => inner.TakeNonFinite();
+    public void AddNoise(Tensor values, long n, NoiseKey key, float scale) { Count(); inner.AddNoise(values, n, key, scale); }
     public void Copy(Tensor dst, Tensor src, long n) { Count(); inner.Copy(dst, src, n); }
     public void AddInPlace(Tensor dst, Tensor src, long n) { Count(); inner.AddInPlace(dst, src, n); }
     public void Scale(Tensor x, float factor, long n) { Count(); inner.Scale(x, factor, n); }

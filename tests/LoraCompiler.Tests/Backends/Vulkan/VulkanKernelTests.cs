@@ -465,42 +465,103 @@ public sealed class VulkanKernelTests(VulkanBackendFixture fixture, ITestOutputH
     // ---------------------------------------------------------------- optimizer
 
     [VulkanFact]
-    public void AdamWMatchesTheHostOptimizer()
+    public void AdamWAndSgdMatchTheirFormulas()
     {
         const int n = 1111;
         var vk = fixture.Backend;
-        float[] parameter = Random(n), host = (float[])parameter.Clone();
-        var adam = new AdamW(weightDecay: 0.01f);
+        float[] parameter = Random(n), expected = (float[])parameter.Clone(), mRef = new float[n], vRef = new float[n];
         using var p = vk.Upload("p", parameter);
         using var m = vk.Allocate("m", n);
         using var v = vk.Allocate("v", n);
         using var g = vk.Allocate("g", n);
-        for (int step = 1; step <= 3; step++)
+        const float lr = 1e-2f, decay = 0.01f, scale = 0.5f;
+        for (int step = 1; step <= 4; step++)
         {
+            // Step 3 is a layer LCSB skipped: gradient scale 0, whatever the gradient buffer holds.
+            float stepScale = step == 3 ? 0 : scale;
             var gradient = Random(n);
-            adam.BeginStep();
-            adam.Update("p", host, gradient, 1e-2f, gradScale: 0.5f);
+            for (int i = 0; i < n; i++)
+            {
+                double gi = gradient[i] * (double)stepScale;
+                mRef[i] = (float)(0.9 * mRef[i] + 0.1 * gi);
+                vRef[i] = (float)(0.999 * vRef[i] + 0.001 * gi * gi);
+                double update = mRef[i] / (1 - Math.Pow(0.9, step)) / (Math.Sqrt(vRef[i] / (1 - Math.Pow(0.999, step))) + 1e-8);
+                expected[i] -= (float)(lr * (update + decay * expected[i]));
+            }
             vk.Write(g, gradient);
-            vk.AdamWUpdate(p, m, v, g, n, step, 1e-2f, weightDecay: 0.01f, gradScale: 0.5f);
+            vk.AdamWUpdate(p, m, v, g, n, new AdamWStep(step, lr, 0.9f, 0.999f, 1e-8f, decay, stepScale));
         }
         var result = new float[n];
         vk.Download(p, result);
         VulkanTestDevice.AssertNoValidationErrors(vk);
-        double error = ModelFixture.RelativeError(result, host);
+        double error = ModelFixture.RelativeError(result, expected);
         Assert.True(error < Forward, $"AdamW: relative error {error:E2}");
 
-        // SGD against the host optimizer (no weight decay), then with weight decay: p −= lr·(g·s + λ·p).
+        // SGD: p −= lr·g·s; scale 0 leaves p alone.
         var grad = Random(n);
         vk.Write(g, grad);
-        vk.SgdUpdate(p, g, n, 0.1f, gradScale: 0.5f);
-        new Sgd().Update("p", result, grad, 0.1f, gradScale: 0.5f);
+        vk.SgdUpdate(p, g, n, 0.1f, 0.5f);
+        vk.SgdUpdate(p, g, n, 0.1f, 0);
         var sgd = new float[n];
         vk.Download(p, sgd);
-        Assert.True(ModelFixture.RelativeError(sgd, result) < Forward);
-        vk.SgdUpdate(p, g, n, 0.1f, weightDecay: 0.5f);
-        vk.Download(p, sgd);
-        var expected = result.Select((x, i) => x - 0.1f * (grad[i] + 0.5f * x)).ToArray();
-        Assert.True(ModelFixture.RelativeError(sgd, expected) < Forward);
+        var expectedSgd = result.Select((x, i) => x - 0.1f * grad[i] * 0.5f).ToArray();
+        Assert.True(ModelFixture.RelativeError(sgd, expectedSgd) < Forward);
+    }
+
+    [VulkanFact]
+    public void OptimizerChecksAndNoiseMatchTheCpu()
+    {
+        const int n = 5000;
+        var vk = fixture.Backend;
+        var cpu = new CpuBackend();
+        float[] start = Random(n);
+        using var cp = cpu.Upload("p", start);
+        using var cm = cpu.Allocate("m", n);
+        using var cv = cpu.Allocate("v", n);
+        using var cg = cpu.Upload("g", Random(n));
+        using var vp = vk.Upload("p", start);
+        using var vm = vk.Allocate("m", n);
+        using var vv = vk.Allocate("v", n);
+        using var vg = vk.Upload("g", ((CpuTensor)cg).Span);
+        foreach (var b in new IBackend[] { cpu, vk })
+        {
+            var (p, m, v, g) = b == cpu ? (cp, cm, cv, cg) : (vp, vm, vv, vg);
+            b.AdamWUpdate(p, m, v, g, n, new AdamWStep(1, 1e-3f, 0.9f, 0.999f, 1e-8f, 0, 1));
+            b.AddNoise(p, n, NoiseKey.For(42, 3), 0.25f);
+        }
+        var fromVulkan = new float[n];
+        vk.Download(vp, fromVulkan);
+        Assert.True(ModelFixture.RelativeError(fromVulkan, ((CpuTensor)cp).Span.ToArray()) < Forward);
+
+        // The noise itself: standard normal (mean 0, variance 1 over 5000 values), and the same values on both.
+        using var zeros = vk.Allocate("z", n);
+        vk.AddNoise(zeros, n, NoiseKey.For(7, 0), 1);
+        var z = new float[n];
+        vk.Download(zeros, z);
+        Assert.InRange(z.Average(), -0.05, 0.05);
+        Assert.InRange(z.Select(x => (double)x * x).Average(), 0.93, 1.07);
+        for (int i = 0; i < n; i++)
+            Assert.True(Math.Abs(z[i] - CounterNoise.Normal(NoiseKey.For(7, 0), i)) < 1e-4, $"value {i}: {z[i]}");
+
+        // Finite checks: nothing found, then the lowest check with a bad value, a NaN told from an infinity.
+        Assert.Null(vk.TakeNonFinite());
+        vk.CheckFinite(vp, n, 5);
+        Assert.Null(vk.TakeNonFinite());
+        var bad = (float[])fromVulkan.Clone();
+        bad[4321] = float.PositiveInfinity;
+        vk.Write(vp, bad);
+        vk.CheckFinite(vp, n, 9);
+        bad[17] = float.NaN;
+        vk.Write(vg, bad);
+        vk.CheckFinite(vg, n, 4);
+        vk.CheckFinite(vm, n, 2);
+        Assert.Equal((4, true), vk.TakeNonFinite());
+        Assert.Null(vk.TakeNonFinite());
+        vk.CheckFinite(vp, n, 9);
+        Assert.Equal((9, false), vk.TakeNonFinite());
+        cpu.CheckFinite(new CpuTensor("bad", bad), n, 4);
+        Assert.Equal((4, true), cpu.TakeNonFinite());
+        VulkanTestDevice.AssertNoValidationErrors(vk);
     }
 
     // ---------------------------------------------------------------- device limits
