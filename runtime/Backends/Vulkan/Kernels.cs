@@ -60,6 +60,7 @@ internal static unsafe class Kernels
     public static readonly KernelSpec GemmNNW16 = new("gemm_nn_w16", 4, 0b0001, sizeof(W16GemmParameters), KernelShape.Gemm);
     public static readonly KernelSpec EmbeddingW16 = new("embedding_w16", 3, 0b001, sizeof(EmbeddingW16Parameters), KernelShape.Elementwise);
     public static readonly KernelSpec CrossEntropy = new("cross_entropy", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Rows);
+    public static readonly KernelSpec CrossEntropyLoss = new("cross_entropy_loss", 3, 0b001, sizeof(LossParameters), KernelShape.Rows);
     public static readonly KernelSpec CrossEntropyBack = new("cross_entropy_back", 3, 0b001, sizeof(CrossEntropyParameters), KernelShape.Elementwise);
     public static readonly KernelSpec Softcap = new("softcap", 1, 0b1, sizeof(SoftcapParameters), KernelShape.Elementwise);
     public static readonly KernelSpec AdamW = new("adamw", 4, 0b0111, sizeof(OptimizerParameters), KernelShape.Elementwise);
@@ -71,7 +72,7 @@ internal static unsafe class Kernels
     [
         Zero, Copy, Add, Scale, Embedding, RmsNorm, RmsNormBack, Rope, RopeBack, AttentionDecode, Attention, AttentionBackDelta,
         AttentionBackDq, AttentionBackDkv, SwiGlu, SwiGluBack, GeGlu, GeGluBack, GemmNT, GemmNN, GemmTN, GemmNTQ4, GemmNNQ4,
-        EmbeddingQ4, GemmNTW16, GemmNNW16, EmbeddingW16, CrossEntropy, CrossEntropyBack, Softcap, AdamW, CheckFinite, Noise,
+        EmbeddingQ4, GemmNTW16, GemmNNW16, EmbeddingW16, CrossEntropy, CrossEntropyLoss, CrossEntropyBack, Softcap, AdamW, CheckFinite, Noise,
     ];
 }
 
@@ -232,4 +233,11 @@ internal struct NoiseParameters
 {
     public uint Count, First, KeyLow, KeyHigh;
     public float Scale;
+}
+
+[StructLayout(LayoutKind.Sequential)]
+internal struct LossParameters
+{
+    public uint TokenCount;
+    public float InverseCount;
 }

@@ -40,7 +40,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
     private readonly CommandStream _stream;
     private readonly VulkanBuffer _dummy;
     private readonly HashSet<Tensor> _live = [];
-    private VulkanBuffer? _readback, _tokens, _targets, _stats, _attentionStats;
+    private VulkanBuffer? _readback, _tokens, _targets, _stats, _loss, _attentionStats;
     private readonly (uint X, uint Y) _maxGroups;
     private bool _disposed;
 
@@ -815,14 +815,13 @@ public sealed unsafe partial class VulkanBackend : IBackend
                 });
         }
 
-        // The loss: Σ (lse − target's capped logit) over labelled rows, from the statistics (waits for the device).
-        var host = new float[3 * T];
-        ReadBack(stats, 0, MemoryMarshal.AsBytes(host.AsSpan()));
-        double loss = 0;
-        for (int t = 0; t < T; t++)
-            if (targets[t] >= 0)
-                loss += host[3 * t] + Math.Log(host[3 * t + 1]) - host[3 * t + 2];
-        return (float)(loss / count);
+        // The loss: the mean of lse − the target's capped logit over labelled rows, reduced on the
+        // device from the statistics; one float comes back (waits for the device).
+        EnsureBuffer(ref _loss, 16, "the loss");
+        RunRows(Kernels.CrossEntropyLoss, new LossParameters { TokenCount = (uint)T, InverseCount = inverse }, 1, [_loss!.Handle, stats, labels]);
+        Span<float> loss = stackalloc float[1];
+        ReadBack(_loss.Handle, 0, MemoryMarshal.AsBytes(loss));
+        return loss[0];
     }
 
     /// <summary>logits[T, n] = x·w[v0..v0+n)ᵀ, one product per part of w the rows fall in.</summary>
@@ -1085,6 +1084,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         _tokens?.Dispose();
         _targets?.Dispose();
         _stats?.Dispose();
+        _loss?.Dispose();
         _attentionStats?.Dispose();
         _finiteStatus?.Dispose();
         _pipelines.Dispose();
