@@ -317,12 +317,24 @@ public sealed class CpuBackend : IBackend
             CpuKernels.LinearBackwardInput(S(dx), S(dy), S(w), T, din, dout, accumulate, _threads);
     }
 
-    public void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r)
-        => CpuKernels.LoraForward(S(y), S(h), S(x), S(a), S(b), scale, T, din, dout, r, _threads);
-
-    public void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale,
-                             int T, int din, int dout, int r)
-        => CpuKernels.LoraBackward(S(dx), S(da), S(db), S(h), S(dh), S(dy), S(x), S(a), S(b), scale, T, din, dout, r, _threads);
+    public void MatMul(Tensor c, Tensor a, Tensor b, int rows, int cols, int depth, MatMulForm form, float alpha, bool accumulate)
+    {
+        Span<float> cs = S(c, (long)rows * cols);
+        switch (form)
+        {
+            case MatMulForm.NT:
+                CpuKernels.GemmNT(cs, S(a, (long)rows * depth), S(b, (long)cols * depth), rows, cols, depth, alpha, accumulate, _threads);
+                break;
+            case MatMulForm.NN:
+                CpuKernels.GemmNN(cs, S(a, (long)rows * depth), S(b, (long)depth * cols), rows, depth, cols, alpha, accumulate, _threads);
+                break;
+            case MatMulForm.TN:
+                CpuKernels.GemmTN(cs, S(a, (long)depth * rows), S(b, (long)depth * cols), depth, rows, cols, alpha, accumulate, _threads);
+                break;
+            default:
+                throw new ArgumentOutOfRangeException(nameof(form), form, null);
+        }
+    }
 
     public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk,
                                     float softcap)

@@ -396,29 +396,6 @@ internal static unsafe partial class CpuKernels
     public static void LinearBackwardInput(Span<float> dx, ReadOnlySpan<float> dy, ReadOnlySpan<float> w, int T, int din, int dout, bool accumulate, int threads)
         => GemmNN(dx, dy, w, T, dout, din, 1f, accumulate, threads);
 
-    /// <summary>y += scale·(x·aᵀ)·bᵀ: h [T, r] = x·aᵀ (scratch), then y += scale·h·bᵀ.</summary>
-    public static void LoraForward(Span<float> y, Span<float> h, ReadOnlySpan<float> x, ReadOnlySpan<float> a, ReadOnlySpan<float> b, float scale,
-                                   int T, int din, int dout, int r, int threads)
-    {
-        GemmNT(h, x, a, T, r, din, 1f, false, threads);
-        GemmNT(y, h, b, T, dout, r, scale, true, threads);
-    }
-
-    /// <summary>
-    /// MeSP LoRA backward keeping only x: h = x·aᵀ, dB += scale·dyᵀ·h, dh = scale·dy·b, dA += dhᵀ·x,
-    /// dx += dh·a.
-    /// </summary>
-    public static void LoraBackward(Span<float> dx, Span<float> da, Span<float> db, Span<float> h, Span<float> dh, ReadOnlySpan<float> dy,
-                                    ReadOnlySpan<float> x, ReadOnlySpan<float> a, ReadOnlySpan<float> b, float scale,
-                                    int T, int din, int dout, int r, int threads)
-    {
-        GemmNT(h, x, a, T, r, din, 1f, false, threads);      // H  [T, r]     = x·aᵀ
-        GemmTN(db, dy, h, T, dout, r, scale, true, threads); // dB [dout, r] += s·dyᵀ·H
-        GemmNN(dh, dy, b, T, dout, r, scale, false, threads); // dH [T, r]    = s·dy·b
-        GemmTN(da, dh, x, T, r, din, 1f, true, threads);     // dA [r, din]  += dHᵀ·x
-        GemmNN(dx, dh, a, T, r, din, 1f, true, threads);     // dx [T, din]  += dH·a
-    }
-
     // ================================================================ LM head + cross-entropy
 
     /// <summary>

@@ -195,17 +195,38 @@ public interface IBackend : IDisposable
     void LinearBackwardInput(Tensor dx, Tensor dy, Tensor w, int T, int din, int dout, bool accumulate);
 
     /// <summary>
-    /// y += scale · (x · aᵀ) · bᵀ. h [T, r] is scratch for H = x · aᵀ, which is not kept.
-    /// a is [r, din], b is [dout, r].
+    /// c [rows, cols] (= or += with <paramref name="accumulate"/>) alpha · op(a)·op(b) over
+    /// <paramref name="depth"/>, for float tensors the trainer owns (activations, LoRA parameters and
+    /// gradients; never a base weight): <see cref="MatMulForm.NT"/> reads a [rows, depth] and b [cols, depth],
+    /// <see cref="MatMulForm.NN"/> a [rows, depth] and b [depth, cols], <see cref="MatMulForm.TN"/>
+    /// a [depth, rows] and b [depth, cols].
     /// </summary>
-    void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r);
+    void MatMul(Tensor c, Tensor a, Tensor b, int rows, int cols, int depth, MatMulForm form, float alpha, bool accumulate);
+
+    /// <summary>
+    /// y += scale · (x · aᵀ) · bᵀ. h [T, r] is scratch for H = x · aᵀ, which is not kept.
+    /// a is [r, din], b is [dout, r]. Two products, the same on every backend.
+    /// </summary>
+    void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r)
+    {
+        MatMul(h, x, a, T, r, din, MatMulForm.NT, 1, accumulate: false);    // H [T, r]   = x·aᵀ
+        MatMul(y, h, b, T, dout, r, MatMulForm.NT, scale, accumulate: true); // y [T, dout] += s·H·bᵀ
+    }
 
     /// <summary>
     /// The MeSP structured LoRA backward, keeping only x:
     /// H = x·aᵀ (recomputed into h), dB += scale·dyᵀ·H, dH = scale·dy·b (into dh), dA += dHᵀ·x,
-    /// dx += dH·a. The base term dy·w is <see cref="LinearBackwardInput"/>'s.
+    /// dx += dH·a. The base term dy·w is <see cref="LinearBackwardInput"/>'s. Five products, the same
+    /// on every backend.
     /// </summary>
-    void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r);
+    void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r)
+    {
+        MatMul(h, x, a, T, r, din, MatMulForm.NT, 1, accumulate: false);       // H  [T, r]     = x·aᵀ
+        MatMul(db, dy, h, dout, r, T, MatMulForm.TN, scale, accumulate: true); // dB [dout, r] += s·dyᵀ·H
+        MatMul(dh, dy, b, T, r, dout, MatMulForm.NN, scale, accumulate: false); // dH [T, r]    = s·dy·b
+        MatMul(da, dh, x, r, din, T, MatMulForm.TN, 1, accumulate: true);      // dA [r, din]  += dHᵀ·x
+        MatMul(dx, dh, a, T, din, r, MatMulForm.NN, 1, accumulate: true);      // dx [T, din]  += dH·a
+    }
 
     /// <summary>
     /// Fused LM head and cross-entropy over vocabulary chunks: logits = x [T, C] · wᵀ (w is [V, C]) are
@@ -254,6 +275,19 @@ public interface IBackend : IDisposable
     /// c·tanh(logits / c) when softcap c &gt; 0.
     /// </summary>
     void LmHeadLogits(Tensor logits, Tensor x, Tensor w, int T, int C, int V, float softcap);
+}
+
+/// <summary>Which operands of <see cref="IBackend.MatMul"/> are read transposed (T) or as they are (N).</summary>
+public enum MatMulForm
+{
+    /// <summary>a · bᵀ.</summary>
+    NT,
+
+    /// <summary>a · b.</summary>
+    NN,
+
+    /// <summary>aᵀ · b.</summary>
+    TN,
 }
 
 /// <summary>The activation of a gated MLP, <c>down(act(gate(x)) · up(x))</c>.</summary>

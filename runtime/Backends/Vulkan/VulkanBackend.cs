@@ -726,26 +726,18 @@ public sealed unsafe partial class VulkanBackend : IBackend
         }
     }
 
-    public void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r)
+    public void MatMul(Tensor c, Tensor a, Tensor b, int rows, int cols, int depth, MatMulForm form, float alpha, bool accumulate)
     {
-        VkBuffer yb = Single(y, (long)T * dout, nameof(y)), hb = Single(h, (long)T * r, nameof(h)), xb = Single(x, (long)T * din, nameof(x));
-        VkBuffer ab = Single(a, (long)r * din, nameof(a)), bb = Single(b, (long)dout * r, nameof(b));
-        Gemm(Kernels.GemmNT, hb, xb, ab, _dummy.Handle, Product(T, r, din, din, din, r, 1f, false));      // H = x·aᵀ
-        Gemm(Kernels.GemmNT, yb, hb, bb, _dummy.Handle, Product(T, dout, r, r, r, dout, scale, true));  // y += s·H·bᵀ
-    }
-
-    public void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale,
-                             int T, int din, int dout, int r)
-    {
-        VkBuffer dxb = Single(dx, (long)T * din, nameof(dx)), dab = Single(da, (long)r * din, nameof(da)), dbb = Single(db, (long)dout * r, nameof(db));
-        VkBuffer hb = Single(h, (long)T * r, nameof(h)), dhb = Single(dh, (long)T * r, nameof(dh)), dyb = Single(dy, (long)T * dout, nameof(dy));
-        VkBuffer xb = Single(x, (long)T * din, nameof(x)), ab = Single(a, (long)r * din, nameof(a)), bb = Single(b, (long)dout * r, nameof(b));
-        var none = _dummy.Handle;
-        Gemm(Kernels.GemmNT, hb, xb, ab, none, Product(T, r, din, din, din, r, 1f, false));         // H  [T, r]    = x·aᵀ
-        Gemm(Kernels.GemmTN, dbb, dyb, hb, none, Product(dout, r, T, dout, r, r, scale, true));     // dB [dout, r] += s·dyᵀ·H
-        Gemm(Kernels.GemmNN, dhb, dyb, bb, none, Product(T, r, dout, dout, r, r, scale, false));    // dH [T, r]    = s·dy·b
-        Gemm(Kernels.GemmTN, dab, dhb, xb, none, Product(r, din, T, r, din, din, 1f, true));        // dA [r, din]  += dHᵀ·x
-        Gemm(Kernels.GemmNN, dxb, dhb, ab, none, Product(T, din, r, r, din, din, 1f, true));        // dx [T, din]  += dH·a
+        VkBuffer cb = Single(c, (long)rows * cols, nameof(c)), ab = Single(a, (long)rows * depth, nameof(a));
+        VkBuffer bb = Single(b, (long)cols * depth, nameof(b));
+        var (kernel, strideA, strideB) = form switch
+        {
+            MatMulForm.NT => (Kernels.GemmNT, depth, depth),
+            MatMulForm.NN => (Kernels.GemmNN, depth, cols),
+            MatMulForm.TN => (Kernels.GemmTN, rows, cols),
+            _ => throw new ArgumentOutOfRangeException(nameof(form), form, null),
+        };
+        Gemm(kernel, cb, ab, bb, _dummy.Handle, Product(rows, cols, depth, strideA, strideB, cols, alpha, accumulate));
     }
 
     private static GemmParameters Product(int rows, int cols, int depth, int strideA, int strideB, int strideC, float alpha, bool accumulate) => new()

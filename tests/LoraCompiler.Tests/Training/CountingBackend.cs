@@ -51,6 +51,7 @@ public sealed class CountingBackend(IBackend inner) : IBackend
     public void GluBackward(Tensor dGate, Tensor dUp, Tensor dh, Tensor gate, Tensor up, long n, GluActivation activation) { Count(); inner.GluBackward(dGate, dUp, dh, gate, up, n, activation); }
     public void LinearForward(Tensor y, Tensor x, Tensor w, Tensor? bias, int T, int din, int dout) { Count(); inner.LinearForward(y, x, w, bias, T, din, dout); }
     public void LinearBackwardInput(Tensor dx, Tensor dy, Tensor w, int T, int din, int dout, bool accumulate) { Count(); inner.LinearBackwardInput(dx, dy, w, T, din, dout, accumulate); }
+    public void MatMul(Tensor c, Tensor a, Tensor b, int rows, int cols, int depth, MatMulForm form, float alpha, bool accumulate) { Count(); inner.MatMul(c, a, b, rows, cols, depth, form, alpha, accumulate); }
     public void LoraForward(Tensor y, Tensor h, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r) { Count(); inner.LoraForward(y, h, x, a, b, scale, T, din, dout, r); }
     public void LoraBackward(Tensor dx, Tensor da, Tensor db, Tensor h, Tensor dh, Tensor dy, Tensor x, Tensor a, Tensor b, float scale, int T, int din, int dout, int r) { Count(); inner.LoraBackward(dx, da, db, h, dh, dy, x, a, b, scale, T, din, dout, r); }
     public float LmHeadCrossEntropy(Tensor dx, Tensor logits, Tensor x, Tensor w, ReadOnlySpan<int> targets, int T, int C, int V, int chunk, float softcap) { Count(); return inner.LmHeadCrossEntropy(dx, logits, x, w, targets, T, C, V, chunk, softcap); }

@@ -595,13 +595,15 @@ public sealed class CpuKernelTests
         const float scale = 2.5f;
         float[] x = Rand(T * din, 42), a = Rand(r * din, 43), b = Rand(dout * r, 44), y = Rand(T * dout, 45), h = Rand(T * r, 46);
         double[] want = Add(ToDouble(y), LoraRef(ToDouble(x), ToDouble(a), ToDouble(b), scale, T, din, dout, r));
-        CpuKernels.LoraForward(y, h, x, a, b, scale, T, din, dout, r, threads);
+        IBackend cpu = new CpuBackend(threads);
+        Tensor Of(float[] values) => new CpuTensor("t", values);
+        cpu.LoraForward(Of(y), Of(h), Of(x), Of(a), Of(b), scale, T, din, dout, r);
         AssertClose(want, y, ForwardTolerance, "y (+=)");
 
         float[] R = Rand(T * dout, 47);
         float[] dx = Rand(x.Length, 48), da = Rand(a.Length, 49), db = Rand(b.Length, 50), dh = Rand(T * r, 51);
         double[] dx0 = ToDouble(dx), da0 = ToDouble(da), db0 = ToDouble(db);
-        CpuKernels.LoraBackward(dx, da, db, h, dh, R, x, a, b, scale, T, din, dout, r, threads);
+        cpu.LoraBackward(Of(dx), Of(da), Of(db), Of(h), Of(dh), Of(R), Of(x), Of(a), Of(b), scale, T, din, dout, r);
         double[] xd = ToDouble(x), ad = ToDouble(a), bd = ToDouble(b);
         double[] wantDx, wantDa, wantDb;
         if (finiteDifferences)
@@ -1009,7 +1011,7 @@ public sealed class CpuKernelTests
     public void CpuBackend_runs_a_linear_layer_with_lora()
     {
         const int T = 5, din = 19, dout = 11, r = 3;
-        using var backend = new CpuBackend(2);
+        using IBackend backend = new CpuBackend(2);
         float[] xs = Rand(T * din, 63), ws = Rand(dout * din, 64), bs = Rand(dout, 65), As = Rand(r * din, 66), Bs = Rand(dout * r, 67);
         using var x = backend.Upload("x", xs);
         using var w = backend.Upload("w", ws);

@@ -76,6 +76,24 @@ public class VulkanTrainingTests
         VulkanTestDevice.AssertNoValidationErrors(vulkan);
     }
 
+    [VulkanTheory]
+    [InlineData("adamw", 1, 1)]
+    [InlineData("adamw", 2, 2)]
+    [InlineData("sgd", 3, 1)]
+    public void A_steady_state_step_moves_only_tokens_targets_and_the_loss(string optimizer, int accumulation, int lcsbGroups)
+    {
+        var model = TrainerCatalog.Find("tiny-qwen2")!;
+        using var fixture = new ModelFixture(model, seed: 23, sequence: 20);
+        using var vulkan = VulkanTestDevice.Create();
+        var options = new TrainingOptions { Steps = 5, Optimizer = optimizer, GradientAccumulation = accumulation, LcsbGroups = lcsbGroups };
+        var (_, _, traffic) = Train(vulkan, fixture, options, "vulkan");
+        // Per sequence: 20 tokens and 20 targets in (int32), the loss out (a float); per step: the
+        // checks' status word out. The weights stay on the device after the first step.
+        long expected = accumulation * (20 * sizeof(int) * 2 + sizeof(float)) + sizeof(uint);
+        for (int step = 3; step <= options.Steps; step++)
+            Assert.Equal(expected, traffic[step] - traffic[step - 1]);
+    }
+
     [VulkanFact]
     public void MeZO_on_the_device_ends_near_the_cpus_adapter()
     {
