@@ -38,19 +38,13 @@ internal static unsafe partial class CpuKernels
     public static void EmbeddingForward(Span<float> x, ReadOnlySpan<int> tokens, Float16Weight table, int T, int C)
     {
         Need(x, (long)T * C, nameof(x));
-        if (tokens.Length < T)
-            throw new ArgumentException($"tokens has {tokens.Length} entries, T is {T}.", nameof(tokens));
         if (table.Columns != C)
             throw new ArgumentException($"'{table.Name}' has rows of {table.Columns}, C is {C}.", nameof(table));
+        SequenceChecks.Tokens(tokens, T, table.Rows);
         using var pin = new Float16Pin(table);
         fixed (float* px = x)
             for (int t = 0; t < T; t++)
-            {
-                int token = tokens[t];
-                if ((uint)token >= (uint)table.Rows)
-                    throw new ArgumentOutOfRangeException(nameof(tokens), $"tokens[{t}] = {token} is outside the table's {table.Rows} rows.");
-                pin.Matrix.Dequantize(token, 1, 0, C, px + (long)t * C, C);
-            }
+                pin.Matrix.Dequantize(tokens[t], 1, 0, C, px + (long)t * C, C);
     }
 
     /// <summary>y [T, dout] = x [T, din]·wᵀ (+ bias) with a 16-bit w [dout, din].</summary>

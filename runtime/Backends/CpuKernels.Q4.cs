@@ -49,17 +49,11 @@ internal static unsafe partial class CpuKernels
     public static void EmbeddingForward(Span<float> x, ReadOnlySpan<int> tokens, Q4Weight table, int T, int C)
     {
         Need(x, (long)T * C, nameof(x));
-        if (tokens.Length < T)
-            throw new ArgumentException($"tokens has {tokens.Length} entries, T is {T}.", nameof(tokens));
         if (table.Columns != C)
             throw new ArgumentException($"'{table.Name}' has rows of {table.Columns}, C is {C}.", nameof(table));
+        SequenceChecks.Tokens(tokens, T, table.Rows);
         for (int t = 0; t < T; t++)
-        {
-            int token = tokens[t];
-            if ((uint)token >= (uint)table.Rows)
-                throw new ArgumentOutOfRangeException(nameof(tokens), $"tokens[{t}] = {token} is outside the table's {table.Rows} rows.");
-            table.DequantizeRow(token, x.Slice(t * C, C));
-        }
+            table.DequantizeRow(tokens[t], x.Slice(t * C, C));
     }
 
     /// <summary>y [T, dout] = x [T, din]·wᵀ (+ bias) with a 4-bit w [dout, din].</summary>

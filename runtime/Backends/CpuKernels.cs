@@ -24,16 +24,9 @@ internal static unsafe partial class CpuKernels
     public static void EmbeddingForward(Span<float> x, ReadOnlySpan<int> tokens, ReadOnlySpan<float> table, int T, int C)
     {
         Need(x, (long)T * C, nameof(x));
-        if (tokens.Length < T)
-            throw new ArgumentException($"tokens has {tokens.Length} entries, T is {T}.", nameof(tokens));
-        long vocab = table.Length / C;
+        SequenceChecks.Tokens(tokens, T, table.Length / C);
         for (int t = 0; t < T; t++)
-        {
-            int token = tokens[t];
-            if ((uint)token >= vocab)
-                throw new ArgumentOutOfRangeException(nameof(tokens), $"tokens[{t}] = {token} is outside the table's {vocab} rows.");
-            table.Slice(token * C, C).CopyTo(x.Slice(t * C, C));
-        }
+            table.Slice(tokens[t] * C, C).CopyTo(x.Slice(t * C, C));
     }
 
     // ================================================================ RMSNorm
@@ -424,19 +417,13 @@ internal static unsafe partial class CpuKernels
         chunk = Math.Min(chunk, V);
         Need(dx, (long)T * C, nameof(dx)); Need(logits, (long)T * chunk, nameof(logits));
         Need(x, (long)T * C, nameof(x));
-        if (targets.Length < T)
-            throw new ArgumentException($"targets has {targets.Length} entries, T is {T}.", nameof(targets));
+        int count = SequenceChecks.Labels(targets, T, V);
 
         dx[..(T * C)].Clear();
         int[] rows = ArrayPool<int>.Shared.Rent(Math.Max(T, 1)); // the labelled rows, then their labels
-        int count = 0;
-        for (int t = 0; t < T; t++)
-        {
-            if (targets[t] >= V || targets[t] < -1)
-                throw new ArgumentOutOfRangeException(nameof(targets), $"targets[{t}] = {targets[t]} is not a label in [0, {V}) or -1.");
+        for (int t = 0, n = 0; t < T; t++)
             if (targets[t] >= 0)
-                rows[count++] = t;
-        }
+                rows[n++] = t;
         double lossSum = 0;
         if (count == T)
         {

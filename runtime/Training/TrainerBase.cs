@@ -470,9 +470,7 @@ public abstract class TrainerBase : IDisposable
         int T = CheckTokens(tokens);
         if (targets.Length != T)
             throw new ArgumentException($"{targets.Length} targets were given for {T} tokens.");
-        for (int t = 0; t < T; t++)
-            if (targets[t] < -1 || targets[t] >= Model.Vocab)
-                throw new ArgumentException($"Target {targets[t]} at position {t} is outside the vocabulary of {Model.Name}.");
+        SequenceChecks.Labels(targets, T, Model.Vocab);
         return T;
     }
 
@@ -480,9 +478,7 @@ public abstract class TrainerBase : IDisposable
     {
         if (tokens.Length < 1 || tokens.Length > MaxSequence)
             throw new ArgumentException($"A sequence of {tokens.Length} tokens does not fit this trainer (1 to {MaxSequence}).");
-        for (int t = 0; t < tokens.Length; t++)
-            if ((uint)tokens[t] >= (uint)Model.Vocab)
-                throw new ArgumentException($"Token {tokens[t]} at position {t} is outside the vocabulary of {Model.Name} (0 to {Model.Vocab - 1}).");
+        SequenceChecks.Tokens(tokens, tokens.Length, Model.Vocab);
         return tokens.Length;
     }
 

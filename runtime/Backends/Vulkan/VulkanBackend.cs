@@ -449,12 +449,8 @@ public sealed unsafe partial class VulkanBackend : IBackend
         var half = table as VulkanFloat16Tensor;
         if (half is not null)
             Check(half, half.Rows, C, nameof(table));
-        if (tokens.Length < T)
-            throw new ArgumentException($"tokens has {tokens.Length} entries, T is {T}.", nameof(tokens));
         long vocab = q4?.Rows ?? half?.Rows ?? Vulkan(table, 0, nameof(table)).Length / C;
-        for (int t = 0; t < T; t++)
-            if ((uint)tokens[t] >= vocab)
-                throw new ArgumentOutOfRangeException(nameof(tokens), $"tokens[{t}] = {tokens[t]} is outside the table's {vocab} rows.");
+        SequenceChecks.Tokens(tokens, T, vocab);
         if (q4 is null && half is null && vocab * C > uint.MaxValue)
             throw new VulkanException($"The table {table} has more than 2³² elements, which the embedding shader cannot index.");
         var x0 = Single(xt, (long)T * C);
@@ -760,16 +756,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         var dxt = Vulkan(dx, (long)T * C, nameof(dx));
         VkBuffer dxb = Single(dxt, (long)T * C), lb = Single(logits, (long)T * chunk, nameof(logits)), xb = Single(x, (long)T * C, nameof(x));
         var wt = Weight(w, V, C, nameof(w));
-        if (targets.Length < T)
-            throw new ArgumentException($"targets has {targets.Length} entries, T is {T}.", nameof(targets));
-        int count = 0;
-        for (int t = 0; t < T; t++)
-        {
-            if (targets[t] >= V || targets[t] < -1)
-                throw new ArgumentOutOfRangeException(nameof(targets), $"targets[{t}] = {targets[t]} is not a label in [0, {V}) or -1.");
-            if (targets[t] >= 0)
-                count++;
-        }
+        int count = SequenceChecks.Labels(targets, T, V);
         Zero(dxt, (long)T * C);
         if (count == 0)
             return 0f;

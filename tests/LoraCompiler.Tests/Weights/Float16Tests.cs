@@ -107,7 +107,7 @@ public sealed class Float16Tests : IDisposable
         CpuKernels.EmbeddingForward(actual, tokens, table16, 5, 45);
         for (int t = 0; t < tokens.Length; t++)
             Assert.Equal(table.AsSpan(tokens[t] * 45, 45).ToArray(), actual.AsSpan(t * 45, 45).ToArray());
-        Assert.Throws<ArgumentOutOfRangeException>(() => CpuKernels.EmbeddingForward(actual, [301], table16, 1, 45));
+        Assert.Throws<ArgumentException>(() => CpuKernels.EmbeddingForward(actual, [301], table16, 1, 45));
     }
 
     [Theory]

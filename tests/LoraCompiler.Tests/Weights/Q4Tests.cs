@@ -406,7 +406,7 @@ public sealed class Q4Tests : IDisposable
         CpuKernels.EmbeddingForward(expected, tokens, table, 5, 48);
         CpuKernels.EmbeddingForward(actual, tokens, q4, 5, 48);
         Assert.Equal(expected, actual);
-        Assert.Throws<ArgumentOutOfRangeException>(() => CpuKernels.EmbeddingForward(actual, [301], q4, 1, 48));
+        Assert.Throws<ArgumentException>(() => CpuKernels.EmbeddingForward(actual, [301], q4, 1, 48));
     }
 
     [Theory]
