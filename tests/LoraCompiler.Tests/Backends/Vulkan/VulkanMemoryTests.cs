@@ -293,3 +293,65 @@ public sealed class VulkanMemoryTests(ITestOutputHelper output)
         return info.Dtype is "BF16" or "F16" ? info.Elements * 2 : info.Elements * sizeof(float);
     });
 }
+
+/// <summary>
+/// <c>bench memory --backend vulkan</c>: the device's buffers after the steps are the trainer's plan plus
+/// the resident weights, and the peak is at least that. In the process-memory collection: it samples RssAnon.
+/// </summary>
+[Collection(Cli.ProcessMemoryCollection.Name)]
+public sealed class VulkanBenchMemoryTests : IDisposable
+{
+    private const int Seq = 20;
+    private readonly string _dir = Directory.CreateTempSubdirectory("bench-memory-vulkan-").FullName;
+    private readonly ModelInfo _model = TrainerCatalog.Find("tiny-qwen2")!;
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    [VulkanTheory]
+    [InlineData(null)]
+    [InlineData("0")]
+    public void Bench_memory_reports_the_device_buffers_as_the_plan_plus_the_resident_weights(string? maxResident)
+    {
+        if (!VulkanTestDevice.Available)
+            Assert.Fail($"No Vulkan device: {VulkanTestDevice.Reason}");
+        RandomWeights.Write(_model, _dir, seed: 4, quantizeGroupSize: 16);
+        string[] more = maxResident is null ? [] : ["--max-resident", maxResident];
+        var options = Benchmarks.MemoryBenchOptions.Parse(new CommandLine.Args(
+            ["--model", _model.Name, "--weights", _dir, "--seq", $"{Seq}", "--steps", "2", "--backend", "vulkan", "--no-reference", .. more]));
+
+        var r = Benchmarks.MemoryBench.Measure(options, Seq);
+
+        using var weights = ModelWeights.Open(_dir);
+        long stored = _model.BaseTensors.Sum(t => weights.IsQuantized(t.Name)
+            ? weights.Info(t.Name).ByteLength + weights.Info(Q4.ScalesName(t.Name)).Elements * sizeof(uint)
+            : weights.Info(t.Name).Elements * sizeof(float));
+        Assert.Equal(r.PlannedBufferBytes, r.TrainerBufferBytes);
+        Assert.Equal(r.TrainerBufferBytes, r.DeviceTensorBytes);
+        Assert.Equal(maxResident is null ? stored : 0, r.ResidentWeightBytes);
+        Assert.True(r.DeviceWeightBytes >= r.ResidentWeightBytes, $"{r.DeviceWeightBytes} bytes of weights on the device");
+        long buffers = r.DeviceTensorBytes!.Value + r.DeviceWeightBytes!.Value + r.DeviceBackendBytes!.Value;
+        Assert.True(r.DevicePeakBytes >= buffers, $"peak {r.DevicePeakBytes} < the {buffers} bytes of buffers after the steps");
+        Assert.True(r.DeviceStagingPeakBytes > 0);
+        Assert.Equal(r.DeviceBudgetBytes is not null, r.DeviceUsagePeakBytes is not null);
+
+        var printed = new StringWriter();
+        Benchmarks.MemoryBench.Print(r, printed);
+        var lines = printed.ToString().Split('\n', StringSplitOptions.TrimEntries);
+        Assert.Contains(lines, l => l.StartsWith("peak device memory", StringComparison.Ordinal) && l.Contains(Benchmarks.MemoryBench.Mib(r.DevicePeakBytes!.Value).Trim()));
+        Assert.Contains(lines, l => l.StartsWith("device buffers after the last step", StringComparison.Ordinal) && l.Contains("(= the trainer buffers)"));
+    }
+
+    [Fact]
+    public void Max_resident_is_refused_without_vulkan_or_with_a_bad_size()
+    {
+        string[] common = ["--model", _model.Name, "--weights", _dir, "--no-reference"];
+        var e = Assert.Throws<CommandLine.UsageException>(() => Benchmarks.MemoryBenchOptions.Parse(new CommandLine.Args([.. common, "--max-resident", "1GB"])));
+        Assert.Contains("--max-resident applies to --backend vulkan", e.Message);
+        e = Assert.Throws<CommandLine.UsageException>(() => Benchmarks.MemoryBenchOptions.Parse(new CommandLine.Args(
+            [.. common, "--backend", "vulkan", "--max-resident", "lots"])));
+        Assert.StartsWith("--max-resident: ", e.Message);
+        var options = Benchmarks.MemoryBenchOptions.Parse(new CommandLine.Args([.. common, "--backend", "vulkan", "--max-resident", "1.5MiB"]));
+        Assert.Equal(3L << 19, options.MaxResident);
+        Assert.Contains("--max-resident", options.ChildArguments(8));
+    }
+}
