@@ -188,6 +188,8 @@ public static class Bench
     {
         string which = args.Get("backend", "all");
         string? device = args.Optional("device");
+        if (maxResident is not null && which == "cpu")
+            throw new UsageException("--max-resident applies to --backend vulkan (or all).");
         var list = new List<Func<IBackend>>();
         if (which is "cpu" or "all")
             list.Add(() => new CpuBackend());
