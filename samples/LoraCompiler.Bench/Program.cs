@@ -5,7 +5,7 @@ const string Usage = $"""
     lora-bench: benchmarks against TorchSharp (libtorch), kept out of the lora command line.
 
     Commands:
-      memory --weights PATH [--model NAME] [--seq N | --seqs N,N,...] [--steps N] [--rank R] [--backend cpu|vulkan] [--device D]
+      memory --weights PATH [--model NAME] [--seq N | --seqs N,N,...] [--steps N] [--rank R] [--backend cpu|vulkan] [--device D] [--max-resident SIZE]
              [--activations memory|mmap] [--memory-budget SIZE | --budgets SIZE,SIZE,... [--plot FILE.svg]]
             LoraCompiler (the measurement of 'lora bench memory --no-reference') and a TorchSharp autograd LoRA
             step of the same model, each in a fresh process: peak private memory, step time, side by side;

@@ -3,6 +3,7 @@ using System.Text.Json;
 using LoraCompiler.CommandLine;
 using LoraCompiler.Models;
 using LoraCompiler.Runtime.Backends;
+using LoraCompiler.Runtime.Backends.Vulkan;
 using LoraCompiler.Runtime.IO;
 using LoraCompiler.Runtime.Training;
 using LoraCompiler.Runtime.Weights;
@@ -57,13 +58,26 @@ public static class MemoryBench
 
             long baseline = ProcessMemory.PrivateBytes();
             using var sampler = new PeakMemorySampler(SampleInterval) { Phase = "trainer creation" };
-            using var backend = BackendOptions.Create(options.Backend, options.Device);
+            using var backend = BackendOptions.Create(options.Backend, options.Device, options.MaxResident);
+            var vulkan = backend as VulkanBackend;
             var adapter = LoraAdapter.CreateNew(model.Lora, model.LoraModules, seed: 1);
             var budgetPlan = options.BudgetPlan(options.MemoryBudget, seq);
             var trainerOptions = new TrainerOptions(ActivationsInFile: options.ActivationsInFile);
             using var trainer = model.Create(backend, weights, adapter, seq, budgetPlan?.ToOptions(trainerOptions) ?? trainerOptions);
-            trainer.LayerGradientsReady += ready => sampler.Sample($"layer {ready.Layer} backward");
+            // The driver's usage (VK_EXT_memory_budget) is read where RssAnon is read at events: each layer's end and each step's.
+            long? usagePeak = null;
+            void SampleDevice()
+            {
+                if (vulkan?.DeviceMemory.Usage is long usage)
+                    usagePeak = Math.Max(usagePeak ?? 0, usage);
+            }
+            trainer.LayerGradientsReady += ready =>
+            {
+                sampler.Sample($"layer {ready.Layer} backward");
+                SampleDevice();
+            };
             long created = ProcessMemory.PrivateBytes();
+            VulkanDeviceMemory? device = null;
 
             var training = new TrainingOptions
             {
@@ -76,11 +90,15 @@ public static class MemoryBench
             run.StepCompleted += m =>
             {
                 sampler.Sample("after the optimizer step");
+                SampleDevice();
                 double cpu = Environment.CpuUsage.TotalTime.TotalSeconds;
                 steps.Add((m.ElapsedSeconds - previous, cpu - previousCpu, m.Loss));
                 (previous, previousCpu) = (m.ElapsedSeconds, cpu);
                 if (m.Step == options.Steps)
+                {
                     sampler.Stop(); // the adapter and checkpoint written after the last step are not part of a step
+                    device = vulkan?.DeviceMemory;
+                }
                 else
                     sampler.Phase = $"step {m.Step + 1}";
             };
@@ -119,6 +137,18 @@ public static class MemoryBench
                 Samples = sampler.Samples,
                 SampleIntervalMs = SampleInterval.TotalMilliseconds,
                 Sampling = Sampling,
+                MaxResidentBytes = options.MaxResident,
+                DevicePeakBytes = device?.DeviceLocal.PeakBytes,
+                DevicePeakAllocations = device?.DeviceLocal.PeakAllocations,
+                DeviceStagingPeakBytes = device?.HostVisible.PeakBytes,
+                DeviceTensorBytes = device?.TensorBytes,
+                DeviceWeightBytes = device?.WeightBytes,
+                DeviceBackendBytes = device?.BackendBytes,
+                ResidentWeightBytes = vulkan?.ResidentWeightBytes,
+                ResidentWeights = vulkan?.ResidentWeights,
+                DeviceUsagePeakBytes = usagePeak,
+                DeviceBudgetBytes = device?.Budget,
+                DeviceHeapBytes = device?.HeapBytes,
             };
         }
         finally
@@ -157,6 +187,22 @@ public static class MemoryBench
             o.WriteLine($"  {"  above the baseline",-48} {"",10}  {Mib(tb).Trim()} trainer buffers in private memory + " +
                         (ab > 0 ? $"{Mib(ab).Trim()} the adapter's host copy + " : "") +
                         $"{Mib(above - tb - ab).Trim()} the rest (managed heap, JIT code, thread stacks)");
+        if (r.DevicePeakBytes is long devicePeak)
+        {
+            o.WriteLine($"  {"peak device memory (Vulkan, the backend's count)",-48} {Mib(devicePeak),10}  device-local, {r.DevicePeakAllocations} buffers at the peak; " +
+                        $"+ {Mib(r.DeviceStagingPeakBytes ?? 0).Trim()} host-visible staging");
+            long tensors = r.DeviceTensorBytes ?? 0;
+            string check = r.TrainerBufferBytes is long trainerBytes
+                ? tensors == trainerBytes ? "= the trainer buffers" : $"≠ the trainer buffers ({tensors - trainerBytes:+#;-#;0} bytes)"
+                : "";
+            o.WriteLine($"  {"  device buffers after the last step",-48} {Mib(tensors + (r.DeviceWeightBytes ?? 0) + (r.DeviceBackendBytes ?? 0)),10}  " +
+                        $"{Mib(tensors).Trim()} tensors ({check}) + {Mib(r.DeviceWeightBytes ?? 0).Trim()} base weights " +
+                        $"({r.ResidentWeights} resident, {Mib(r.ResidentWeightBytes ?? 0).Trim()}" +
+                        (r.MaxResidentBytes is long cap ? $", --max-resident {cap}" : "") + $") + {Mib(r.DeviceBackendBytes ?? 0).Trim()} the backend's own");
+            o.WriteLine($"  {"  driver's usage (VK_EXT_memory_budget)",-48} " + (r.DeviceUsagePeakBytes is long usage
+                ? $"{Mib(usage),10}  the highest heapUsage read at each layer's and step's end, of a budget of {Mib(r.DeviceBudgetBytes ?? 0).Trim()}"
+                : $"{"-",10}  the device does not offer the extension (device-local heap: {Mib(r.DeviceHeapBytes ?? 0).Trim()})"));
+        }
         o.WriteLine($"  {"peak file-backed resident (RssFile, not counted)",-48} {Mib(r.PeakFileBytes),10}  mapped files: the weights in use and the runtime's own libraries");
         if (r.HighWaterMarkBytes is long hwm)
             o.WriteLine($"  {"VmHWM (all resident pages, whole process)",-48} {Mib(hwm),10}  the kernel's high-water mark, file-backed pages included");
@@ -166,7 +212,7 @@ public static class MemoryBench
     }
 
     public static void PrintRowHeader(TextWriter o) =>
-        o.WriteLine($"{"seq",5} {"peak RssAnon",13} {"above base",11} {"buffers",10} {"planned",10} {"plan/buf",8} {"growth/token",13} {"step s",8}");
+        o.WriteLine($"{"seq",5} {"peak RssAnon",13} {"above base",11} {"buffers",10} {"planned",10} {"plan/buf",8} {"growth/token",13} {"step s",8} {"device peak",11}");
 
     public static void PrintRow(MemoryBenchResult r, MemoryBenchResult? previous, TextWriter o)
     {
@@ -174,7 +220,7 @@ public static class MemoryBench
             $"{(r.PeakPrivateBytes - previous.PeakPrivateBytes) / 1024.0 / (r.Sequence - previous.Sequence),9:F1} KiB";
         string ratio = r.PlannedBufferBytes is long p && r.TrainerBufferBytes is long b && b > 0 ? ((double)p / b).ToString("F3", CultureInfo.InvariantCulture) : "-";
         o.WriteLine($"{r.Sequence,5} {Mib(r.PeakPrivateBytes),13} {Mib(r.PeakPrivateBytes - r.BaselinePrivateBytes),11} " +
-                    $"{(r.TrainerBufferBytes is long tb ? Mib(tb) : "-"),10} {(r.PlannedBufferBytes is long pb ? Mib(pb) : "-"),10} {ratio,8} {growth,13} {r.SteadyStepSeconds,8:F2}");
+                    $"{(r.TrainerBufferBytes is long tb ? Mib(tb) : "-"),10} {(r.PlannedBufferBytes is long pb ? Mib(pb) : "-"),10} {ratio,8} {growth,13} {r.SteadyStepSeconds,8:F2} {(r.DevicePeakBytes is long d ? Mib(d) : "-"),11}");
     }
 
     /// <summary>
@@ -263,6 +309,26 @@ public sealed record MemoryBenchResult
     public required double SampleIntervalMs { get; init; }
     public required string Sampling { get; init; }
 
+    /// <summary><c>--max-resident</c> (null: the Vulkan backend's default, what fits the device's budget).</summary>
+    public long? MaxResidentBytes { get; init; }
+    /// <summary>Vulkan: the device-local memory's peak from the backend's creation to the end of the last step, by the backend's own count; null on the CPU.</summary>
+    public long? DevicePeakBytes { get; init; }
+    public int? DevicePeakAllocations { get; init; }
+    /// <summary>Vulkan: the host-visible staging memory's peak.</summary>
+    public long? DeviceStagingPeakBytes { get; init; }
+    /// <summary>Vulkan, after the last step: bytes of the tensors on the device (a trainer's buffers and LoRA parameters: its AllocatedBytes).</summary>
+    public long? DeviceTensorBytes { get; init; }
+    /// <summary>Vulkan, after the last step: bytes of base weights on the device (the resident ones and those the trainer keeps mapped).</summary>
+    public long? DeviceWeightBytes { get; init; }
+    /// <summary>Vulkan, after the last step: the backend's own device buffers (token ids, labels, statistics).</summary>
+    public long? DeviceBackendBytes { get; init; }
+    public long? ResidentWeightBytes { get; init; }
+    public int? ResidentWeights { get; init; }
+    /// <summary>Vulkan with VK_EXT_memory_budget: the highest heapUsage of the device-local heap read at each layer's and step's end; null without it.</summary>
+    public long? DeviceUsagePeakBytes { get; init; }
+    public long? DeviceBudgetBytes { get; init; }
+    public long? DeviceHeapBytes { get; init; }
+
     public double FirstStepSeconds => StepSeconds.Length > 0 ? StepSeconds[0] : double.NaN;
 
     /// <summary>The median of the steps after the first (the first, alone, when there is one step).</summary>
@@ -293,6 +359,10 @@ public sealed record MemoryBenchOptions
     public int Steps { get; init; } = 5;
     public string Backend { get; init; } = "cpu";
     public string? Device { get; init; }
+
+    /// <summary><c>--max-resident SIZE</c>: the Vulkan backend's <see cref="VulkanBackendOptions.MaxResidentBytes"/> (0 streams every weight; null: what fits).</summary>
+    public long? MaxResident { get; init; }
+
     public bool NoReference { get; init; }
 
     /// <summary><c>--activations memory|mmap</c> (null: the model JSON's).</summary>
@@ -343,6 +413,7 @@ public sealed record MemoryBenchOptions
         int rank = args.Int("rank", model.Lora.R, min: 1);
         string backend = args.Get("backend", "cpu");
         string? device = args.Optional("device");
+        long? maxResident = BackendOptions.MaxResident(args);
         bool noReference = args.Flag("no-reference");
         string? activations = args.Optional("activations");
         long? budget = args.Optional("memory-budget") is { } budgetText ? Size(budgetText, "memory-budget") : null;
@@ -358,6 +429,8 @@ public sealed record MemoryBenchOptions
             throw new UsageException("--steps must be at least 1.");
         if (backend is not ("cpu" or "vulkan"))
             throw new UsageException($"Unknown backend '{backend}' (available: cpu, vulkan).");
+        if (maxResident is not null && backend != "vulkan")
+            throw new UsageException("--max-resident applies to --backend vulkan.");
         if (!File.Exists(weights) && !Directory.Exists(weights))
             throw new UsageException($"--weights {weights}: no such file or folder. Write random weights with " +
                                      $"'lora init-random --model {model.Name} --out DIR'.");
@@ -383,6 +456,7 @@ public sealed record MemoryBenchOptions
             Steps = steps,
             Backend = backend,
             Device = device,
+            MaxResident = maxResident,
             NoReference = noReference,
             Activations = activations,
             MemoryBudget = budget,
@@ -431,6 +505,8 @@ public sealed record MemoryBenchOptions
             common = [.. common, "--activations", Activations];
         if ((budget ?? MemoryBudget) is long bytes)
             common = [.. common, "--memory-budget", bytes.ToString(CultureInfo.InvariantCulture)];
+        if (MaxResident is long resident)
+            common = [.. common, "--max-resident", BackendOptions.FormatMaxResident(resident)];
         return Device is null ? common : [.. common, "--device", Device];
     }
 

@@ -21,7 +21,11 @@ public static class Bench
                                                       on the CPU also with 4-bit and BF16 weights, and the NN
                                                       product (the input gradient dy·W) with each
           bench step --model NAME [--seq N] [--steps N] [--backend cpu|vulkan|all] [--device D] [--quantize q4] [--dtype F32|BF16|F16]
-                                                      one training step's time per backend, random weights
+                     [--max-resident SIZE]
+                                                      one training step's time per backend, random weights, and
+                                                      the bytes a step moves between host and device; Vulkan's
+                                                      device memory (peak, resident weights); --max-resident
+                                                      caps the weights kept on the device (0 streams them all)
         """ + "\n" + BenchMemory.Usage + "\n" + BenchDecode.Usage;
 
     // (T, din, dout): the shapes of Qwen2.5-0.5B's projections at 256 tokens.
@@ -93,7 +97,8 @@ public static class Bench
         int steps = args.Int("steps", 2, min: 1);
         string? quantize = args.Optional("quantize");
         string dtype = args.Get("dtype", "F32").ToUpperInvariant();
-        var backends = Backends(args);
+        long? maxResident = BackendOptions.MaxResident(args);
+        var backends = Backends(args, maxResident);
         args.RejectUnknown();
         if (seq < 2 || steps < 1)
             throw new UsageException("--seq must be at least 2 and --steps at least 1.");
@@ -119,11 +124,21 @@ public static class Bench
                 var watch = Stopwatch.StartNew();
                 RunStep(backend, trainer, tokens);
                 double first = watch.Elapsed.TotalSeconds;
+                var vulkan = backend as VulkanBackend;
+                vulkan?.ResetPeakDeviceMemory();
+                long transferred = backend.TransferredBytes, weightUploads = vulkan?.WeightUploadBytes ?? 0;
                 watch.Restart();
                 for (int i = 0; i < steps; i++)
                     RunStep(backend, trainer, tokens);
                 double step = watch.Elapsed.TotalSeconds / steps;
                 Console.WriteLine($"{model.Name,-14} {seq,5} {backend.Name,-44} {first,12:F3} {step,9:F3} {seq / step,9:F0}");
+                // Over the timed steps, so the first step's uploads of resident weights are not in it.
+                long perStep = (backend.TransferredBytes - transferred) / steps;
+                Console.WriteLine($"  host<->device per step: {perStep} bytes" + (vulkan is null ? "" :
+                    $" ({(vulkan.WeightUploadBytes - weightUploads) / steps} of them base weights; {vulkan.ResidentWeights} weights resident, " +
+                    $"{vulkan.ResidentWeightBytes} bytes)"));
+                if (vulkan is not null)
+                    Console.WriteLine("  " + DeviceMemoryLine(vulkan.DeviceMemory, trainer.AllocatedBytes, vulkan.ResidentWeightBytes));
             }
         }
         finally
@@ -132,6 +147,18 @@ public static class Bench
         }
         return 0;
     }
+
+    /// <summary>
+    /// The step's peak device memory (this backend's own count, and the driver's usage where it has
+    /// VK_EXT_memory_budget) and whether the trainer's device buffers are its memory plan.
+    /// </summary>
+    internal static string DeviceMemoryLine(VulkanDeviceMemory m, long trainerBytes, long residentBytes) =>
+        $"device memory: peak {m.DeviceLocal.PeakBytes} bytes device-local in {m.DeviceLocal.PeakAllocations} buffers, " +
+        $"{m.HostVisible.PeakBytes} bytes host-visible staging; now {m.TensorBytes} bytes of tensors " +
+        $"({(m.TensorBytes == trainerBytes ? "=" : "≠")} the trainer's AllocatedBytes {trainerBytes}), {m.WeightBytes} of base weights " +
+        $"({residentBytes} resident), {m.BackendBytes} the backend's own" +
+        (m.Usage is long usage ? $"; driver: usage {usage} of budget {m.Budget} bytes" : "; driver: no VK_EXT_memory_budget") +
+        $"; heap {m.HeapBytes} bytes";
 
     private static void RunStep(IBackend backend, TrainerBase trainer, int[] tokens)
     {
@@ -157,10 +184,12 @@ public static class Bench
         return watch.Elapsed.TotalMilliseconds / calls;
     }
 
-    private static List<Func<IBackend>> Backends(Args args)
+    private static List<Func<IBackend>> Backends(Args args, long? maxResident = null)
     {
         string which = args.Get("backend", "all");
         string? device = args.Optional("device");
+        if (maxResident is not null && which == "cpu")
+            throw new UsageException("--max-resident applies to --backend vulkan (or all).");
         var list = new List<Func<IBackend>>();
         if (which is "cpu" or "all")
             list.Add(() => new CpuBackend());
@@ -169,7 +198,7 @@ public static class Bench
             if (which == "all" && device is null && !VulkanDevice.IsAvailable(out string reason))
                 Console.WriteLine($"(no Vulkan backend: {reason})");
             else
-                list.Add(() => BackendOptions.CreateVulkan(device));
+                list.Add(() => BackendOptions.CreateVulkan(device, maxResident));
         }
         if (list.Count == 0)
             throw new UsageException($"Unknown backend '{which}' (cpu, vulkan or all).");

@@ -16,14 +16,17 @@ public static class BenchMemory
 {
     public const string Usage = """
           bench memory --weights PATH [--model NAME] [--seq N | --seqs N,N,...] [--steps N] [--rank R (another generated trainer)]
-                       [--backend cpu|vulkan] [--device D] [--activations memory|mmap] [--no-reference]
+                       [--backend cpu|vulkan] [--device D] [--max-resident SIZE] [--activations memory|mmap] [--no-reference]
                        [--memory-budget SIZE | --budgets SIZE,SIZE,... [--plot FILE.svg]]
                                                       peak private memory (RssAnon) of N SGD steps, the trainer's
                                                       buffers, the planned peak and the step time; against a
                                                       TorchSharp autograd step unless --no-reference;
                                                       --memory-budget plans kept layers and mapped checkpoints for
                                                       a budget (512MB, 1GiB), --budgets measures the smallest plan
-                                                      and each budget, --plot draws step time against peak memory
+                                                      and each budget, --plot draws step time against peak memory;
+                                                      with --backend vulkan also the peak device memory and the
+                                                      device's buffers against the plan; --max-resident SIZE caps
+                                                      the base weights kept on the device (0 streams them all)
         """;
 
     public static int Run(Args args)

@@ -112,23 +112,6 @@ public sealed unsafe partial class VulkanBackend : IBackend
     /// <summary>Device memory, as <see cref="Allocate"/>: a memory-mapped file would be host memory.</summary>
     public Tensor AllocateInFile(string name, long length, Func<MappedBuffer> file) => Allocate(name, length);
 
-    /// <summary>
-    /// Uploads the weight to device memory: a 4-bit one as it is stored (<see cref="Upload(Q4Weight)"/>,
-    /// never dequantized), a 16-bit one as it is stored (<see cref="Upload(Float16Weight)"/>), an F32
-    /// one as float32.
-    /// </summary>
-    public Tensor MapWeight(ModelWeights weights, string name)
-    {
-        if (weights.IsQuantized(name))
-            return Upload(weights.MapQ4(name));
-        if (weights.MapFloat16(name) is { } half)
-            return Upload(half);
-        return Upload(name, weights.Read(name));
-    }
-
-    /// <summary>Frees the weight's device memory once the kernels recorded so far no longer need it.</summary>
-    public void ReleaseWeight(Tensor weight) => weight.Dispose();
-
     /// <summary>A copy in device memory, as <see cref="Upload(string, ReadOnlySpan{float})"/>.</summary>
     public Tensor Adopt(string name, Memory<float> values) => Upload(name, values.Span);
 
@@ -137,123 +120,6 @@ public sealed unsafe partial class VulkanBackend : IBackend
         var tensor = Create(name, data.Length, zero: false);
         Write(tensor, data);
         return tensor;
-    }
-
-    /// <summary>
-    /// A 4-bit weight in device memory as it is stored: its packed words copied unchanged, its F16
-    /// scales and biases interleaved into one uint per group (see <see cref="VulkanQ4Tensor"/>). The
-    /// products and the embedding dequantize it as they read it. Split by whole rows into parts of
-    /// at most the buffer limit.
-    /// </summary>
-    public VulkanQ4Tensor Upload(Q4Weight weight)
-    {
-        ObjectDisposedException.ThrowIf(_disposed, this);
-        ArgumentNullException.ThrowIfNull(weight);
-        long partBytes = PartLength * sizeof(float);
-        long rowBytes = (long)weight.WordsPerRow * sizeof(uint); // ≥ a row's scale/bias pairs: groups hold at least 8 elements
-        int rowsPerPart = (int)Math.Min(Math.Max(weight.Rows, 1), partBytes / Math.Max(rowBytes, 1));
-        if (rowsPerPart == 0)
-            throw new VulkanException(
-                $"A row of the 4-bit weight '{weight.Name}' takes {VulkanDevice.Megabytes((ulong)rowBytes)}, more than {_device.Name} allows in one " +
-                $"storage buffer ({VulkanDevice.Megabytes((ulong)partBytes)}).");
-        int count = Math.Max(1, (weight.Rows + rowsPerPart - 1) / rowsPerPart);
-        var parts = new VulkanQ4Tensor.Part[count];
-        try
-        {
-            for (int k = 0; k < count; k++)
-            {
-                int first = k * rowsPerPart, rows = Math.Min(rowsPerPart, weight.Rows - first);
-                string what = count == 1 ? weight.Name : $"{weight.Name} part {k + 1}/{count}";
-                long words = (long)rows * weight.WordsPerRow, groups = (long)rows * weight.GroupsPerRow;
-                parts[k] = new VulkanQ4Tensor.Part(
-                    DeviceBuffer((ulong)Math.Max(words, 1) * sizeof(uint), $"{what} (4-bit packed)"),
-                    DeviceBuffer((ulong)Math.Max(groups, 1) * sizeof(uint), $"{what} (scales and biases)"),
-                    first, rows);
-                UploadWords(weight.Packed.Span.Slice(first * weight.WordsPerRow, (int)words), parts[k].Packed.Handle);
-                UploadScaleBias(weight.Scales.Span.Slice(first * weight.GroupsPerRow, (int)groups),
-                    weight.Biases.Span.Slice(first * weight.GroupsPerRow, (int)groups), parts[k].ScaleBias.Handle);
-            }
-        }
-        catch
-        {
-            _stream.Finish();
-            foreach (var p in parts)
-            {
-                p.Packed?.Dispose();
-                p.ScaleBias?.Dispose();
-            }
-            throw;
-        }
-        var tensor = new VulkanQ4Tensor(this, weight.Name, weight.Rows, weight.Columns, weight.GroupSize, rowsPerPart, parts);
-        _live.Add(tensor);
-        return tensor;
-    }
-
-    /// <summary>
-    /// A 16-bit weight in device memory as it is stored: its bits copied unchanged, two values to a
-    /// uint (see <see cref="VulkanFloat16Tensor"/>). Split by whole rows into parts of at most the
-    /// buffer limit.
-    /// </summary>
-    public VulkanFloat16Tensor Upload(Float16Weight weight)
-    {
-        ObjectDisposedException.ThrowIf(_disposed, this);
-        ArgumentNullException.ThrowIfNull(weight);
-        long partBytes = PartLength * sizeof(float);
-        long rowBytes = (long)weight.Columns * sizeof(ushort);
-        int rowsPerPart = (int)Math.Min(Math.Max(weight.Rows, 1), partBytes / Math.Max(rowBytes, 1));
-        if (rowsPerPart == 0)
-            throw new VulkanException(
-                $"A row of the 16-bit weight '{weight.Name}' takes {VulkanDevice.Megabytes((ulong)rowBytes)}, more than {_device.Name} allows in one " +
-                $"storage buffer ({VulkanDevice.Megabytes((ulong)partBytes)}).");
-        int count = Math.Max(1, (weight.Rows + rowsPerPart - 1) / rowsPerPart);
-        var parts = new VulkanFloat16Tensor.Part[count];
-        try
-        {
-            for (int k = 0; k < count; k++)
-            {
-                int first = k * rowsPerPart, rows = Math.Min(rowsPerPart, weight.Rows - first);
-                string what = count == 1 ? weight.Name : $"{weight.Name} part {k + 1}/{count}";
-                long values = (long)rows * weight.Columns;
-                parts[k] = new VulkanFloat16Tensor.Part(
-                    DeviceBuffer((ulong)Math.Max((values + 1) / 2, 1) * sizeof(uint), $"{what} ({weight.Dtype})"), first, rows);
-                UploadWords(weight.Bits.Span.Slice((int)((long)first * weight.Columns), (int)values), parts[k].Buffer.Handle);
-            }
-        }
-        catch
-        {
-            _stream.Finish();
-            foreach (var p in parts)
-                p.Buffer?.Dispose();
-            throw;
-        }
-        var tensor = new VulkanFloat16Tensor(this, weight.Name, weight.Format, weight.Rows, weight.Columns, rowsPerPart, parts);
-        _live.Add(tensor);
-        return tensor;
-    }
-
-    /// <summary>Copies words to the start of a device buffer, a staging piece at a time.</summary>
-    private void UploadWords<T>(ReadOnlySpan<T> words, VkBuffer destination) where T : unmanaged
-    {
-        int piece = (int)Math.Min(int.MaxValue, _stream.StagingBytes / (ulong)sizeof(T));
-        for (int done = 0; done < words.Length; done += piece)
-        {
-            var slice = words.Slice(done, Math.Min(piece, words.Length - done));
-            _stream.Upload(MemoryMarshal.AsBytes(slice), destination, (ulong)done * (ulong)sizeof(T));
-        }
-    }
-
-    /// <summary>Writes (scale bits | bias bits &lt;&lt; 16) per group to the start of a device buffer, a staging piece at a time.</summary>
-    private void UploadScaleBias(ReadOnlySpan<Half> scales, ReadOnlySpan<Half> biases, VkBuffer destination)
-    {
-        int piece = (int)Math.Min((ulong)Math.Min(scales.Length, 1 << 16), _stream.StagingBytes / sizeof(uint));
-        var pairs = new uint[Math.Max(piece, 1)];
-        for (int done = 0; done < scales.Length; done += piece)
-        {
-            int n = Math.Min(piece, scales.Length - done);
-            for (int i = 0; i < n; i++)
-                pairs[i] = BitConverter.HalfToUInt16Bits(scales[done + i]) | (uint)BitConverter.HalfToUInt16Bits(biases[done + i]) << 16;
-            _stream.Upload(MemoryMarshal.AsBytes(pairs.AsSpan(0, n)), destination, (ulong)done * sizeof(uint));
-        }
     }
 
     private VulkanTensor Create(string name, long length, bool zero)
@@ -1057,7 +923,9 @@ public sealed unsafe partial class VulkanBackend : IBackend
         foreach (var t in _live)
             foreach (var b in t switch { VulkanQ4Tensor q => q.Buffers, VulkanFloat16Tensor h => h.Buffers, _ => ((VulkanTensor)t).Buffers })
                 b.Dispose();
-        _live.Clear();
+        _live.Clear(); // resident weights among them
+        _resident.Clear();
+        ResidentWeightBytes = 0;
         _dummy.Dispose();
         _readback?.Dispose();
         _tokens?.Dispose();

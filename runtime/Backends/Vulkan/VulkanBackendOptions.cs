@@ -34,4 +34,19 @@ public sealed record VulkanBackendOptions
 
     /// <summary>Commands recorded before a batch is submitted without waiting (default 1024).</summary>
     public int CommandsPerBatch { get; init; } = 1024;
+
+    /// <summary>
+    /// The most bytes of base weights <see cref="VulkanBackend.MapWeight"/> keeps resident in device memory
+    /// (uploaded once, kept until the backend is disposed); a weight past it is streamed (uploaded when it is
+    /// mapped, freed when it is released). 0 streams every weight. Default (null): as many as fit the
+    /// device's memory budget, less a reserve (<see cref="VulkanBackend.ResidentReserveBytes"/>).
+    /// </summary>
+    public long? MaxResidentBytes
+    {
+        get => _maxResidentBytes;
+        init => _maxResidentBytes = value is null or >= 0 ? value
+            : throw new ArgumentOutOfRangeException(nameof(MaxResidentBytes), value, "MaxResidentBytes must be 0 (stream every weight) or more.");
+    }
+
+    private readonly long? _maxResidentBytes;
 }

@@ -34,6 +34,7 @@ public sealed unsafe class VulkanDevice : IDisposable
 {
     private const string ValidationLayer = "VK_LAYER_KHRONOS_validation";
     private const string DebugUtilsExtension = "VK_EXT_debug_utils";
+    private const string MemoryBudgetExtension = "VK_EXT_memory_budget";
 
     private readonly List<string> _validationErrors = [];
     private GCHandle _self;
@@ -48,6 +49,7 @@ public sealed unsafe class VulkanDevice : IDisposable
     internal uint QueueFamily { get; }
     internal PhysicalDeviceLimits Limits { get; }
     private readonly PhysicalDeviceMemoryProperties _memory;
+    private readonly MemoryCounter _counter = new();
 
     /// <summary>The device's name as its driver reports it, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)".</summary>
     public string Name { get; }
@@ -73,9 +75,22 @@ public sealed unsafe class VulkanDevice : IDisposable
 
     public uint MaxWorkGroupInvocations => Limits.MaxComputeWorkGroupInvocations;
 
+    /// <summary>The options the device was opened with (the backend reads its residency limit from them).</summary>
+    internal VulkanBackendOptions Options { get; }
+
+    /// <summary>True when the device offers <c>VK_EXT_memory_budget</c> and it is enabled: <see cref="Budget"/> then asks the driver.</summary>
+    public bool HasMemoryBudget { get; }
+
+    /// <summary>The memory heap device-local buffers are allocated from (the heap of the first device-local memory type).</summary>
+    public int DeviceLocalHeap { get; }
+
+    /// <summary>The size of <see cref="DeviceLocalHeap"/> in bytes, as the driver reports it.</summary>
+    public long DeviceLocalHeapBytes => (long)_memory.MemoryHeaps[DeviceLocalHeap].Size;
+
     public VulkanDevice(VulkanBackendOptions? options = null)
     {
         options ??= new VulkanBackendOptions();
+        Options = options;
         Vk = LoadApi();
         bool wantValidation = options.Validation ?? Environment.GetEnvironmentVariable("LORA_VULKAN_VALIDATION") == "1";
         ValidationEnabled = wantValidation && HasLayer(Vk, ValidationLayer);
@@ -98,7 +113,11 @@ public sealed unsafe class VulkanDevice : IDisposable
             MaxWorkGroupCount = (limits.MaxComputeWorkGroupCount[0], limits.MaxComputeWorkGroupCount[1], limits.MaxComputeWorkGroupCount[2]);
             MaxWorkGroupSize = (limits.MaxComputeWorkGroupSize[0], limits.MaxComputeWorkGroupSize[1], limits.MaxComputeWorkGroupSize[2]);
             Vk.GetPhysicalDeviceMemoryProperties(Physical, out _memory);
+            DeviceLocalHeap = FindDeviceLocalHeap(_memory);
             QueueFamily = ComputeFamily(Vk, Physical)!.Value;
+            // VK_EXT_memory_budget is read through vkGetPhysicalDeviceMemoryProperties2, core in Vulkan 1.1.
+            HasMemoryBudget = properties.ApiVersion >= Vk.Version11 && HasDeviceExtension(Vk, Physical, MemoryBudgetExtension);
+            var budgetExtension = (byte*)SilkMarshal.StringToPtr(MemoryBudgetExtension);
 
             float priority = 1f;
             var queueInfo = new DeviceQueueCreateInfo
@@ -113,9 +132,18 @@ public sealed unsafe class VulkanDevice : IDisposable
                 SType = StructureType.DeviceCreateInfo,
                 QueueCreateInfoCount = 1,
                 PQueueCreateInfos = &queueInfo,
+                EnabledExtensionCount = HasMemoryBudget ? 1u : 0u,
+                PpEnabledExtensionNames = HasMemoryBudget ? &budgetExtension : null,
             };
             Device device;
-            VulkanException.Check(Vk.CreateDevice(Physical, &deviceInfo, null, &device), "vkCreateDevice", $"opening {Name}");
+            try
+            {
+                VulkanException.Check(Vk.CreateDevice(Physical, &deviceInfo, null, &device), "vkCreateDevice", $"opening {Name}");
+            }
+            finally
+            {
+                SilkMarshal.Free((nint)budgetExtension);
+            }
             Device = device;
             Queue queue;
             Vk.GetDeviceQueue(Device, QueueFamily, 0, &queue);
@@ -166,7 +194,13 @@ public sealed unsafe class VulkanDevice : IDisposable
 
     // ---------------------------------------------------------------- memory
 
-    /// <summary>A buffer with its own memory, of a type that has <paramref name="required"/> and preferably <paramref name="preferred"/>.</summary>
+    /// <summary>
+    /// A buffer with its own memory, of a type that has <paramref name="required"/> and preferably
+    /// <paramref name="preferred"/>. It is counted in <see cref="Memory"/>: as host-visible staging
+    /// memory when <paramref name="required"/> asks for host-visible memory, else as device-local
+    /// memory of the backend's own (<see cref="DeviceBufferRole.Backend"/>) until <see cref="Assign"/>
+    /// says what it holds.
+    /// </summary>
     internal VulkanBuffer CreateBuffer(ulong bytes, BufferUsageFlags usage, MemoryPropertyFlags required, MemoryPropertyFlags preferred, string what)
     {
         var info = new BufferCreateInfo
@@ -203,9 +237,73 @@ public sealed unsafe class VulkanDevice : IDisposable
         }
         VulkanException.Check(Vk.BindBufferMemory(Device, buffer, memory, 0), "vkBindBufferMemory", $"binding memory for {what}");
         void* mapped = null;
-        if ((_memory.MemoryTypes[type].PropertyFlags & MemoryPropertyFlags.HostVisibleBit) != 0 && (required & MemoryPropertyFlags.HostVisibleBit) != 0)
-            VulkanException.Check(Vk.MapMemory(Device, memory, 0, Vk.WholeSize, 0, &mapped), "vkMapMemory", $"mapping {what}");
-        return new VulkanBuffer(this, buffer, memory, bytes, mapped);
+        bool staging = (required & MemoryPropertyFlags.HostVisibleBit) != 0;
+        if ((_memory.MemoryTypes[type].PropertyFlags & MemoryPropertyFlags.HostVisibleBit) != 0 && staging)
+        {
+            var mapResult = Vk.MapMemory(Device, memory, 0, Vk.WholeSize, 0, &mapped);
+            if (mapResult != Result.Success)
+            {
+                Vk.DestroyBuffer(Device, buffer, null);
+                Vk.FreeMemory(Device, memory, null);
+                throw VulkanException.From(mapResult, "vkMapMemory", $"mapping {what}");
+            }
+        }
+        var created = new VulkanBuffer(this, buffer, memory, bytes, (long)requirements.Size, mapped,
+            staging ? DeviceBufferRole.Staging : DeviceBufferRole.Backend);
+        _counter.Add(created);
+        return created;
+    }
+
+    /// <summary>Counts <paramref name="buffer"/> as holding <paramref name="role"/> from now on (a device-local buffer only).</summary>
+    internal void Assign(VulkanBuffer buffer, DeviceBufferRole role)
+    {
+        if (buffer.Role == DeviceBufferRole.Staging || role == DeviceBufferRole.Staging)
+            throw new ArgumentException("Staging buffers keep their role.", nameof(role));
+        _counter.Move(buffer, role);
+    }
+
+    /// <summary>Called by <see cref="VulkanBuffer.Dispose"/> once its memory is freed.</summary>
+    internal void Freed(VulkanBuffer buffer) => _counter.Remove(buffer);
+
+    /// <summary>
+    /// The device memory this device's buffers hold now and at their peak, device-local apart from
+    /// host-visible staging, with the driver's budget and usage of <see cref="DeviceLocalHeap"/> where
+    /// <c>VK_EXT_memory_budget</c> is present. Still readable after <see cref="Dispose"/> (then every count is 0
+    /// unless a buffer leaked).
+    /// </summary>
+    public VulkanDeviceMemory Memory
+    {
+        get
+        {
+            var budget = _disposed ? null : Budget();
+            return _counter.Snapshot(DeviceLocalHeapBytes, budget?.Budget, budget?.Usage);
+        }
+    }
+
+    /// <summary>Starts the peaks of <see cref="Memory"/> again from what is allocated now.</summary>
+    public void ResetPeakMemory() => _counter.ResetPeak();
+
+    /// <summary>
+    /// <c>VK_EXT_memory_budget</c>'s heapBudget and heapUsage of <see cref="DeviceLocalHeap"/>: how much this
+    /// process may allocate from the heap and how much it uses (other processes' use already taken out
+    /// of the budget); null without the extension.
+    /// </summary>
+    public (long Budget, long Usage)? Budget()
+    {
+        if (!HasMemoryBudget || _disposed)
+            return null;
+        var budget = new PhysicalDeviceMemoryBudgetPropertiesEXT { SType = StructureType.PhysicalDeviceMemoryBudgetPropertiesExt };
+        var properties = new PhysicalDeviceMemoryProperties2 { SType = StructureType.PhysicalDeviceMemoryProperties2, PNext = &budget };
+        Vk.GetPhysicalDeviceMemoryProperties2(Physical, &properties);
+        return ((long)budget.HeapBudget[DeviceLocalHeap], (long)budget.HeapUsage[DeviceLocalHeap]);
+    }
+
+    private static int FindDeviceLocalHeap(in PhysicalDeviceMemoryProperties memory)
+    {
+        for (int i = 0; i < memory.MemoryTypeCount; i++)
+            if ((memory.MemoryTypes[i].PropertyFlags & MemoryPropertyFlags.DeviceLocalBit) != 0)
+                return (int)memory.MemoryTypes[i].HeapIndex;
+        return memory.MemoryTypeCount > 0 ? (int)memory.MemoryTypes[0].HeapIndex : 0;
     }
 
     private int MemoryType(uint typeBits, MemoryPropertyFlags flags)
@@ -385,6 +483,22 @@ public sealed unsafe class VulkanDevice : IDisposable
         return false;
     }
 
+    private static bool HasDeviceExtension(Vk vk, PhysicalDevice device, string name)
+    {
+        uint count = 0;
+        if (vk.EnumerateDeviceExtensionProperties(device, (byte*)null, &count, null) != Result.Success || count == 0)
+            return false;
+        var extensions = new ExtensionProperties[count];
+        fixed (ExtensionProperties* p = extensions)
+            if (vk.EnumerateDeviceExtensionProperties(device, (byte*)null, &count, p) is not (Result.Success or Result.Incomplete))
+                return false;
+        for (int i = 0; i < count; i++)
+            fixed (byte* n = extensions[i].ExtensionName)
+                if (SilkMarshal.PtrToString((nint)n) == name)
+                    return true;
+        return false;
+    }
+
     // ---------------------------------------------------------------- validation messages
 
     // Silk.NET.Vulkan.Extensions.EXT is not available here, so vkCreateDebugUtilsMessengerEXT is
@@ -482,19 +596,30 @@ internal sealed unsafe class VulkanBuffer : IDisposable
     private readonly VulkanDevice _device;
     private bool _disposed;
 
-    public VulkanBuffer(VulkanDevice device, VkBuffer handle, DeviceMemory memory, ulong bytes, void* mapped)
+    public VulkanBuffer(VulkanDevice device, VkBuffer handle, DeviceMemory memory, ulong bytes, long allocationBytes, void* mapped, DeviceBufferRole role)
     {
         _device = device;
         Handle = handle;
         Memory = memory;
         Bytes = bytes;
+        AllocationBytes = allocationBytes;
         Mapped = mapped;
+        Role = role;
     }
 
     public VkBuffer Handle { get; }
     public DeviceMemory Memory { get; }
+
+    /// <summary>The bytes asked for.</summary>
     public ulong Bytes { get; }
+
+    /// <summary>The bytes of device memory allocated for it (the buffer's memory requirements: Bytes rounded up by the driver).</summary>
+    public long AllocationBytes { get; }
+
     public void* Mapped { get; }
+
+    /// <summary>What the buffer holds, as <see cref="VulkanDevice.Memory"/> counts it (changed by <see cref="VulkanDevice.Assign"/>).</summary>
+    public DeviceBufferRole Role { get; internal set; }
 
     public void Dispose()
     {
@@ -505,5 +630,126 @@ internal sealed unsafe class VulkanBuffer : IDisposable
             _device.Vk.UnmapMemory(_device.Device, Memory);
         _device.Vk.DestroyBuffer(_device.Device, Handle, null);
         _device.Vk.FreeMemory(_device.Device, Memory, null);
+        _device.Freed(this);
+    }
+}
+
+/// <summary>What a device buffer holds, as <see cref="VulkanDeviceMemory"/> counts it.</summary>
+public enum DeviceBufferRole
+{
+    /// <summary>A tensor allocated or uploaded through the backend (<see cref="IBackend.Allocate"/>, Upload, Adopt): a trainer's buffers and LoRA parameters.</summary>
+    Tensor,
+
+    /// <summary>A base weight from <see cref="IBackend.MapWeight"/>, resident or streamed.</summary>
+    Weight,
+
+    /// <summary>The backend's own device buffers: token ids, labels, the loss statistics, copies of rows straddling two parts, an unused binding.</summary>
+    Backend,
+
+    /// <summary>Host-visible staging memory: the upload batches and the readback buffer.</summary>
+    Staging,
+}
+
+/// <summary>Bytes and count of one kind of device allocation, now and at the peak since the device was opened or the peak was reset.</summary>
+/// <param name="Bytes">Bytes of device memory allocated (each buffer's memory requirements, as the driver rounds them).</param>
+public readonly record struct DeviceMemoryCount(long Bytes, long PeakBytes, int Allocations, int PeakAllocations);
+
+/// <summary>
+/// What a <see cref="VulkanDevice"/>'s buffers hold (<see cref="VulkanDevice.Memory"/>,
+/// <see cref="VulkanBackend.DeviceMemory"/>): device-local memory (every buffer the kernels use) apart
+/// from host-visible staging memory, each with its peak; the device-local bytes by what they hold, in
+/// the bytes the buffers asked for (<see cref="TensorBytes"/> is what a trainer's
+/// <c>AllocatedBytes</c> counts); and the driver's view of the device-local heap.
+/// </summary>
+/// <param name="HeapBytes">The size of the device-local heap.</param>
+/// <param name="Budget"><c>VK_EXT_memory_budget</c>'s heapBudget of the device-local heap; null without the extension.</param>
+/// <param name="Usage"><c>VK_EXT_memory_budget</c>'s heapUsage of the device-local heap (this process's use as the driver counts it); null without the extension.</param>
+public sealed record VulkanDeviceMemory(
+    DeviceMemoryCount DeviceLocal, DeviceMemoryCount HostVisible,
+    long TensorBytes, long WeightBytes, long BackendBytes,
+    long HeapBytes, long? Budget, long? Usage)
+{
+    /// <summary>Device-local and staging memory together, now.</summary>
+    public long AllocatedBytes => DeviceLocal.Bytes + HostVisible.Bytes;
+
+    /// <summary>Buffers of both kinds, now.</summary>
+    public int Allocations => DeviceLocal.Allocations + HostVisible.Allocations;
+}
+
+/// <summary>The counts behind <see cref="VulkanDeviceMemory"/>, updated as buffers are created, reassigned and freed.</summary>
+internal sealed class MemoryCounter
+{
+    private readonly Lock _lock = new();
+    private long _local, _localPeak, _staging, _stagingPeak;
+    private int _localCount, _localCountPeak, _stagingCount, _stagingCountPeak;
+    private readonly long[] _byRole = new long[4];
+
+    public void Add(VulkanBuffer b)
+    {
+        lock (_lock)
+        {
+            if (b.Role == DeviceBufferRole.Staging)
+            {
+                _staging += b.AllocationBytes;
+                _stagingCount++;
+                _stagingPeak = Math.Max(_stagingPeak, _staging);
+                _stagingCountPeak = Math.Max(_stagingCountPeak, _stagingCount);
+            }
+            else
+            {
+                _local += b.AllocationBytes;
+                _localCount++;
+                _localPeak = Math.Max(_localPeak, _local);
+                _localCountPeak = Math.Max(_localCountPeak, _localCount);
+            }
+            _byRole[(int)b.Role] += (long)b.Bytes;
+        }
+    }
+
+    public void Move(VulkanBuffer b, DeviceBufferRole role)
+    {
+        lock (_lock)
+        {
+            _byRole[(int)b.Role] -= (long)b.Bytes;
+            _byRole[(int)role] += (long)b.Bytes;
+            b.Role = role;
+        }
+    }
+
+    public void Remove(VulkanBuffer b)
+    {
+        lock (_lock)
+        {
+            if (b.Role == DeviceBufferRole.Staging)
+            {
+                _staging -= b.AllocationBytes;
+                _stagingCount--;
+            }
+            else
+            {
+                _local -= b.AllocationBytes;
+                _localCount--;
+            }
+            _byRole[(int)b.Role] -= (long)b.Bytes;
+        }
+    }
+
+    public void ResetPeak()
+    {
+        lock (_lock)
+        {
+            (_localPeak, _localCountPeak) = (_local, _localCount);
+            (_stagingPeak, _stagingCountPeak) = (_staging, _stagingCount);
+        }
+    }
+
+    public VulkanDeviceMemory Snapshot(long heapBytes, long? budget, long? usage)
+    {
+        lock (_lock)
+            return new VulkanDeviceMemory(
+                new DeviceMemoryCount(_local, _localPeak, _localCount, _localCountPeak),
+                new DeviceMemoryCount(_staging, _stagingPeak, _stagingCount, _stagingCountPeak),
+                _byRole[(int)DeviceBufferRole.Tensor], _byRole[(int)DeviceBufferRole.Weight], _byRole[(int)DeviceBufferRole.Backend],
+                heapBytes, budget, usage);
     }
 }

@@ -27,7 +27,17 @@ public sealed class VulkanFloat16Tensor : Tensor
         Columns = columns;
         RowsPerPart = rowsPerPart;
         Parts = parts;
+        foreach (var buffer in Buffers)
+            owner.Device.Assign(buffer, DeviceBufferRole.Weight);
     }
+
+    /// <summary>
+    /// True when <see cref="VulkanBackend.MapWeight"/> keeps the weight resident: it belongs to the backend,
+    /// which frees it when it is disposed, and <see cref="Dispose"/> leaves it alone.
+    /// </summary>
+    public override bool IsResident => Resident;
+
+    internal bool Resident { get; set; }
 
     /// <summary>Rows [FirstRow, FirstRow + Rows) of the weight, in one buffer.</summary>
     internal readonly record struct Part(VulkanBuffer Buffer, int FirstRow, int Rows);
@@ -71,7 +81,7 @@ public sealed class VulkanFloat16Tensor : Tensor
 
     public override void Dispose()
     {
-        if (_disposed)
+        if (_disposed || Resident)
             return;
         _disposed = true;
         _owner.Release(this, Buffers.ToArray());

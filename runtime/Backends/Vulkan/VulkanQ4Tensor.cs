@@ -26,7 +26,17 @@ public sealed class VulkanQ4Tensor : Tensor
         GroupSize = groupSize;
         RowsPerPart = rowsPerPart;
         Parts = parts;
+        foreach (var buffer in Buffers)
+            owner.Device.Assign(buffer, DeviceBufferRole.Weight);
     }
+
+    /// <summary>
+    /// True when <see cref="VulkanBackend.MapWeight"/> keeps the weight resident: it belongs to the backend,
+    /// which frees it when it is disposed, and <see cref="Dispose"/> leaves it alone.
+    /// </summary>
+    public override bool IsResident => Resident;
+
+    internal bool Resident { get; set; }
 
     /// <summary>Rows [FirstRow, FirstRow + Rows) of the weight: their packed words and their scale/bias pairs.</summary>
     internal readonly record struct Part(VulkanBuffer Packed, VulkanBuffer ScaleBias, int FirstRow, int Rows);
@@ -74,7 +84,7 @@ public sealed class VulkanQ4Tensor : Tensor
 
     public override void Dispose()
     {
-        if (_disposed)
+        if (_disposed || Resident)
             return;
         _disposed = true;
         _owner.Release(this, Buffers.ToArray());

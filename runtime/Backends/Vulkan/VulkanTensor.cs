@@ -7,6 +7,10 @@ namespace LoraCompiler.Runtime.Backends.Vulkan;
 /// maxStorageBufferRange, or a smaller configured limit) is split into several buffers: part k holds
 /// elements [k·PartLength, (k+1)·PartLength). Every tensor of a backend uses the same part length, so
 /// two tensors' parts line up element for element.
+///
+/// An F32 base weight that <see cref="VulkanBackend.MapWeight"/> keeps resident is one of these with
+/// <see cref="IsResident"/> true: it belongs to the backend, which frees it when it is disposed, so
+/// <see cref="Dispose"/> and <see cref="VulkanBackend.ReleaseWeight"/> leave it alone.
 /// </summary>
 public sealed class VulkanTensor : Tensor
 {
@@ -21,7 +25,14 @@ public sealed class VulkanTensor : Tensor
         _owner = owner;
         PartLength = partLength;
         Parts = parts;
+        foreach (var part in parts)
+            owner.Device.Assign(part, DeviceBufferRole.Tensor);
     }
+
+    /// <summary>True for a base weight the backend keeps in device memory for its whole life.</summary>
+    public override bool IsResident => Resident;
+
+    internal bool Resident { get; set; }
 
     /// <summary>Elements per part (the last part may hold fewer).</summary>
     public long PartLength { get; }
@@ -50,7 +61,7 @@ public sealed class VulkanTensor : Tensor
 
     public override void Dispose()
     {
-        if (_disposed)
+        if (_disposed || Resident)
             return;
         _disposed = true;
         _owner.Release(this, Buffers.ToArray());
