@@ -397,8 +397,17 @@ public abstract class TrainerBase : IDisposable
     protected Tensor MapWeight(string name)
     {
         WeightReads++;
-        return Backend.MapWeight(Weights, name);
+        var weight = Backend.MapWeight(Weights, name);
+        if (!weight.IsResident)
+            _streamed.Add(weight);
+        return weight;
     }
+
+    /// <summary>
+    /// Mapped weights that are not resident and not given back yet: the embedding, the final norm and
+    /// the LM head a trainer keeps for its lifetime, given back when it is disposed.
+    /// </summary>
+    private readonly HashSet<Tensor> _streamed = new(ReferenceEqualityComparer.Instance);
 
     /// <summary>
     /// A base weight of one layer, <c>model.layers.{layer}.{name}</c>. A weight the backend uses in
@@ -430,6 +439,7 @@ public abstract class TrainerBase : IDisposable
     {
         if (_decoding && weight.IsResident)
             return;
+        _streamed.Remove(weight);
         Backend.ReleaseWeight(weight);
     }
 
@@ -531,6 +541,9 @@ public abstract class TrainerBase : IDisposable
 
     public void Dispose()
     {
+        foreach (var weight in _streamed)
+            Backend.ReleaseWeight(weight);
+        _streamed.Clear();
         foreach (var t in _owned)
             t.Dispose();
         _owned.Clear();
