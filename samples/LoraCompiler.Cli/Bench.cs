@@ -22,7 +22,8 @@ public static class Bench
                                                       product (the input gradient dy·W) with each
           bench step --model NAME [--seq N] [--steps N] [--backend cpu|vulkan|all] [--device D] [--quantize q4] [--dtype F32|BF16|F16]
                      [--max-resident SIZE]
-                                                      one training step's time per backend, random weights, and
+                                                      one training step's time per backend (forward, backward,
+                                                      AdamW), random weights, and
                                                       the bytes a step moves between host and device; Vulkan's
                                                       device memory (peak, resident weights); --max-resident
                                                       caps the weights kept on the device (0 streams them all)
@@ -113,7 +114,7 @@ public static class Bench
             Console.WriteLine($"Writing random weights for {model.Name} ({model.ParameterCount / 1e6:F1}M parameters, {(quantize is null ? dtype : $"4-bit, the rest {dtype}")})...");
             RandomWeights.Write(model, dir, seed: 1, dtype, quantizeGroupSize: quantize is null ? null : Q4.DefaultGroupSize);
             using var weights = ModelWeights.Open(dir);
-            var tokens = Enumerable.Range(0, seq).Select(i => (i * 7919 + 13) % model.Vocab).ToArray();
+            var tokens = Enumerable.Range(0, seq + 1).Select(i => (i * 7919 + 13) % model.Vocab).ToArray();
             Header();
             Console.WriteLine($"{"model",-14} {"seq",5} {"backend",-44} {"first step s",12} {"step s",9} {"tokens/s",9}");
             foreach (var make in backends)
@@ -121,21 +122,37 @@ public static class Bench
                 using var backend = make();
                 var adapter = LoraAdapter.CreateNew(model.Lora, model.LoraModules, seed: 1);
                 using var trainer = model.Create(backend, weights, adapter, seq);
-                var watch = Stopwatch.StartNew();
-                RunStep(backend, trainer, tokens);
-                double first = watch.Elapsed.TotalSeconds;
                 var vulkan = backend as VulkanBackend;
-                vulkan?.ResetPeakDeviceMemory();
-                long transferred = backend.TransferredBytes, weightUploads = vulkan?.WeightUploadBytes ?? 0;
-                watch.Restart();
-                for (int i = 0; i < steps; i++)
-                    RunStep(backend, trainer, tokens);
-                double step = watch.Elapsed.TotalSeconds / steps;
+                // A step of a training run: forward, backward and AdamW layer by layer, the run's checks
+                // read at its end. The first step uploads what stays resident; the others are timed.
+                var run = new TrainingRun(trainer, new TokenWindows(tokens, seq, "one repeated sequence"),
+                    new TrainingOptions { Steps = steps + 1, Optimizer = "adamw" }, Path.Combine(dir, $"run-{backend.Name.GetHashCode():x8}"));
+                var watch = Stopwatch.StartNew();
+                double first = 0, timed = 0;
+                long transferred = 0, weightUploads = 0, perStep = 0, weightsPerStep = 0;
+                run.StepCompleted += m =>
+                {
+                    if (m.Step == 1)
+                    {
+                        first = watch.Elapsed.TotalSeconds;
+                        vulkan?.ResetPeakDeviceMemory();
+                        (transferred, weightUploads) = (backend.TransferredBytes, vulkan?.WeightUploadBytes ?? 0);
+                        watch.Restart();
+                    }
+                    else if (m.Step == steps + 1)
+                    {
+                        // Before the run's final checkpoint, which reads the adapter and the moments back.
+                        timed = watch.Elapsed.TotalSeconds;
+                        perStep = (backend.TransferredBytes - transferred) / steps;
+                        weightsPerStep = ((vulkan?.WeightUploadBytes ?? 0) - weightUploads) / steps;
+                    }
+                };
+                run.Run();
+                double step = timed / steps;
                 Console.WriteLine($"{model.Name,-14} {seq,5} {backend.Name,-44} {first,12:F3} {step,9:F3} {seq / step,9:F0}");
                 // Over the timed steps, so the first step's uploads of resident weights are not in it.
-                long perStep = (backend.TransferredBytes - transferred) / steps;
                 Console.WriteLine($"  host<->device per step: {perStep} bytes" + (vulkan is null ? "" :
-                    $" ({(vulkan.WeightUploadBytes - weightUploads) / steps} of them base weights; {vulkan.ResidentWeights} weights resident, " +
+                    $" ({weightsPerStep} of them base weights; {vulkan.ResidentWeights} weights resident, " +
                     $"{vulkan.ResidentWeightBytes} bytes)"));
                 if (vulkan is not null)
                     Console.WriteLine("  " + DeviceMemoryLine(vulkan.DeviceMemory, trainer.AllocatedBytes, vulkan.ResidentWeightBytes));
@@ -159,13 +176,6 @@ public static class Bench
         $"({residentBytes} resident), {m.BackendBytes} the backend's own" +
         (m.Usage is long usage ? $"; driver: usage {usage} of budget {m.Budget} bytes" : "; driver: no VK_EXT_memory_budget") +
         $"; heap {m.HeapBytes} bytes";
-
-    private static void RunStep(IBackend backend, TrainerBase trainer, int[] tokens)
-    {
-        trainer.ZeroGradients();
-        trainer.ForwardBackward(tokens);
-        backend.Synchronize(); // the backward is recorded, not yet run, when ForwardBackward returns
-    }
 
     /// <summary>Milliseconds per call: one warm-up call, then repeats until <paramref name="seconds"/> have passed (at least 2).</summary>
     private static double Time(IBackend backend, Action call, double seconds)
