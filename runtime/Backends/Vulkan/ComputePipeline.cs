@@ -31,10 +31,11 @@ internal sealed unsafe class PipelineSet : IDisposable
     private readonly Dictionary<string, ComputePipeline> _pipelines = [];
     private readonly PipelineCache _cache;
 
-    public PipelineSet(VulkanDevice device, uint elementWorkgroup)
+    public PipelineSet(VulkanDevice device, uint elementWorkgroup, bool subgroups)
     {
         _device = device;
         ElementWorkgroup = elementWorkgroup;
+        Subgroups = subgroups;
         AttentionWorkgroup = Math.Min(64u, elementWorkgroup);
         AttentionTileVec4s = Math.Min(device.Limits.MaxComputeSharedMemorySize, MaxAttentionTileBytes) / (4 * sizeof(float));
         var info = new PipelineCacheCreateInfo { SType = StructureType.PipelineCacheCreateInfo };
@@ -45,6 +46,12 @@ internal sealed unsafe class PipelineSet : IDisposable
 
     /// <summary>Shared memory the attention tiles use at most; more would not make lavapipe or small GPUs faster.</summary>
     private const uint MaxAttentionTileBytes = 32 << 10;
+
+    /// <summary>Whether the per-row kernels are the <c>.subgroups</c> variants, which reduce through subgroup arithmetic.</summary>
+    public bool Subgroups { get; }
+
+    /// <summary>The SPIR-V a kernel runs: the per-row kernels' subgroup variant where <see cref="Subgroups"/>, else the kernel's own.</summary>
+    public string ShaderOf(KernelSpec spec) => Subgroups && spec.Shape == KernelShape.Rows ? spec.Name + ".subgroups" : spec.Name;
 
     /// <summary>The width of the elementwise and per-row workgroups (a power of two within the device's limits).</summary>
     public uint ElementWorkgroup { get; }
@@ -80,7 +87,7 @@ internal sealed unsafe class PipelineSet : IDisposable
     {
         var vk = _device.Vk;
         var device = _device.Device;
-        byte[] code = SpirV(spec.Name);
+        byte[] code = SpirV(ShaderOf(spec));
         if (spec.PushConstantBytes > _device.Limits.MaxPushConstantsSize)
             throw new VulkanException($"Shader {spec.Name} needs {spec.PushConstantBytes} bytes of push constants; {_device.Name} allows {_device.Limits.MaxPushConstantsSize}.");
         if (spec.Bindings > _device.Limits.MaxPerStageDescriptorStorageBuffers)

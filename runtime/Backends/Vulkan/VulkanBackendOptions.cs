@@ -49,4 +49,12 @@ public sealed record VulkanBackendOptions
     }
 
     private readonly long? _maxResidentBytes;
+
+    /// <summary>
+    /// Whether the per-row kernels reduce through subgroup arithmetic (the <c>.subgroups</c> shader
+    /// variants). Default (null): where the device offers it in compute shaders and
+    /// <see cref="VulkanQuirks"/> does not rule it out; false: the plain kernels; true: the variants,
+    /// an error on a device without subgroup arithmetic. Tests force both on one device.
+    /// </summary>
+    public bool? Subgroups { get; init; }
 }

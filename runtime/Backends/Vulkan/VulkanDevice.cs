@@ -78,6 +78,21 @@ public sealed unsafe class VulkanDevice : IDisposable
     /// <summary>The options the device was opened with (the backend reads its residency limit from them).</summary>
     internal VulkanBackendOptions Options { get; }
 
+    /// <summary>The PCI vendor id the driver reports (0x10DE NVIDIA, 0x1002 AMD, 0x8086 Intel, 0x5143 Qualcomm, 0x13B5 Arm, 0x10005 Mesa's lavapipe).</summary>
+    public uint VendorId { get; }
+
+    /// <summary>Invocations per subgroup (0 on a Vulkan 1.0 device, which reports none).</summary>
+    public uint SubgroupSize { get; }
+
+    /// <summary>Whether compute shaders may use subgroup arithmetic (subgroupAdd, subgroupMax): Vulkan 1.1's subgroup properties.</summary>
+    public bool SubgroupArithmetic { get; }
+
+    /// <summary>Whether the device reads and writes 16-bit values in storage buffers (<c>storageBuffer16BitAccess</c>, VK_KHR_16bit_storage, core in 1.1).</summary>
+    public bool Storage16Bit { get; }
+
+    /// <summary>Whether shaders may compute in 16-bit floats (<c>shaderFloat16</c>, VK_KHR_shader_float16_int8, core in 1.2).</summary>
+    public bool Float16Arithmetic { get; }
+
     /// <summary>True when the device offers <c>VK_EXT_memory_budget</c> and it is enabled: <see cref="Budget"/> then asks the driver.</summary>
     public bool HasMemoryBudget { get; }
 
@@ -115,6 +130,9 @@ public sealed unsafe class VulkanDevice : IDisposable
             Vk.GetPhysicalDeviceMemoryProperties(Physical, out _memory);
             DeviceLocalHeap = FindDeviceLocalHeap(_memory);
             QueueFamily = ComputeFamily(Vk, Physical)!.Value;
+            VendorId = properties.VendorID;
+            if (properties.ApiVersion >= Vk.Version11)
+                (SubgroupSize, SubgroupArithmetic, Storage16Bit, Float16Arithmetic) = Features(Vk, Physical);
             // VK_EXT_memory_budget is read through vkGetPhysicalDeviceMemoryProperties2, core in Vulkan 1.1.
             HasMemoryBudget = properties.ApiVersion >= Vk.Version11 && HasDeviceExtension(Vk, Physical, MemoryBudgetExtension);
             var budgetExtension = (byte*)SilkMarshal.StringToPtr(MemoryBudgetExtension);
@@ -190,6 +208,28 @@ public sealed unsafe class VulkanDevice : IDisposable
             reason = e.Message;
             return false;
         }
+    }
+
+    /// <summary>What a Vulkan 1.1 device offers the kernels: its subgroups, 16-bit storage and 16-bit arithmetic.</summary>
+    private static (uint SubgroupSize, bool Arithmetic, bool Storage16, bool Float16) Features(Vk vk, PhysicalDevice physical)
+    {
+        var subgroup = new PhysicalDeviceSubgroupProperties { SType = StructureType.PhysicalDeviceSubgroupProperties };
+        var properties = new PhysicalDeviceProperties2 { SType = StructureType.PhysicalDeviceProperties2, PNext = &subgroup };
+        vk.GetPhysicalDeviceProperties2(physical, &properties);
+        bool arithmetic = (subgroup.SupportedOperations & SubgroupFeatureFlags.ArithmeticBit) != 0
+                          && (subgroup.SupportedStages & ShaderStageFlags.ComputeBit) != 0;
+
+        bool hasFloat16 = HasDeviceExtension(vk, physical, "VK_KHR_shader_float16_int8");
+        var float16 = new PhysicalDeviceShaderFloat16Int8Features { SType = StructureType.PhysicalDeviceShaderFloat16Int8Features };
+        var storage = new PhysicalDevice16BitStorageFeatures
+        {
+            SType = StructureType.PhysicalDevice16BitStorageFeatures,
+            // Chained only where the extension is offered: the instance asks for Vulkan 1.1.
+            PNext = hasFloat16 ? &float16 : null,
+        };
+        var features = new PhysicalDeviceFeatures2 { SType = StructureType.PhysicalDeviceFeatures2, PNext = &storage };
+        vk.GetPhysicalDeviceFeatures2(physical, &features);
+        return (subgroup.SubgroupSize, arithmetic, storage.StorageBuffer16BitAccess, hasFloat16 && float16.ShaderFloat16);
     }
 
     // ---------------------------------------------------------------- memory
