@@ -241,9 +241,7 @@ public static class MemoryBench
         }
         return bytes;
 
-        static bool SameArray(Tensor tensor, float[] array) =>
-            tensor is CpuTensor cpu && System.Runtime.InteropServices.MemoryMarshal.TryGetArray<float>(cpu.Memory, out var segment) &&
-            segment.Array == array;
+        bool SameArray(Tensor tensor, float[] array) => trainer.Backend.TryGetHostSpan(tensor, out var values) && values.Overlaps(array);
     }
 
     /// <summary>

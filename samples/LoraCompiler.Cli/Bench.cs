@@ -156,6 +156,8 @@ public static class Bench
                     $"{vulkan.ResidentWeightBytes} bytes)"));
                 if (vulkan is not null)
                     Console.WriteLine("  " + DeviceMemoryLine(vulkan.DeviceMemory, trainer.AllocatedBytes, vulkan.ResidentWeightBytes));
+                if (vulkan is not null)
+                    Console.WriteLine("  " + KernelsLine(vulkan));
             }
         }
         finally
@@ -213,6 +215,15 @@ public static class Bench
         if (list.Count == 0)
             throw new UsageException($"Unknown backend '{which}' (cpu, vulkan or all).");
         return list;
+    }
+
+    /// <summary>The shader variants the device's features chose, and the features they were chosen from.</summary>
+    internal static string KernelsLine(VulkanBackend vulkan)
+    {
+        var d = vulkan.Device;
+        return $"kernels: per-row reductions {(vulkan.Subgroups ? $"through subgroups (size {d.SubgroupSize})" : "through shared memory")}, " +
+               $"workgroup width {vulkan.WorkgroupWidth}; device: subgroup arithmetic {(d.SubgroupArithmetic ? "yes" : "no")}, " +
+               $"16-bit storage {(d.Storage16Bit ? "yes" : "no")}, fp16 arithmetic {(d.Float16Arithmetic ? "yes" : "no")} (16-bit weights are read as packed words either way; arithmetic stays fp32)";
     }
 
     private static void Header()
