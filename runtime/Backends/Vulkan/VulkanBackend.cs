@@ -1,8 +1,3 @@
-using LoraCompiler.Runtime.IO;
-using LoraCompiler.Runtime.Weights;
-using System.Runtime.InteropServices;
-using Silk.NET.Vulkan;
-using VkBuffer = Silk.NET.Vulkan.Buffer;
 
 namespace LoraCompiler.Runtime.Backends.Vulkan;
 
