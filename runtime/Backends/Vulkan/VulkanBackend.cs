@@ -1,4 +1,3 @@
-
 namespace LoraCompiler.Runtime.Backends.Vulkan;
 
 /// <summary>
