@@ -439,6 +439,10 @@ public static class Commands
                           (run.StartStep > 0 ? $", resuming after step {run.StartStep}" : "") + ".");
         if (budget is not null)
             Console.WriteLine(budget.Describe());
+        if ((trainer.ActivationsInFile || trainer.OptimizerStateInFile) && trainer.LoraModules.Count > 0
+            && !backend.TryGetHostSpan(trainer.LoraModules[0].A, out _))
+            Console.WriteLine($"Note: mapped files (--activations / --optimizer-state mmap) hold host memory; on {backend.Name} the " +
+                              "checkpoints and the optimizer state are device memory, so they are not mapped.");
         if (validation is not null)
             Console.WriteLine($"Validating every {validation.EveryFor(options)} steps and at the end on " +
                               (validation.Sequences is int k && k < validation.Data.Count ? $"the first {k} of " : "") +
