@@ -95,6 +95,42 @@ public class VulkanTrainingTests
     }
 
     [VulkanFact]
+    public void A_stopped_run_on_the_device_resumes_to_the_same_adapter()
+    {
+        // The checkpoint reads the adapter and AdamW's moments back from the device; the resume writes them there again.
+        var model = TrainerCatalog.Find("tiny-qwen2")!;
+        using var fixture = new ModelFixture(model, seed: 23, sequence: 20);
+        var options = new TrainingOptions { Steps = 6, LearningRate = 5e-3f, GradientAccumulation = 2, LcsbGroups = 2, SaveEvery = 2 };
+        using var vulkan = VulkanTestDevice.Create();
+        var (whole, _, _) = Train(vulkan, fixture, options, "whole");
+
+        var rng = new Random(11);
+        var sequences = Enumerable.Range(0, 3).Select(_ => Enumerable.Range(0, 20).Select(_ => rng.Next(model.Vocab)).ToArray()).ToList();
+        string outDir = Path.Combine(fixture.Dir, "stopped");
+        using (var trainer = fixture.CreateTrainer(vulkan, maxSequence: 20))
+        {
+            using var stop = new CancellationTokenSource();
+            var run = new TrainingRun(trainer, new Sequences(sequences), options, outDir);
+            run.StepCompleted += m => { if (m.Step == 3) stop.Cancel(); };
+            Assert.False(run.Run(stop.Token));
+            Assert.Equal(3, run.LastCheckpointStep);
+        }
+        using (var trainer = fixture.CreateTrainer(vulkan, maxSequence: 20))
+        {
+            var run = new TrainingRun(trainer, new Sequences(sequences), options, outDir);
+            Assert.True(run.Resume(outDir));
+            Assert.True(run.Run());
+        }
+        var resumed = LoraAdapter.Load(outDir, model.Lora, model.LoraModules);
+        foreach (var (a, b) in whole.Modules.Zip(resumed.Modules))
+        {
+            Assert.True(ModelFixture.RelativeError(b.A, a.A) < 1e-6, a.Spec.AName);
+            Assert.True(ModelFixture.RelativeError(b.B, a.B) < 1e-6, a.Spec.BName);
+        }
+        VulkanTestDevice.AssertNoValidationErrors(vulkan);
+    }
+
+    [VulkanFact]
     public void MeZO_on_the_device_ends_near_the_cpus_adapter()
     {
         var model = TrainerCatalog.Find("tiny-qwen2")!;
