@@ -72,6 +72,15 @@ public sealed unsafe partial class VulkanBackend
         if (_resident.TryGetValue((weights, name), out var kept))
             return kept;
         bool resident = Fits(StoredBytes(weights, name));
+        if (!resident && _streamedReleased)
+        {
+            // The previous layer's streamed weights were released into the batch being recorded: it
+            // goes to the device now, so their memory is freed as soon as it has run, while this
+            // layer's weights are copied into the next batch's staging memory. A streamed step so
+            // keeps about two layers of weights on the device, not a whole batch's worth of layers.
+            _stream.Submit();
+            _streamedReleased = false;
+        }
         var tensor = UploadWeight(weights, name);
         long bytes = tensor switch
         {
@@ -115,9 +124,14 @@ public sealed unsafe partial class VulkanBackend
     /// </summary>
     public void ReleaseWeight(Tensor weight)
     {
-        if (!weight.IsResident)
-            weight.Dispose();
+        if (weight.IsResident)
+            return;
+        weight.Dispose();
+        _streamedReleased = true;
     }
+
+    /// <summary>Whether a streamed weight was released since the batch being recorded began (<see cref="MapWeight"/> then submits it).</summary>
+    private bool _streamedReleased;
 
     /// <summary>Whether a weight of <paramref name="bytes"/> may stay resident now (the class remarks' rule).</summary>
     private bool Fits(long bytes)

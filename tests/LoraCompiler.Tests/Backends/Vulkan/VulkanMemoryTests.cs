@@ -132,6 +132,35 @@ public sealed class VulkanMemoryTests(ITestOutputHelper output)
         Assert.Equal((0L, 0L, 0L), (end.TensorBytes, end.WeightBytes, end.BackendBytes));
     }
 
+    [VulkanTheory]
+    [InlineData("tiny-qwen2")]
+    [InlineData("tiny-gemma3")]
+    public void Streamed_weights_keep_the_peak_below_the_resident_one(string modelName)
+    {
+        // Each layer's streamed weights are freed once the batch that read them has run, the next
+        // layer's going into a new batch: the peak holds a couple of layers' weights, not all of them.
+        var model = TrainerCatalog.Find(modelName)!;
+        using var fixture = new ModelFixture(model, seed: 3, Tokens);
+        using var weights = ModelWeights.Open(fixture.WeightsPath);
+        long layerBytes = StoredBytes(weights, model.BaseTensors.Select(t => t.Name).Where(n => n.StartsWith("model.layers.0.", StringComparison.Ordinal)));
+        long Peak(long? maxResident)
+        {
+            using var vulkan = VulkanTestDevice.Create(new VulkanBackendOptions { MaxResidentBytes = maxResident });
+            var adapter = LoraAdapter.Load(fixture.AdapterPath, model.Lora, model.LoraModules);
+            using var trainer = model.Create(vulkan, weights, adapter, Tokens);
+            trainer.ForwardBackward(fixture.Tokens);
+            vulkan.Synchronize();
+            vulkan.ResetPeakDeviceMemory();
+            trainer.ForwardBackward(fixture.Tokens);
+            vulkan.Synchronize();
+            VulkanTestDevice.AssertNoValidationErrors(vulkan);
+            return vulkan.DeviceMemory.DeviceLocal.PeakBytes;
+        }
+        long resident = Peak(null), streamed = Peak(0);
+        output.WriteLine($"{modelName}: peak {resident} bytes resident, {streamed} streamed; a layer's weights {layerBytes}");
+        Assert.True(resident - streamed >= layerBytes, $"streamed peak {streamed} is not a layer ({layerBytes}) below the resident {resident}");
+    }
+
     [VulkanFact]
     public void The_peak_counts_freed_buffers_until_it_is_reset()
     {
