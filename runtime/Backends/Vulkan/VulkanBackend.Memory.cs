@@ -53,7 +53,7 @@ public sealed unsafe partial class VulkanBackend
         return tensor;
     }
 
-    internal void Release(Tensor tensor, IEnumerable<VulkanBuffer> buffers)
+    internal void Release(VulkanDeviceTensor tensor, IEnumerable<VulkanBuffer> buffers)
     {
         if (_disposed || !_live.Remove(tensor))
             return;

@@ -82,23 +82,12 @@ public sealed unsafe partial class VulkanBackend
             _streamedReleased = false;
         }
         var tensor = UploadWeight(weights, name);
-        long bytes = tensor switch
-        {
-            VulkanQ4Tensor q => q.DeviceBytes,
-            VulkanFloat16Tensor h => h.DeviceBytes,
-            VulkanTensor t => t.Parts.Sum(p => (long)p.Bytes),
-            _ => 0,
-        };
+        long bytes = tensor.DeviceBytes;
         weights.ReleasePages(name);
         WeightUploadBytes += bytes;
         if (resident)
         {
-            switch (tensor)
-            {
-                case VulkanQ4Tensor q: q.Resident = true; break;
-                case VulkanFloat16Tensor h: h.Resident = true; break;
-                case VulkanTensor t: t.Resident = true; break;
-            }
+            tensor.Resident = true;
             _resident[(weights, name)] = tensor;
             ResidentWeightBytes += bytes;
         }
@@ -106,7 +95,7 @@ public sealed unsafe partial class VulkanBackend
     }
 
     /// <summary>Uploads a weight as it is stored; an F32 one is a <see cref="VulkanTensor"/> whose buffers count as a weight's.</summary>
-    private Tensor UploadWeight(ModelWeights weights, string name)
+    private VulkanDeviceTensor UploadWeight(ModelWeights weights, string name)
     {
         if (weights.IsQuantized(name))
             return Upload(weights.MapQ4(name));
@@ -180,7 +169,7 @@ public sealed unsafe partial class VulkanBackend
     /// products and the embedding dequantize it as they read it. Split by whole rows into parts of
     /// at most the buffer limit.
     /// </summary>
-    public VulkanQ4Tensor Upload(Q4Weight weight)
+    internal VulkanQ4Tensor Upload(Q4Weight weight)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentNullException.ThrowIfNull(weight);
@@ -229,7 +218,7 @@ public sealed unsafe partial class VulkanBackend
     /// uint (see <see cref="VulkanFloat16Tensor"/>). Split by whole rows into parts of at most the
     /// buffer limit.
     /// </summary>
-    public VulkanFloat16Tensor Upload(Float16Weight weight)
+    internal VulkanFloat16Tensor Upload(Float16Weight weight)
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentNullException.ThrowIfNull(weight);

@@ -39,7 +39,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
     private readonly PipelineSet _pipelines;
     private readonly CommandStream _stream;
     private readonly VulkanBuffer _dummy;
-    private readonly HashSet<Tensor> _live = [];
+    private readonly HashSet<VulkanDeviceTensor> _live = [];
     private VulkanBuffer? _readback, _tokens, _targets, _stats, _loss, _attentionStats;
     private readonly (uint X, uint Y) _maxGroups;
     private bool _disposed;
@@ -120,7 +120,7 @@ public sealed unsafe partial class VulkanBackend : IBackend
         _disposed = true;
         _stream.Dispose(); // waits for the device
         foreach (var t in _live)
-            foreach (var b in t switch { VulkanQ4Tensor q => q.Buffers, VulkanFloat16Tensor h => h.Buffers, _ => ((VulkanTensor)t).Buffers })
+            foreach (var b in t.Buffers)
                 b.Dispose();
         _live.Clear(); // resident weights among them
         _resident.Clear();

@@ -12,27 +12,19 @@ namespace LoraCompiler.Runtime.Backends.Vulkan;
 /// <see cref="IsResident"/> true: it belongs to the backend, which frees it when it is disposed, so
 /// <see cref="Dispose"/> and <see cref="VulkanBackend.ReleaseWeight"/> leave it alone.
 /// </summary>
-public sealed class VulkanTensor : Tensor
+public sealed class VulkanTensor : VulkanDeviceTensor
 {
-    private readonly VulkanBackend _owner;
     // Copies of rows that straddle two parts, keyed by (row, row length), for kernels that need a row whole.
     private readonly Dictionary<(long Row, int Width), VulkanBuffer> _seams = [];
-    private bool _disposed;
 
     internal VulkanTensor(VulkanBackend owner, string name, long length, long partLength, VulkanBuffer[] parts)
-        : base(name, length)
+        : base(owner, name, length)
     {
-        _owner = owner;
         PartLength = partLength;
         Parts = parts;
         foreach (var part in parts)
             owner.Device.Assign(part, DeviceBufferRole.Tensor);
     }
-
-    /// <summary>True for a base weight the backend keeps in device memory for its whole life.</summary>
-    public override bool IsResident => Resident;
-
-    internal bool Resident { get; set; }
 
     /// <summary>Elements per part (the last part may hold fewer).</summary>
     public long PartLength { get; }
@@ -43,9 +35,7 @@ public sealed class VulkanTensor : Tensor
     internal VulkanBuffer[] Parts { get; }
 
     /// <summary>The parts and the copies of straddling rows.</summary>
-    internal IEnumerable<VulkanBuffer> Buffers => Parts.Concat(_seams.Values);
-
-    internal VulkanBackend Owner => _owner;
+    internal override IEnumerable<VulkanBuffer> Buffers => Parts.Concat(_seams.Values);
 
     internal VkBuffer Part(int k) => Parts[k].Handle;
 
@@ -57,14 +47,5 @@ public sealed class VulkanTensor : Tensor
         if (!_seams.TryGetValue((row, width), out var buffer))
             _seams[(row, width)] = buffer = create();
         return buffer;
-    }
-
-    public override void Dispose()
-    {
-        if (_disposed || Resident)
-            return;
-        _disposed = true;
-        _owner.Release(this, Buffers.ToArray());
-        _seams.Clear();
     }
 }
