@@ -41,7 +41,7 @@ public sealed unsafe partial class VulkanBackend
     public void AddInPlace(Tensor dst, Tensor src, long n) => Elementwise(Kernels.Add, n, [Vulkan(dst, n, nameof(dst)), Vulkan(src, n, nameof(src))]);
 
     public void Scale(Tensor x, float factor, long n) =>
-        Elementwise(Kernels.Scale, n, [Vulkan(x, n, nameof(x))], count => new ScaleParameters { Count = count, Factor = factor });
+        Elementwise(Kernels.Scale, n, [Vulkan(x, n, nameof(x))], (count, _) => new ScaleParameters { Count = count, Factor = factor });
 
     /// <summary>swiglu.comp (SiLU) or geglu.comp (tanh-approximated GELU).</summary>
     public void GluForward(Tensor h, Tensor gate, Tensor up, long n, GluActivation activation) =>
@@ -61,18 +61,25 @@ public sealed unsafe partial class VulkanBackend
 
     /// <summary>One dispatch per part: the tensors' parts line up, so part k of each holds the same elements.</summary>
     private void Elementwise(KernelSpec kernel, long n, VulkanTensor[] tensors) =>
-        Elementwise(kernel, n, tensors, static count => new CountParameters { Count = count });
+        Elementwise(kernel, n, tensors, static (count, _) => new CountParameters { Count = count });
 
-    /// <summary>As above, with the push constants <paramref name="push"/> makes for a part of <c>count</c> elements.</summary>
-    private void Elementwise<T>(KernelSpec kernel, long n, VulkanTensor[] tensors, Func<uint, T> push) where T : unmanaged
+    /// <summary>
+    /// As above, with the push constants <paramref name="push"/> makes for a part of <c>count</c>
+    /// elements that starts at element <c>first</c> of the tensors, and, when given, one buffer every
+    /// part's dispatch binds after the tensors' parts (<paramref name="shared"/>).
+    /// </summary>
+    private void Elementwise<T>(KernelSpec kernel, long n, VulkanTensor[] tensors, Func<uint, long, T> push, VkBuffer? shared = null)
+        where T : unmanaged
     {
-        Span<VkBuffer> buffers = stackalloc VkBuffer[tensors.Length];
+        Span<VkBuffer> buffers = stackalloc VkBuffer[tensors.Length + (shared is null ? 0 : 1)];
+        if (shared is VkBuffer last)
+            buffers[^1] = last;
         for (int k = 0; (long)k * PartLength < n; k++)
         {
-            long count = Math.Min(PartLength, n - (long)k * PartLength);
+            long first = (long)k * PartLength, count = Math.Min(PartLength, n - first);
             for (int i = 0; i < tensors.Length; i++)
                 buffers[i] = tensors[i].Part(k);
-            RunElements(kernel, push((uint)count), count, buffers);
+            RunElements(kernel, push((uint)count, first), count, buffers);
         }
     }
 

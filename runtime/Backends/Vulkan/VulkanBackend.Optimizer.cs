@@ -20,7 +20,9 @@ public sealed partial class VulkanBackend
             LearningRate = step.LearningRate, Beta1 = step.Beta1, Beta2 = step.Beta2, Epsilon = step.Epsilon, WeightDecay = step.WeightDecay,
             BiasCorrection1 = step.BiasCorrection1, BiasCorrection2 = step.BiasCorrection2, GradScale = step.GradScale,
         };
-        Optimizer(push, n, Vulkan(parameter, n, nameof(parameter)), Vulkan(m, n, nameof(m)), Vulkan(v, n, nameof(v)), Vulkan(gradient, n, nameof(gradient)));
+        Elementwise(Kernels.AdamW, n,
+            [Vulkan(parameter, n, nameof(parameter)), Vulkan(m, n, nameof(m)), Vulkan(v, n, nameof(v)), Vulkan(gradient, n, nameof(gradient))],
+            (count, _) => push with { Count = count });
     }
 
     public void SgdUpdate(Tensor parameter, Tensor gradient, long n, float learningRate, float gradScale)
@@ -28,34 +30,16 @@ public sealed partial class VulkanBackend
         if (gradScale == 0)
             return;
         var p = Vulkan(parameter, n, nameof(parameter));
-        var push = new OptimizerParameters { Sgd = 1, LearningRate = learningRate, GradScale = gradScale };
         // m and v are not read by the SGD path; the parameter stands in for their bindings.
-        Optimizer(push, n, p, p, p, Vulkan(gradient, n, nameof(gradient)));
-    }
-
-    private void Optimizer(OptimizerParameters push, long n, params VulkanTensor[] tensors)
-    {
-        Span<VkBuffer> buffers = stackalloc VkBuffer[tensors.Length];
-        for (int k = 0; (long)k * PartLength < n; k++)
-        {
-            long count = Math.Min(PartLength, n - (long)k * PartLength);
-            for (int i = 0; i < tensors.Length; i++)
-                buffers[i] = tensors[i].Part(k);
-            push.Count = (uint)count;
-            RunElements(Kernels.AdamW, push, count, buffers);
-        }
+        Elementwise(Kernels.AdamW, n, [p, p, p, Vulkan(gradient, n, nameof(gradient))],
+            (count, _) => new OptimizerParameters { Count = count, Sgd = 1, LearningRate = learningRate, GradScale = gradScale });
     }
 
     public void CheckFinite(Tensor values, long n, int check)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(check);
-        var t = Vulkan(values, n, nameof(values));
-        var status = FiniteStatus();
-        for (int k = 0; (long)k * PartLength < n; k++)
-        {
-            long count = Math.Min(PartLength, n - (long)k * PartLength);
-            RunElements(Kernels.CheckFinite, new CheckParameters { Count = (uint)count, Check = (uint)check }, count, [t.Part(k), status]);
-        }
+        Elementwise(Kernels.CheckFinite, n, [Vulkan(values, n, nameof(values))],
+            (count, _) => new CheckParameters { Count = count, Check = (uint)check }, shared: FiniteStatus());
     }
 
     public (int Check, bool NaN)? TakeNonFinite()
@@ -84,17 +68,7 @@ public sealed partial class VulkanBackend
         return _finiteStatus.Handle;
     }
 
-    public void AddNoise(Tensor values, long n, NoiseKey key, float scale)
-    {
-        var t = Vulkan(values, n, nameof(values));
-        for (int k = 0; (long)k * PartLength < n; k++)
-        {
-            long count = Math.Min(PartLength, n - (long)k * PartLength);
-            var push = new NoiseParameters
-            {
-                Count = (uint)count, First = (uint)(k * PartLength), KeyLow = key.Low, KeyHigh = key.High, Scale = scale,
-            };
-            RunElements(Kernels.Noise, push, count, [t.Part(k)]);
-        }
-    }
+    public void AddNoise(Tensor values, long n, NoiseKey key, float scale) =>
+        Elementwise(Kernels.Noise, n, [Vulkan(values, n, nameof(values))],
+            (count, first) => new NoiseParameters { Count = count, First = (uint)first, KeyLow = key.Low, KeyHigh = key.High, Scale = scale });
 }

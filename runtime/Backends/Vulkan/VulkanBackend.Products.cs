@@ -148,7 +148,7 @@ public sealed unsafe partial class VulkanBackend
         VkBuffer lb = Single(lt, n), xb = Single(x, (long)T * C, nameof(x));
         Logits(lb, xb, Weight(w, V, C, nameof(w)), 0, V, T, C);
         if (softcap > 0)
-            Elementwise(Kernels.Softcap, n, [lt], count => new SoftcapParameters { Count = count, Cap = softcap });
+            Elementwise(Kernels.Softcap, n, [lt], (count, _) => new SoftcapParameters { Count = count, Cap = softcap });
     }
 
     // ---------------------------------------------------------------- row ranges of split weights
