@@ -130,12 +130,8 @@ public sealed class CpuBackend : IBackend
 
     public void CheckFinite(Tensor values, long n, int check)
     {
-        ReadOnlySpan<float> span = S(values, n);
-        if (span.IsEmpty || float.IsFinite(TensorPrimitives.MaxMagnitude(span)) || _nonFinite is { } earlier && earlier.Check <= check)
+        if (_nonFinite is { } earlier && earlier.Check <= check || FiniteValues.All(S(values, n), out bool nan))
             return;
-        bool nan = false;
-        foreach (float x in span)
-            nan |= float.IsNaN(x);
         _nonFinite = (check, nan);
     }
 

@@ -105,7 +105,7 @@ public abstract class Optimizer(IBackend backend) : IDisposable
             Restore(step, lengths, (name, destination) =>
             {
                 file.Read(name, destination);
-                if (!destination.IsEmpty && !float.IsFinite(System.Numerics.Tensors.TensorPrimitives.MaxMagnitude(destination)))
+                if (!FiniteValues.All(destination, out _))
                     throw new WeightsException(path, $"state tensor '{name}' holds values that are not finite (NaN or infinite)");
             });
         }

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Globalization;
-using System.Numerics.Tensors;
 using Tensor = LoraCompiler.Runtime.Backends.Tensor;
 using System.Text.Json;
 using LoraCompiler.Runtime.IO;
@@ -460,19 +459,11 @@ public sealed partial class TrainingRun
         throw new TrainingDivergedException(step, $"{what} {name} is not finite ({(found.NaN ? "NaN" : "infinite")})");
     }
 
-    /// <summary>NaN or an infinity anywhere in <paramref name="values"/> stops the run (one vectorized pass: the largest magnitude is NaN or ∞ then).</summary>
+    /// <summary>NaN or an infinity anywhere in <paramref name="values"/> (host values: a checkpoint's, an average's) stops the run.</summary>
     private static void CheckFinite(int step, string what, string name, ReadOnlySpan<float> values)
     {
-        if (!values.IsEmpty && !float.IsFinite(TensorPrimitives.MaxMagnitude(values)))
-            throw new TrainingDivergedException(step, $"{what} {name} is not finite ({(HasNaN(values) ? "NaN" : "infinite")})");
-    }
-
-    private static bool HasNaN(ReadOnlySpan<float> values)
-    {
-        foreach (float v in values)
-            if (float.IsNaN(v))
-                return true;
-        return false;
+        if (!Backends.FiniteValues.All(values, out bool nan))
+            throw new TrainingDivergedException(step, $"{what} {name} is not finite ({(nan ? "NaN" : "infinite")})");
     }
 
     private readonly Dictionary<string, Tensor> _sums = new(StringComparer.Ordinal);
