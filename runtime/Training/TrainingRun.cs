@@ -1,7 +1,7 @@
 using System.Diagnostics;
 using System.Globalization;
-using Tensor = LoraCompiler.Runtime.Backends.Tensor;
 using System.Text.Json;
+using LoraCompiler.Runtime.Backends;
 using LoraCompiler.Runtime.IO;
 
 namespace LoraCompiler.Runtime.Training;
@@ -462,7 +462,7 @@ public sealed partial class TrainingRun
     /// <summary>NaN or an infinity anywhere in <paramref name="values"/> (host values: a checkpoint's, an average's) stops the run.</summary>
     private static void CheckFinite(int step, string what, string name, ReadOnlySpan<float> values)
     {
-        if (!Backends.FiniteValues.All(values, out bool nan))
+        if (!FiniteValues.All(values, out bool nan))
             throw new TrainingDivergedException(step, $"{what} {name} is not finite ({(nan ? "NaN" : "infinite")})");
     }
 
