@@ -126,7 +126,7 @@ public static class Bench
                 // A step of a training run: forward, backward and AdamW layer by layer, the run's checks
                 // read at its end. The first step uploads what stays resident; the others are timed.
                 var run = new TrainingRun(trainer, new TokenWindows(tokens, seq, "one repeated sequence"),
-                    new TrainingOptions { Steps = steps + 1, Optimizer = "adamw" }, Path.Combine(dir, $"run-{backend.Name.GetHashCode():x8}"));
+                    new TrainingOptions { Steps = steps + 1, Optimizer = "adamw" }, Path.Combine(dir, $"run-{backends.IndexOf(make)}"));
                 var watch = Stopwatch.StartNew();
                 double first = 0, timed = 0;
                 long transferred = 0, weightUploads = 0, perStep = 0, weightsPerStep = 0;
