@@ -41,7 +41,7 @@ public abstract class Optimizer(IBackend backend) : IDisposable
         Step = step;
         RestoreState(names, (name, tensor) =>
         {
-            var host = HostBuffer(tensor.Length);
+            var host = HostBuffer(tensor.Length).Span;
             read(name, host);
             Backend.Write(tensor, host);
         });
@@ -52,11 +52,11 @@ public abstract class Optimizer(IBackend backend) : IDisposable
     private float[] _host = [];
 
     /// <summary>One tensor's worth of host memory, reused for each tensor a checkpoint reads or writes.</summary>
-    private Span<float> HostBuffer(long length)
+    private Memory<float> HostBuffer(long length)
     {
         if (_host.Length < length)
             _host = new float[length];
-        return _host.AsSpan(0, (int)length);
+        return _host.AsMemory(0, (int)length);
     }
 
     /// <summary>
@@ -72,8 +72,8 @@ public abstract class Optimizer(IBackend backend) : IDisposable
             {
                 var tensor = state[next++].Values;
                 var host = HostBuffer(tensor.Length);
-                Backend.Download(tensor, host);
-                return _host.AsMemory(0, host.Length);
+                Backend.Download(tensor, host.Span);
+                return host;
             },
             metadata: new Dictionary<string, string> { ["optimizer"] = Name, ["step"] = Step.ToString() });
     }
