@@ -173,41 +173,18 @@ public sealed unsafe partial class VulkanBackend
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentNullException.ThrowIfNull(weight);
-        long partBytes = PartLength * sizeof(float);
-        long rowBytes = (long)weight.WordsPerRow * sizeof(uint); // ≥ a row's scale/bias pairs: groups hold at least 8 elements
-        int rowsPerPart = (int)Math.Min(Math.Max(weight.Rows, 1), partBytes / Math.Max(rowBytes, 1));
-        if (rowsPerPart == 0)
-            throw new VulkanException(
-                $"A row of the 4-bit weight '{weight.Name}' takes {VulkanDevice.Megabytes((ulong)rowBytes)}, more than {_device.Name} allows in one " +
-                $"storage buffer ({VulkanDevice.Megabytes((ulong)partBytes)}).");
-        int count = Math.Max(1, (weight.Rows + rowsPerPart - 1) / rowsPerPart);
-        var parts = new VulkanQ4Tensor.Part[count];
-        try
-        {
-            for (int k = 0; k < count; k++)
+        // A row's packed words are at least its scale/bias pairs: groups hold at least 8 elements.
+        var parts = RowParts(weight.Name, "4-bit", weight.Rows, (long)weight.WordsPerRow * sizeof(uint), out int rowsPerPart,
+            (what, first, rows) => new VulkanQ4Tensor.Part(
+                DeviceBuffer((ulong)Math.Max((long)rows * weight.WordsPerRow, 1) * sizeof(uint), $"{what} (4-bit packed)"),
+                DeviceBuffer((ulong)Math.Max((long)rows * weight.GroupsPerRow, 1) * sizeof(uint), $"{what} (scales and biases)"),
+                first, rows),
+            part =>
             {
-                int first = k * rowsPerPart, rows = Math.Min(rowsPerPart, weight.Rows - first);
-                string what = count == 1 ? weight.Name : $"{weight.Name} part {k + 1}/{count}";
-                long words = (long)rows * weight.WordsPerRow, groups = (long)rows * weight.GroupsPerRow;
-                parts[k] = new VulkanQ4Tensor.Part(
-                    DeviceBuffer((ulong)Math.Max(words, 1) * sizeof(uint), $"{what} (4-bit packed)"),
-                    DeviceBuffer((ulong)Math.Max(groups, 1) * sizeof(uint), $"{what} (scales and biases)"),
-                    first, rows);
-                UploadWords(weight.Packed.Span.Slice(first * weight.WordsPerRow, (int)words), parts[k].Packed.Handle);
-                UploadScaleBias(weight.Scales.Span.Slice(first * weight.GroupsPerRow, (int)groups),
-                    weight.Biases.Span.Slice(first * weight.GroupsPerRow, (int)groups), parts[k].ScaleBias.Handle);
-            }
-        }
-        catch
-        {
-            _stream.Finish();
-            foreach (var p in parts)
-            {
-                p.Packed?.Dispose();
-                p.ScaleBias?.Dispose();
-            }
-            throw;
-        }
+                UploadWords(weight.Packed.Span.Slice(part.FirstRow * weight.WordsPerRow, part.Rows * weight.WordsPerRow), part.Packed.Handle);
+                int groups = part.Rows * weight.GroupsPerRow, firstGroup = part.FirstRow * weight.GroupsPerRow;
+                UploadScaleBias(weight.Scales.Span.Slice(firstGroup, groups), weight.Biases.Span.Slice(firstGroup, groups), part.ScaleBias.Handle);
+            });
         var tensor = new VulkanQ4Tensor(this, weight.Name, weight.Rows, weight.Columns, weight.GroupSize, rowsPerPart, parts);
         _live.Add(tensor);
         return tensor;
@@ -222,37 +199,52 @@ public sealed unsafe partial class VulkanBackend
     {
         ObjectDisposedException.ThrowIf(_disposed, this);
         ArgumentNullException.ThrowIfNull(weight);
+        var parts = RowParts(weight.Name, "16-bit", weight.Rows, (long)weight.Columns * sizeof(ushort), out int rowsPerPart,
+            (what, first, rows) => new VulkanFloat16Tensor.Part(
+                DeviceBuffer((ulong)Math.Max(((long)rows * weight.Columns + 1) / 2, 1) * sizeof(uint), $"{what} ({weight.Dtype})"), first, rows),
+            part => UploadWords(weight.Bits.Span.Slice((int)((long)part.FirstRow * weight.Columns), (int)((long)part.Rows * weight.Columns)),
+                part.Buffer.Handle));
+        var tensor = new VulkanFloat16Tensor(this, weight.Name, weight.Format, weight.Rows, weight.Columns, rowsPerPart, parts);
+        _live.Add(tensor);
+        return tensor;
+    }
+
+    /// <summary>
+    /// The parts of a weight of <paramref name="rows"/> rows of <paramref name="rowBytes"/> each, split
+    /// by whole rows into parts of at most the buffer limit: each part's buffers made by
+    /// <paramref name="create"/> (its name for messages, first row, rows), then filled by
+    /// <paramref name="fill"/>. When one fails, the parts made so far are freed.
+    /// </summary>
+    private TPart[] RowParts<TPart>(string name, string kind, int rows, long rowBytes, out int rowsPerPart,
+        Func<string, int, int, TPart> create, Action<TPart> fill) where TPart : struct, IRowPart
+    {
         long partBytes = PartLength * sizeof(float);
-        long rowBytes = (long)weight.Columns * sizeof(ushort);
-        int rowsPerPart = (int)Math.Min(Math.Max(weight.Rows, 1), partBytes / Math.Max(rowBytes, 1));
+        rowsPerPart = (int)Math.Min(Math.Max(rows, 1), partBytes / Math.Max(rowBytes, 1));
         if (rowsPerPart == 0)
             throw new VulkanException(
-                $"A row of the 16-bit weight '{weight.Name}' takes {VulkanDevice.Megabytes((ulong)rowBytes)}, more than {_device.Name} allows in one " +
+                $"A row of the {kind} weight '{name}' takes {VulkanDevice.Megabytes((ulong)rowBytes)}, more than {_device.Name} allows in one " +
                 $"storage buffer ({VulkanDevice.Megabytes((ulong)partBytes)}).");
-        int count = Math.Max(1, (weight.Rows + rowsPerPart - 1) / rowsPerPart);
-        var parts = new VulkanFloat16Tensor.Part[count];
+        int count = Math.Max(1, (rows + rowsPerPart - 1) / rowsPerPart), made = 0;
+        var parts = new TPart[count];
         try
         {
             for (int k = 0; k < count; k++)
             {
-                int first = k * rowsPerPart, rows = Math.Min(rowsPerPart, weight.Rows - first);
-                string what = count == 1 ? weight.Name : $"{weight.Name} part {k + 1}/{count}";
-                long values = (long)rows * weight.Columns;
-                parts[k] = new VulkanFloat16Tensor.Part(
-                    DeviceBuffer((ulong)Math.Max((values + 1) / 2, 1) * sizeof(uint), $"{what} ({weight.Dtype})"), first, rows);
-                UploadWords(weight.Bits.Span.Slice((int)((long)first * weight.Columns), (int)values), parts[k].Buffer.Handle);
+                int first = k * rowsPerPart;
+                parts[k] = create(count == 1 ? name : $"{name} part {k + 1}/{count}", first, Math.Min(rowsPerPart, rows - first));
+                made++;
+                fill(parts[k]);
             }
         }
         catch
         {
             _stream.Finish();
-            foreach (var p in parts)
-                p.Buffer?.Dispose();
+            foreach (var part in parts.Take(made))
+                foreach (var buffer in part.Buffers)
+                    buffer.Dispose();
             throw;
         }
-        var tensor = new VulkanFloat16Tensor(this, weight.Name, weight.Format, weight.Rows, weight.Columns, rowsPerPart, parts);
-        _live.Add(tensor);
-        return tensor;
+        return parts;
     }
 
     /// <summary>Copies words to the start of a device buffer, a staging piece at a time.</summary>
